@@ -1,0 +1,106 @@
+"""Students and model directories: a timm network behind the same uint8-in interface as teachers.
+
+A student directory holds ``model.safetensors`` + ``student.json`` (``StudentCard``). Every model
+here takes uint8 views ``[B, 3, S, S]`` and normalises them itself, like ``TeacherModel``, so
+build, distillation, finetuning and evaluation feed them the same tensors.
+
+Example:
+    >>> student, card = create_student("mobilenetv3_small_050", class_names=names, input_size=32)
+    >>> save_student(student, card, "runs/student")
+    >>> model, card = load_classifier("runs/student")        # or a teacher zoo name
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+__all__ = ["Student", "StudentCard", "create_student", "load_classifier", "load_student", "save_student"]
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class StudentCard:
+    """``student.json``: the architecture, its task and how it was trained (one entry per stage)."""
+
+    arch: str
+    num_classes: int
+    class_names: tuple[str, ...]
+    input_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    history: tuple[dict[str, Any], ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> StudentCard:
+        data = dict(data)
+        for key in ("class_names", "mean", "std", "history"):
+            data[key] = tuple(data[key])
+        return cls(**data)
+
+    def with_stage(self, **stage: Any) -> StudentCard:
+        return dataclasses.replace(self, history=(*self.history, stage))
+
+
+class Student(nn.Module):
+    """A timm classifier that takes uint8 views and normalises them on device."""
+
+    def __init__(self, net: nn.Module, mean, std):
+        super().__init__()
+        self.net = net
+        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1) * 255, persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1) * 255, persistent=False)
+
+    def forward(self, views: torch.Tensor) -> torch.Tensor:
+        return self.net((views.float() - self.mean) / self.std)
+
+
+def create_student(arch: str, *, class_names: tuple[str, ...], input_size: int) -> tuple[Student, StudentCard]:
+    """A randomly initialised timm ``arch`` with a ``len(class_names)``-way head."""
+    import timm
+
+    if not timm.is_model(arch):
+        close = timm.list_models(f"*{arch.split('_')[0]}*")[:5]
+        raise ValueError(f"timm has no model named {arch!r}" + (f"; similar: {', '.join(close)}" if close else ""))
+    net = timm.create_model(arch, pretrained=False, num_classes=len(class_names))
+    config = net.pretrained_cfg
+    card = StudentCard(arch=arch, num_classes=len(class_names), class_names=tuple(class_names),
+                       input_size=input_size, mean=tuple(config["mean"]), std=tuple(config["std"]))
+    return Student(net, card.mean, card.std).to(memory_format=torch.channels_last), card
+
+
+def save_student(model: Student, card: StudentCard, directory: str | os.PathLike) -> None:
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    save_file(state, str(directory / "model.safetensors"))
+    (directory / "student.json").write_text(json.dumps(card.to_dict(), indent=1))
+
+
+def load_student(directory: str | os.PathLike) -> tuple[Student, StudentCard]:
+    directory = Path(directory)
+    if not (directory / "student.json").exists():
+        raise FileNotFoundError(f"{str(directory)!r} is not a student directory (no student.json)")
+    card = StudentCard.from_dict(json.loads((directory / "student.json").read_text()))
+    model, _ = create_student(card.arch, class_names=card.class_names, input_size=card.input_size)
+    model.load_state_dict(load_file(str(directory / "model.safetensors")))
+    return model, card
+
+
+def load_classifier(name_or_dir: str, device: str | torch.device = "cpu") -> tuple[nn.Module, Any]:
+    """A student directory or a teacher zoo entry, in eval mode; the card has ``input_size``/``class_names``."""
+    if (Path(name_or_dir) / "student.json").exists():
+        model, card = load_student(name_or_dir)
+        return model.to(device).eval(), card
+    from reinforce.teachers import create_teacher
+
+    return create_teacher(name_or_dir, device)
