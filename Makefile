@@ -1,0 +1,37 @@
+# Set-up and entry points. `make test` and `make demo` work on a fresh machine (Python 3.11, no GPU).
+VENV ?= .venv
+PY := $(VENV)/bin/python
+export PATH := $(abspath $(VENV))/bin:$(PATH)
+export DS_ACCELERATOR ?= cpu
+export DS_BUILD_OPS ?= 0
+
+.PHONY: install data test demo lint bench
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# torch first, pinned: this version is served from local disk; a newer one is a multi-GB download
+	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $@
+
+install: $(VENV)/.installed
+
+# Fashion-MNIST, the embedded real task (Debian package dataset-fashion-mnist)
+data:
+	@test -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz || \
+	  { $$(command -v sudo) apt-get install -y -q dataset-fashion-mnist || \
+	    { $$(command -v sudo) apt-get update -q && $$(command -v sudo) apt-get install -y -q dataset-fashion-mnist; }; }
+
+test: install data
+	$(PY) -m pytest -q
+
+demo: install data
+	$(PY) -m train.pipeline
+
+lint: install
+	$(PY) -m ruff check .
+
+bench: install data
+	$(PY) benchmarks/build.py
+	$(PY) benchmarks/kd_step.py
