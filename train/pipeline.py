@@ -34,7 +34,8 @@ def _run(stage: str, module: str, *args: Any) -> float:
     command = [sys.executable, "-m", module, *map(str, args)]
     print(f"\n== {stage}: {' '.join(command)}", flush=True)
     start = time.perf_counter()
-    if subprocess.run(command, env={**os.environ, "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu")}).returncode:
+    env = {**os.environ, "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu")}
+    if subprocess.run(command, env=env).returncode:
         raise RuntimeError(f"stage {stage!r} failed: {' '.join(command)}")
     return time.perf_counter() - start
 
