@@ -43,16 +43,33 @@ def register_backbone_library(name: str):
 def _timm_backbone(name: str) -> nn.Module:
     import timm
 
-    return timm.create_model(name, pretrained=False, num_classes=0)
+    if not timm.is_model(name):
+        raise ValueError(f"timm has no model named {name!r}")
+    try:  # ViTs (DINOv2: 518 px, patch 14) must take any view size: interpolate pos. embeddings, pad
+        return timm.create_model(name, pretrained=False, num_classes=0, dynamic_img_size=True, dynamic_img_pad=True)
+    except TypeError:  # CNNs take any size and reject the keyword
+        return timm.create_model(name, pretrained=False, num_classes=0)
 
 
 @register_backbone_library("open_clip")
 def _open_clip_backbone(name: str) -> nn.Module:
     import open_clip
 
+    if name not in open_clip.list_models():
+        raise ValueError(f"open_clip has no model named {name!r}")
     visual = open_clip.create_model(name, pretrained=None).visual
     visual.num_features = visual.output_dim
+    visual.register_forward_pre_hook(_resize_to_native)  # fixed position grid: upsample small views
     return visual
+
+
+def _resize_to_native(module: nn.Module, args: tuple) -> tuple:
+    """Pre-hook: resize inputs to the tower's ``image_size`` (keeps state_dict keys unchanged)."""
+    (images,) = args
+    size = tuple(module.image_size) if isinstance(module.image_size, (tuple, list)) else (module.image_size,) * 2
+    if tuple(images.shape[-2:]) == size:
+        return args
+    return (nn.functional.interpolate(images, size=size, mode="bilinear", align_corners=False, antialias=True),)
 
 
 def create_backbone(library: str, name: str) -> nn.Module:
@@ -157,7 +174,10 @@ def load_backbone_weights(backbone: nn.Module, weights_file: str | os.PathLike) 
     so a caller can use them as an initial head.
     """
     path = str(weights_file)
-    state = load_file(path) if path.endswith(".safetensors") else torch.load(path, map_location="cpu", weights_only=True)
+    if path.endswith(".safetensors"):
+        state = load_file(path)
+    else:
+        state = torch.load(path, map_location="cpu", weights_only=True)
     state = state.get("state_dict", state)
     missing, unexpected = backbone.load_state_dict(state, strict=False)
     if missing:
