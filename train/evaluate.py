@@ -1,0 +1,50 @@
+"""Evaluate a student directory or a teacher zoo entry on a labeled source; prints JSON.
+
+Example:
+    python -m train.evaluate --model runs/student --data fashion-mnist:test --out runs/student/test.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from reinforce.sources import open_source
+from train.data import cli_errors, evaluate_model, labeled_classes
+from train.models import load_classifier
+
+__all__ = ["evaluate", "main"]
+
+
+def evaluate(model_name: str, data: str, batch_size: int = 256) -> dict[str, Any]:
+    """Top-1 / balanced accuracy of ``model_name`` at its own input size on ``data``."""
+    model, card = load_classifier(model_name)
+    source = open_source(data)
+    if len(labeled_classes(source)) != card.num_classes:
+        raise ValueError(f"{model_name!r} has {card.num_classes} classes but {data!r} has "
+                         f"{len(labeled_classes(source))}")
+    metrics = evaluate_model(model, source, card.input_size, batch_size)
+    return {**metrics, "num_images": len(source), "model": model_name, "data": data}
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(prog="train.evaluate", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", required=True, help="student directory or teacher zoo name/path")
+    parser.add_argument("--data", required=True, help="labeled source spec, e.g. fashion-mnist:test")
+    parser.add_argument("--out", help="also write the JSON here")
+    parser.add_argument("--batch-size", type=int, default=256)
+    args = parser.parse_args(argv)
+    with cli_errors(parser.prog):
+        result = evaluate(args.model, args.data, args.batch_size)
+    text = json.dumps(result, indent=1)
+    print(text)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(text + "\n")
+    return result
+
+
+if __name__ == "__main__":
+    main()
