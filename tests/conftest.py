@@ -31,7 +31,7 @@ def lite0_teacher(vfm_home):
 
     from reinforce.teachers import embedded_weights, pretrained_teacher, save_teacher
 
-    names = tuple(timm.data.ImageNetInfo().index_to_description(i) for i in range(1000))
+    names = tuple(timm.data.ImageNetInfo().label_descriptions())  # same as index_to_description(i), 1000x faster
     model, card = pretrained_teacher("lite0_in1k", "timm", "tf_efficientnet_lite0",
                                      embedded_weights("tf_efficientnet_lite0.in1k"), class_names=names,
                                      input_size=64, mean=(0.5,) * 3, std=(0.5,) * 3)
