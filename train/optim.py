@@ -78,6 +78,6 @@ def fit(model: nn.Module, dataset: Dataset, schedule: TrainSchedule, *, freeze_b
         loss.backward()
         optimizer.step()
         scheduler.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     model.eval()
     return losses

@@ -1,0 +1,104 @@
+"""train.teacher / train.finetune / train.evaluate end to end, small enough for a 2-core CPU."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from reinforce.sources import open_source
+from reinforce.teachers import create_backbone, create_teacher
+from train import evaluate, finetune, teacher
+from train.data import evaluate_model
+from train.models import create_student, load_student, save_student
+
+HELD_OUT = "fashion-mnist:test?limit=300"
+
+
+@pytest.fixture(autouse=True)
+def _home(vfm_home, monkeypatch, tmp_path):
+    """Every test runs in its own directory, with the session's private $VFM_REINFORCE_HOME."""
+    monkeypatch.chdir(tmp_path)
+
+
+def _random_weights(library: str, name: str, path) -> str:
+    """A randomly initialised backbone's state_dict as a local checkpoint (stands in for real weights)."""
+    save_file({k: v.contiguous() for k, v in create_backbone(library, name).state_dict().items()}, str(path))
+    return str(path)
+
+
+def _one_line_error(capsys, main, argv: list[str], prog: str) -> str:
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2
+    assert err.startswith(f"{prog}: error: ") and "\n" not in err and "Traceback" not in err
+    return err
+
+
+def test_lite0_linear_probe_beats_chance():
+    card = teacher.main(["--backbone", "tf_efficientnet_lite0", "--data", "fashion-mnist:train", "--shots", "5",
+                         "--mode", "lp", "--size", "32", "--lp-views", "1", "--lp-steps", "50", "--folds", "2",
+                         "--name", "lite0_lp"])
+    assert card.adaptation["mode"] == "lp" and 0 <= card.val_accuracy <= 1
+    model, loaded = create_teacher("teachers/lite0_lp")
+    assert loaded.num_classes == 10 and loaded.mean == (0.5, 0.5, 0.5)
+    metrics = evaluate_model(model, open_source(HELD_OUT), loaded.input_size)
+    assert metrics["top1"] > 0.4, metrics  # chance is 0.1
+
+
+@pytest.mark.parametrize(("library", "backbone", "mode", "size", "folds"), [
+    ("timm", "vit_small_patch14_dinov2", "auto", "28", "2"),  # auto: 2-fold CV of lp and ft, then retrain
+    ("open_clip", "ViT-B-32", "lp", "32", "0"),
+])
+def test_vfm_backbones_from_local_weights(tmp_path, library, backbone, mode, size, folds):
+    weights = _random_weights(library, backbone, tmp_path / "backbone.safetensors")
+    teacher.main(["--library", library, "--backbone", backbone, "--weights", weights, "--data",
+                  "fashion-mnist:train", "--shots", "2", "--mode", mode, "--size", size, "--steps", "2",
+                  "--batch-size", "5", "--lp-steps", "3", "--lp-views", "0", "--folds", folds, "--name", "vfm"])
+    model, card = create_teacher("teachers/vfm")
+    assert (card.library, card.backbone) == (library, backbone)
+    if mode == "auto":
+        assert set(card.adaptation["cv_accuracy"]) == {"lp", "ft"}
+        assert card.val_accuracy == card.adaptation["cv_accuracy"][card.adaptation["mode"]]
+    with torch.inference_mode():
+        assert model(torch.zeros(2, 3, int(size), int(size), dtype=torch.uint8)).shape == (2, 10)
+
+
+def test_labeled_only_baseline_and_evaluate(capsys):
+    card = finetune.main(["--student", "mobilenetv3_small_050", "--size", "32", "--data", "fashion-mnist:train",
+                          "--shots", "2", "--steps", "3", "--batch-size", "8", "--out", "baseline"])
+    assert card.history[-1]["stage"] == "labeled_only" and card.history[-1]["steps"] == 3
+    _, loaded = load_student("baseline")
+    assert loaded.input_size == 32 and loaded.num_classes == 10
+    capsys.readouterr()
+    result = evaluate.main(["--model", "baseline", "--data", "fashion-mnist:test?limit=40", "--out", "eval.json"])
+    printed = json.loads(capsys.readouterr().out)
+    assert printed == result == json.loads(Path("eval.json").read_text())
+    assert {"top1", "balanced_accuracy", "num_images", "model"} <= set(result) and result["num_images"] == 40
+
+
+def test_bad_inputs_exit_2_with_one_line(capsys, tmp_path):
+    student, card = create_student("mobilenetv3_small_050", class_names=("a", "b", "c"), input_size=32)
+    save_student(student, card, "three_classes")
+    err = _one_line_error(capsys, finetune.main, ["--init", "three_classes", "--data", "fashion-mnist:train",
+                                                  "--out", "x"], "train.finetune")
+    assert "3 classes" in err
+    _one_line_error(capsys, teacher.main, ["--backbone", "no_such_net", "--weights", str(tmp_path / "w.safetensors"),
+                                           "--data", "fashion-mnist:train", "--name", "t"], "train.teacher")
+    _one_line_error(capsys, teacher.main, ["--backbone", "resnet18", "--weights", "missing.safetensors",
+                                           "--data", "fashion-mnist:train", "--name", "t"], "train.teacher")
+    _one_line_error(capsys, evaluate.main, ["--model", "baseline", "--data", "no-such-source"], "train.evaluate")
+
+
+def test_unknown_student_from_the_command_line():
+    run = subprocess.run([sys.executable, "-m", "train.finetune", "--student", "no_such_net", "--size", "32",
+                          "--data", "fashion-mnist:train", "--out", "x"], capture_output=True, text=True)
+    assert run.returncode == 2
+    assert run.stderr.strip().startswith("train.finetune: error: timm has no model named 'no_such_net'")
+    assert len(run.stderr.strip().splitlines()) == 1
