@@ -15,7 +15,6 @@ import polars as pl
 import pytest
 import torch
 import zarr
-from PIL import Image
 
 from reinforce.augment import AugParams, RandAugCropFlip
 from reinforce.build import BuildConfig, build
@@ -26,6 +25,16 @@ from stores.__main__ import main as stores_main
 from stores.store import ARRAYS_DIR
 
 FMNIST = "fashion-mnist:test?limit=24"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    """One intra-op thread, as in the build subprocesses: OpenMP threads spin badly on a busy
+    2-core machine (4x slower), and the resume test compares in- and out-of-process results."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
 
 
 def build_capturing(teacher, transfer_set: str, out: Path, workers: int) -> list[torch.Tensor]:
@@ -74,12 +83,13 @@ def test_replay_is_bit_exact_photos(lite0_teacher, photo_dir, tmp_path):
 
 def test_sigkill_resume_matches_uninterrupted(lite0_teacher, tmp_path):
     _, card, zoo_dir = lite0_teacher
-    args = ["--teacher", str(zoo_dir), "--transfer-set", "fashion-mnist:test?limit=320", "--views", "2",
-            "--unit-samples", "32", "--chunk-samples", "16", "--batch-size", "64", "--workers", "0"]
+    args = ["--teacher", str(zoo_dir), "--transfer-set", "fashion-mnist:test?limit=160", "--views", "2",
+            "--unit-samples", "16", "--chunk-samples", "8", "--batch-size", "32", "--workers", "0"]
     out = tmp_path / "resumed"
     commits = out.with_name("resumed.partial") / "commits"
     command = [sys.executable, "-m", "reinforce.build", *args, "--out", str(out)]
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     committed: set[str] = set()
     while process.poll() is None:
         committed = {p.name for p in commits.glob("*.json")} if commits.exists() else set()
@@ -90,11 +100,11 @@ def test_sigkill_resume_matches_uninterrupted(lite0_teacher, tmp_path):
     process.wait()
     assert process.returncode == -signal.SIGKILL, "the build finished before it could be killed"
     assert 0 < len(committed) < 10 and not out.exists()
-    subprocess.run(command, check=True, capture_output=True)
+    subprocess.run(command, check=True, capture_output=True, env=env)
 
     reference = tmp_path / "reference"
-    build(BuildConfig(teacher=card.name, transfer_set="fashion-mnist:test?limit=320", out=str(reference), views=2,
-                      topk=5, batch_size=64, workers=0, unit_samples=32, chunk_samples=16),
+    build(BuildConfig(teacher=card.name, transfer_set="fashion-mnist:test?limit=160", out=str(reference), views=2,
+                      topk=5, batch_size=32, workers=0, unit_samples=16, chunk_samples=8),
           teacher=(lite0_teacher[0], card))
     resumed_store, reference_store = open_store(out), open_store(reference)
     assert resumed_store.manifest.store_id == reference_store.manifest.store_id
