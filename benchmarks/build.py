@@ -46,15 +46,16 @@ def render_views(spec: str, policy: RandAugCropFlip, views: int, count: int) -> 
 
 
 @torch.inference_mode()
-def bare_throughput(model: TeacherModel, views: torch.Tensor, batch_size: int) -> tuple[float, torch.Tensor]:
-    """Teacher forward only (views/s), channels_last, after one warm-up batch; returns the logits too."""
+def bare_throughput(model: TeacherModel, views: torch.Tensor, batch_size: int) -> tuple[float, float, torch.Tensor]:
+    """Teacher forward only: views/s and CPU ms/view (channels_last, after one warm-up batch), and the logits."""
     model = model.to(memory_format=torch.channels_last).eval()
     batches = [views[i: i + batch_size].contiguous(memory_format=torch.channels_last)
                for i in range(0, len(views), batch_size)]
     model(batches[0])
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     logits = [model(batch) for batch in batches]
-    return len(views) / (time.perf_counter() - start), torch.cat(logits).float()
+    cpu_ms = (time.process_time() - cpu) * 1e3 / len(views)
+    return len(views) / (time.perf_counter() - start), cpu_ms, torch.cat(logits).float()
 
 
 def codec_fidelity(logits: torch.Tensor, k: int) -> tuple[float, float]:
@@ -88,9 +89,9 @@ def main(argv: list[str] | None = None) -> None:
     print(f"machine: {os.cpu_count()} CPUs, torch {torch.__version__}, {torch.get_num_threads()} intra-op threads, "
           f"load average {os.getloadavg()[0]:.1f}")
     views = render_views(spec, policy, args.views, args.bare_views)
-    bare, logits = bare_throughput(model, views, args.batch_size)
-    print(f"(i)   bare teacher forward: {bare:7.1f} views/s  ({len(views)} views, batch {args.batch_size}, "
-          f"{args.size}px, channels_last)")
+    bare, bare_cpu, logits = bare_throughput(model, views, args.batch_size)
+    print(f"(i)   bare teacher forward: {bare:7.1f} views/s, {bare_cpu:.2f} CPU ms/view  ({len(views)} views, "
+          f"batch {args.batch_size}, {args.size}px, channels_last)")
 
     with tempfile.TemporaryDirectory(dir=args.out) as scratch:
         store = None
@@ -98,11 +99,14 @@ def main(argv: list[str] | None = None) -> None:
             store = Path(scratch) / f"w{workers}"
             config = BuildConfig(teacher=card.name, transfer_set=spec, out=str(store), views=args.views,
                                  topk=args.topk, batch_size=args.batch_size, workers=workers)
-            start = time.perf_counter()
+            start, cpu = time.perf_counter(), time.process_time()
             build(config, teacher=(model, card))
-            rate = args.images * args.views / (time.perf_counter() - start)
-            print(f"(ii)  build, {workers} worker(s): {rate:7.1f} views/s  ({args.images} images x {args.views} views)"
-                  f"  build / bare = {rate / bare:.2f}")
+            total = args.images * args.views
+            rate, cpu_ms = total / (time.perf_counter() - start), (time.process_time() - cpu) * 1e3 / total
+            # main-process CPU per view is immune to other load: it shows the build's own overhead
+            print(f"(ii)  build, {workers} worker(s): {rate:7.1f} views/s, {cpu_ms:.2f} main-process CPU ms/view  "
+                  f"({args.images} images x {args.views} views)  build / bare = {rate / bare:.2f} wall, "
+                  f"{bare_cpu / cpu_ms:.2f} CPU")
         info = describe_store(store)
         print(f"(iii) store, top-{args.topk} of {card.num_classes} + θ: {info['bytes_per_view']:.1f} B/view of array "
               f"data, {info['total_bytes_per_view']:.1f} B/view with all files ({info['total_bytes']} bytes)")
