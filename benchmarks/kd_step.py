@@ -34,16 +34,19 @@ from train.distill import kd_loss
 from train.models import create_student
 
 
-def time_steps(step: Callable[[], None], steps: int, warmup: int) -> float:
-    """Median seconds per call after ``warmup`` untimed calls."""
+def time_steps(steps: dict[str, Callable[[], None]], rounds: int, warmup: int) -> dict[str, float]:
+    """Median seconds per call of each step kind, interleaved round by round so that load from
+    other processes hits every kind alike (the ratios are what matter)."""
     for _ in range(warmup):
-        step()
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2]
+        for step in steps.values():
+            step()
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(rounds):
+        for name, step in steps.items():
+            start = time.perf_counter()
+            step()
+            times[name].append(time.perf_counter() - start)
+    return {name: sorted(values)[len(values) // 2] for name, values in times.items()}
 
 
 def forward_flops(model: torch.nn.Module, views: torch.Tensor) -> int:
@@ -80,7 +83,7 @@ def make_steps(teacher, student, views_t: torch.Tensor, views_s: torch.Tensor, l
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--steps", type=int, default=10, help="timed rounds (one step of each kind per round)")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--student", default="mobilenetv3_small_050")
     parser.add_argument("--student-size", type=int, default=32)
@@ -106,7 +109,7 @@ def main(argv: list[str] | None = None) -> None:
     payload = {k: torch.from_numpy(v.astype("int32") if v.dtype.kind == "u" else v)
                for k, v in codec.encode(teacher_logits).items()}
     steps = make_steps(teacher, student.train(), views_t, views_s, teacher_logits.argmax(1), payload, codec, 2.0)
-    seconds = {name: time_steps(step, args.steps, args.warmup) for name, step in steps.items()}
+    seconds = time_steps(steps, args.steps, args.warmup)
     flops_t, flops_s = forward_flops(teacher, views_t[:1]), forward_flops(student.eval(), views_s[:1])
 
     print(f"batch {args.batch_size}, {args.threads} threads, student {args.student}@{args.student_size}px, "

@@ -135,12 +135,15 @@ def _free_port() -> int:
 def initialize(model: torch.nn.Module, config: dict[str, Any]):
     """``deepspeed.initialize`` on all trainable parameters; returns the engine (optimizer and schedule inside).
 
-    Parameters are made contiguous first: DeepSpeed broadcasts and flattens them as flat byte
-    views, which channels_last weights do not allow.
+    Parameters are made contiguous first: DeepSpeed broadcasts them as flat byte views, which
+    channels_last weights do not allow. Without ZeRO the engine keeps the parameter objects, so
+    they go back to channels_last afterwards (in place: the optimizer still holds the same tensors).
     """
     import deepspeed
 
     model = model.to(memory_format=torch.contiguous_format)
     engine, _, _, _ = deepspeed.initialize(
         model=model, model_parameters=[p for p in model.parameters() if p.requires_grad], config=config)
+    if engine.zero_optimization_stage() == 0:  # unflattened weights: channels_last again (2x faster convs on CPU)
+        engine.module.to(memory_format=torch.channels_last)
     return engine

@@ -96,6 +96,7 @@ class StoreViews(Dataset):
 
 
 def _identity(batch: Any) -> Any:
+    """collate_fn: ``__getitems__`` already returns a collated batch (module-level so workers can use it)."""
     return batch
 
 
@@ -176,6 +177,7 @@ def distill(config: DistillConfig) -> dict[str, Any]:
     store, source, ok = open_inputs(config)
     content = store.manifest.content
     size = config.size or int(content["policy"]["size"])
+    torch.manual_seed(config.seed)  # same initial student on every rank and every rerun
     model, card = create_student(config.student, class_names=tuple(content["teacher"]["class_names"]),
                                  input_size=size)
     rank, world = deepspeed_glue.init_distributed()
