@@ -7,6 +7,10 @@ Loss: ``T² · KL(teacher_T ‖ student_T)``. Training always runs in a DeepSpee
 one process or many under ``torchrun``; a checkpoint is written every epoch and picked up again
 automatically, so a rerun with a larger ``--epochs`` continues where the last one stopped.
 
+``OUT`` holds ``checkpoints/``, ``log.jsonl`` (one line per epoch: epoch, step, loss), the final
+``model.safetensors`` + ``student.json``, and ``rank{r}_samples.npy``: the sample indices rank r
+consumed in this invocation, one row per epoch run (for auditing the data split).
+
 Example:
     torchrun --nproc_per_node 2 -m train.distill --store runs/fmnist-lite0 \
         --student mobilenetv3_small_050 --size 32 --epochs 10 --temperature 2 --out runs/student
