@@ -55,6 +55,7 @@ def run_pipeline(recipe: dict[str, Any], run_dir: Path) -> list[dict[str, Any]]:
         name = run_dir / "teachers" / f"{mode}_{t['backbone']}"
         seconds = _run(f"teacher-{mode}", "train.teacher", "--backbone", t["backbone"], "--library", t["library"],
                        "--weights", t["weights"], *labeled, "--mode", mode, "--size", t["size"],
+                       "--folds", t[f"{mode}_folds"], *(("--steps", t["ft_steps"]) if mode == "ft" else ()),
                        "--name", name.name, "--out-dir", name.parent)
         metrics = _evaluate(str(name), recipe["test"], run_dir / f"teacher-{mode}.json")
         teachers[mode] = (json.loads((name / "teacher.json").read_text())["val_accuracy"], name)
