@@ -32,7 +32,7 @@ from reinforce.augment import RandAugCropFlip
 from reinforce.sources import Source, open_source
 from reinforce.teachers import TeacherCard, TeacherModel, create_teacher
 from stores.codecs import TopKLogitsCodec
-from stores.store import FORMAT_VERSION, StoreManifest, StoreWriter, open_store
+from stores.store import FORMAT_VERSION, StoreManifest, StoreWriter, describe_mismatch, open_store
 
 __all__ = ["BuildConfig", "ViewDataset", "build", "main"]
 
@@ -142,10 +142,8 @@ def _existing_store(path: Path, content: dict[str, Any]) -> StoreManifest | None
         return None
     store = open_store(path)
     if store.manifest.content != json.loads(json.dumps(content)):
-        from stores.store import _describe_mismatch
-
-        raise ValueError(f"{path} already holds a different store ({_describe_mismatch(store.manifest.content, content)}); "
-                         "choose another --out")
+        difference = describe_mismatch(store.manifest.content, content)
+        raise ValueError(f"{path} already holds a different store ({difference}); choose another --out")
     log.info("store %s already built (id %s)", path, store.manifest.store_id)
     return store.manifest
 
@@ -173,7 +171,8 @@ def _run_teacher(model: TeacherModel, device: torch.device, writer: StoreWriter,
         views = batch["views"].flatten(0, 1).to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
             logits = model(views)
-        payload = {k: v.reshape(len(batch["error"]), config.views, *v.shape[1:]) for k, v in codec.encode(logits).items()}
+        samples = len(batch["error"])
+        payload = {k: v.reshape(samples, config.views, *v.shape[1:]) for k, v in codec.encode(logits).items()}
         payload["params"] = batch["params"].numpy()
         failed = np.array([bool(e) for e in batch["error"]])
         for array in payload.values():
@@ -215,7 +214,8 @@ def parse_args(argv: list[str] | None = None) -> BuildConfig:
     parser = argparse.ArgumentParser(prog="python -m reinforce.build", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     defaults = BuildConfig(teacher="", transfer_set="", out="")
-    parser.add_argument("--teacher", required=True, help="zoo entry: a path or a name under $VFM_REINFORCE_HOME/teachers or ./teachers")
+    parser.add_argument("--teacher", required=True, 
+                        help="zoo entry: a path or a name under $VFM_REINFORCE_HOME/teachers or ./teachers")
     parser.add_argument("--transfer-set", required=True, help="source spec, see reinforce.sources")
     parser.add_argument("--out", required=True, help="store directory to create")
     parser.add_argument("--views", type=int, default=defaults.views, help="augmented views per sample (K)")

@@ -115,7 +115,7 @@ class StoreWriter:
             if previous != json.loads(json.dumps(build_record)):
                 raise ValueError(
                     f"{self.partial} holds an interrupted build with different settings "
-                    f"({_describe_mismatch(previous, build_record)}); delete it or rerun with the same arguments"
+                    f"({describe_mismatch(previous, build_record)}); delete it or rerun with the same arguments"
                 )
             return
         if self.partial.exists():  # crashed before build.json was written: nothing committed yet
@@ -231,7 +231,8 @@ def open_store(path: str | os.PathLike) -> ReinforcedStore:
     path = Path(path)
     manifest_path = path / "manifest.json"
     if not manifest_path.exists():
-        hint = " (an interrupted build: rerun reinforce.build)" if path.with_name(path.name + ".partial").exists() else ""
+        interrupted = path.with_name(path.name + ".partial").exists()
+        hint = " (an interrupted build: rerun reinforce.build)" if interrupted else ""
         raise FileNotFoundError(f"no reinforced store at {str(path)!r}: {manifest_path.name} is missing{hint}")
     manifest = StoreManifest.from_dict(json.loads(manifest_path.read_text()))
     for record in manifest.files:
@@ -263,10 +264,10 @@ def _atomic_write(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def _describe_mismatch(old: Any, new: Any, prefix: str = "") -> str:
+def describe_mismatch(old: Any, new: Any, prefix: str = "") -> str:
     """First differing key between two JSON values, e.g. ``content.views: 4 != 8``."""
     if isinstance(old, dict) and isinstance(new, dict):
         for key in sorted(set(old) | set(new)):
             if old.get(key) != new.get(key):
-                return _describe_mismatch(old.get(key), new.get(key), f"{prefix}{key}.")
+                return describe_mismatch(old.get(key), new.get(key), f"{prefix}{key}.")
     return f"{prefix.rstrip('.')}: {old!r} != {new!r}"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import tarfile
+from pathlib import Path
 
 import numpy as np
 import polars as pl
@@ -64,7 +65,7 @@ def test_folder_imagefolder_manifest_and_tar_agree(photo_tree, tmp_path):
     shard = tmp_path / "shard-000.tar"
     with tarfile.open(shard, "w") as tar:
         for key, uri in zip(tree.keys, tree.uris):
-            payload = open(uri, "rb").read()
+            payload = Path(uri).read_bytes()
             info = tarfile.TarInfo(key.replace("/", "_"))
             info.size = len(payload)
             tar.addfile(info, io.BytesIO(payload))

@@ -21,9 +21,9 @@ from torch.utils.data import DataLoader, Dataset
 from torchmetrics.classification import MulticlassAccuracy
 
 from reinforce.augment import RandAugCropFlip, eval_view
-from reinforce.sources import Source
+from reinforce.sources import Source, open_source, with_query
 
-__all__ = ["IN_MEMORY_LIMIT", "LabeledViews", "cli_errors", "evaluate_model", "labeled_classes"]
+__all__ = ["IN_MEMORY_LIMIT", "LabeledViews", "cli_errors", "evaluate_model", "labeled_classes", "open_labeled"]
 
 IN_MEMORY_LIMIT = 60_000  # images decoded once and kept (Fashion-MNIST train: ~140 MB as uint8)
 EPOCH_STRIDE = 1_000_003  # seed offset per epoch: epochs draw disjoint Philox keys
@@ -58,6 +58,12 @@ class LabeledViews(Dataset):
             return eval_view(image, self.size), self.labels[index]
         theta = self.policy.sample(self.seed + self.epoch * EPOCH_STRIDE, index, 0, image.shape[-2], image.shape[-1])
         return self.policy.apply(image, theta, self.size), self.labels[index]
+
+
+def open_labeled(data: str, shots: int | None, seed: int) -> tuple[Source, tuple[str, ...]]:
+    """The labeled few-shot part of ``data`` (all of it when ``shots`` is falsy) and its class names."""
+    source = open_source(with_query(data, shots=shots, seed=seed, part="labeled") if shots else data)
+    return source, labeled_classes(source)
 
 
 def labeled_classes(source: Source) -> tuple[str, ...]:

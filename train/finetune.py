@@ -12,8 +12,7 @@ import argparse
 import dataclasses
 import time
 
-from reinforce.sources import open_source, with_query
-from train.data import LabeledViews, cli_errors, labeled_classes
+from train.data import LabeledViews, cli_errors, open_labeled
 from train.models import StudentCard, create_student, load_student, save_student
 from train.optim import TrainSchedule, fit
 
@@ -41,11 +40,8 @@ def finetune(config: FinetuneConfig) -> StudentCard:
     """Train with cross-entropy on the labeled views, save to ``config.out``; returns the card."""
     if (config.init is None) == (config.student is None):
         raise ValueError("give exactly one of --init STUDENT_DIR or --student NAME")
-    spec = config.data
-    if config.shots:
-        spec = with_query(config.data, shots=config.shots, seed=config.seed, part="labeled")
-    source = open_source(spec)
-    class_names = labeled_classes(source)
+    source, class_names = open_labeled(config.data, config.shots, config.seed)
+    spec = source.spec
     if config.init is not None:
         model, card = load_student(config.init)
     elif config.size is None:

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from reinforce.sources import Source, open_source, with_query
+from reinforce.sources import Source
 from reinforce.teachers import (
     TeacherCard,
     TeacherModel,
@@ -32,7 +32,7 @@ from reinforce.teachers import (
     load_backbone_weights,
     save_teacher,
 )
-from train.data import LabeledViews, cli_errors, evaluate_model, labeled_classes
+from train.data import LabeledViews, cli_errors, evaluate_model, labeled_classes, open_labeled
 from train.optim import TrainSchedule, fit
 
 __all__ = ["TeacherConfig", "adapt_teacher", "main"]
@@ -70,11 +70,8 @@ def adapt_teacher(config: TeacherConfig) -> TeacherCard:
         raise ValueError(f"mode must be one of {', '.join(MODES)}, got {config.mode!r}")
     if config.mode == "auto" and config.folds < 2:
         raise ValueError("--mode auto selects by cross-validation and needs --folds >= 2")
-    spec = config.data
-    if config.shots:
-        spec = with_query(config.data, shots=config.shots, seed=config.seed, part="labeled")
-    source = open_source(spec)
-    class_names = labeled_classes(source)
+    source, class_names = open_labeled(config.data, config.shots, config.seed)
+    spec = source.spec
     backbone, stats = _pretrained_backbone(config)
     modes = ("lp", "ft") if config.mode == "auto" else (config.mode,)
     cv = {mode: _cross_validate(mode, config, backbone, stats, source) for mode in modes} if config.folds > 1 else {}
