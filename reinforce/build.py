@@ -214,7 +214,7 @@ def parse_args(argv: list[str] | None = None) -> BuildConfig:
     parser = argparse.ArgumentParser(prog="python -m reinforce.build", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     defaults = BuildConfig(teacher="", transfer_set="", out="")
-    parser.add_argument("--teacher", required=True, 
+    parser.add_argument("--teacher", required=True,
                         help="zoo entry: a path or a name under $VFM_REINFORCE_HOME/teachers or ./teachers")
     parser.add_argument("--transfer-set", required=True, help="source spec, see reinforce.sources")
     parser.add_argument("--out", required=True, help="store directory to create")
