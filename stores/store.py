@@ -17,6 +17,7 @@ import hashlib
 import json
 import os
 import shutil
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
@@ -174,12 +175,20 @@ class StoreWriter:
 
 
 class ReinforcedStore:
-    """Read access to a published store. Open with ``open_store``; safe to use after fork."""
+    """Read access to a published store. Open with ``open_store``; safe to use after fork.
 
-    def __init__(self, path: Path, manifest: StoreManifest):
+    Training reads random samples, so a batch touches many chunks; decoded chunks are kept in a
+    per-process LRU cache of ``cache_bytes`` (a chunk is decoded once, not once per batch). The
+    cache starts empty in each DataLoader worker.
+    """
+
+    def __init__(self, path: Path, manifest: StoreManifest, cache_bytes: int = 256 << 20):
         self.path = path
         self.manifest = manifest
+        self.cache_bytes = cache_bytes
         self._arrays: dict[str, Any] | None = None
+        self._chunks: OrderedDict[tuple[str, int], np.ndarray] = OrderedDict()
+        self._cached_bytes = 0
         self._pid = -1
 
     @property
@@ -197,32 +206,53 @@ class ReinforcedStore:
         if self._arrays is None or self._pid != os.getpid():  # reopen lazily in each worker process
             group = zarr.open_group(self.path / ARRAYS_DIR, mode="r", use_consolidated=True)
             self._arrays = {name: group[name] for name in self.fields}
+            self._chunks.clear()
+            self._cached_bytes = 0
             self._pid = os.getpid()
         return self._arrays
 
-    def read(self, sample_indices: np.ndarray, view_indices: np.ndarray) -> dict[str, np.ndarray]:
-        """Batched read of pairs (sample_indices[i], view_indices[i]) -> ``{field: [B, ...]}``.
+    def _chunk(self, name: str, chunk: int) -> np.ndarray:
+        """Decoded chunk ``chunk`` of array ``name`` (``[chunk_samples, K, ...]``), through the LRU cache."""
+        key = (name, chunk)
+        if key in self._chunks:
+            self._chunks.move_to_end(key)
+            return self._chunks[key]
+        size = self.manifest.layout["chunk_samples"]
+        try:
+            block = self._open_arrays()[name][chunk * size: (chunk + 1) * size]
+        except Exception as error:  # zarr raises codec-specific errors; name the file instead
+            raise StoreCorruptError(
+                f"{self.path / ARRAYS_DIR / name}: cannot decode samples {chunk * size}..{(chunk + 1) * size - 1} "
+                f"({error}); run `python -m stores verify {self.path}`"
+            ) from error
+        self._chunks[key] = block
+        self._cached_bytes += block.nbytes
+        while self._cached_bytes > self.cache_bytes and len(self._chunks) > 1:
+            self._cached_bytes -= self._chunks.popitem(last=False)[1].nbytes
+        return block
 
-        Each touched chunk is decoded once (``oindex`` over the sorted unique samples).
-        """
+    def read(self, sample_indices: np.ndarray, view_indices: np.ndarray) -> dict[str, np.ndarray]:
+        """Batched read of pairs (sample_indices[i], view_indices[i]) -> ``{field: [B, ...]}``."""
         sample_indices = np.asarray(sample_indices, dtype=np.int64)
         view_indices = np.asarray(view_indices, dtype=np.int64)
-        unique, inverse = np.unique(sample_indices, return_inverse=True)
+        if sample_indices.size and not 0 <= sample_indices.min() <= sample_indices.max() < self.manifest.num_samples:
+            raise IndexError(f"sample indices must lie in [0, {self.manifest.num_samples}) for {self.path}")
+        size = self.manifest.layout["chunk_samples"]
+        chunk_of, offset = np.divmod(sample_indices, size)
         out = {}
         for name, array in self._open_arrays().items():
-            try:
-                block = array.oindex[unique]
-            except Exception as error:  # zarr raises codec-specific errors; name the file instead
-                raise StoreCorruptError(
-                    f"{self.path / ARRAYS_DIR / name}: cannot decode samples {unique[:5].tolist()}... ({error}); "
-                    f"run `python -m stores verify {self.path}`"
-                ) from error
-            out[name] = block[inverse, view_indices]
+            out[name] = np.empty((len(sample_indices), *array.shape[2:]), dtype=array.dtype)
+            for chunk in np.unique(chunk_of):
+                block = self._chunk(name, int(chunk))
+                rows = np.flatnonzero(chunk_of == chunk)
+                out[name][rows] = block[offset[rows], view_indices[rows]]
         return out
 
 
-def open_store(path: str | os.PathLike) -> ReinforcedStore:
+def open_store(path: str | os.PathLike, *, cache_bytes: int = 256 << 20) -> ReinforcedStore:
     """Open a published store; checks every data file exists with its recorded size.
+
+    ``cache_bytes`` bounds the decoded chunks each process keeps for ``read``.
 
     Example:
         >>> store = open_store("runs/fmnist-lite0")
@@ -241,7 +271,7 @@ def open_store(path: str | os.PathLike) -> ReinforcedStore:
         if size != record["bytes"]:
             state = "missing" if size is None else f"{size} bytes, manifest says {record['bytes']}"
             raise StoreCorruptError(f"store file {file} is {state}; the store is damaged")
-    return ReinforcedStore(path, manifest)
+    return ReinforcedStore(path, manifest, cache_bytes)
 
 
 def _file_record(root: Path, file: Path) -> dict[str, Any]:

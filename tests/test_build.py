@@ -76,6 +76,23 @@ def test_replay_is_bit_exact_fashion_mnist(lite0_teacher, fmnist_store):
     assert_replay_exact(lite0_teacher[0], *fmnist_store)
 
 
+def test_batched_read_matches_zarr_under_any_cache_size(fmnist_store):
+    """Random (sample, view) pairs, with duplicates, across chunks: the cached reader returns what
+    zarr stores, whether every chunk fits in the cache or only one does."""
+    path = fmnist_store[0]
+    group = zarr.open_group(path / ARRAYS_DIR, mode="r")
+    rng = np.random.default_rng(0)
+    for cache_bytes in (256 << 20, 1):
+        store = open_store(path, cache_bytes=cache_bytes)
+        for _ in range(3):
+            samples, views = rng.integers(0, 24, size=40), rng.integers(0, 2, size=40)
+            batch = store.read(samples, views)
+            for name, values in batch.items():
+                np.testing.assert_array_equal(values, group[name][:][samples, views], err_msg=name)
+    with pytest.raises(IndexError, match=r"\[0, 24\)"):
+        store.read(np.array([24]), np.array([0]))
+
+
 def test_replay_is_bit_exact_photos(lite0_teacher, photo_dir, tmp_path):
     captured = build_capturing(lite0_teacher, f"folder:{photo_dir}", tmp_path / "photos", workers=2)
     assert_replay_exact(lite0_teacher[0], tmp_path / "photos", captured)
