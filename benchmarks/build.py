@@ -1,5 +1,5 @@
 """Is ``reinforce.build`` teacher-bound? Bare teacher throughput vs full build throughput, store cost
-per view and top-k codec fidelity, all measured in one run on this machine.
+per view, random-read cost and top-k codec fidelity, all measured in one run on this machine.
 
 Example:
     python benchmarks/build.py --images 2000 --views 4 --batch-size 256 --workers 1 2
@@ -13,6 +13,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from reinforce.augment import RandAugCropFlip
@@ -20,6 +21,7 @@ from reinforce.build import BuildConfig, build
 from reinforce.sources import open_source
 from reinforce.teachers import TeacherModel, embedded_weights, pretrained_teacher
 from stores.codecs import TopKLogitsCodec
+from stores.store import open_store
 from stores.verify import describe_store
 
 
@@ -56,6 +58,20 @@ def bare_throughput(model: TeacherModel, views: torch.Tensor, batch_size: int) -
     logits = [model(batch) for batch in batches]
     cpu_ms = (time.process_time() - cpu) * 1e3 / len(views)
     return len(views) / (time.perf_counter() - start), cpu_ms, torch.cat(logits).float()
+
+
+def random_read_ms(store_path: Path, batch_size: int, batches: int, cache_bytes: int) -> float:
+    """ms per training-style batch read: random samples, one random view each (after one warm-up epoch)."""
+    store = open_store(store_path, cache_bytes=cache_bytes)
+    rng = np.random.default_rng(0)
+    n, k = store.manifest.num_samples, store.manifest.views
+    draw = [(rng.permutation(n)[:batch_size], rng.integers(0, k, batch_size)) for _ in range(batches)]
+    for samples in np.array_split(np.arange(n), max(1, n // batch_size)):
+        store.read(samples, np.zeros_like(samples))
+    start = time.perf_counter()
+    for samples, views in draw:
+        store.read(samples, views)
+    return (time.perf_counter() - start) * 1e3 / batches
 
 
 def codec_fidelity(logits: torch.Tensor, k: int) -> tuple[float, float]:
@@ -110,8 +126,11 @@ def main(argv: list[str] | None = None) -> None:
         info = describe_store(store)
         print(f"(iii) store, top-{args.topk} of {card.num_classes} + θ: {info['bytes_per_view']:.1f} B/view of array "
               f"data, {info['total_bytes_per_view']:.1f} B/view with all files ({info['total_bytes']} bytes)")
+        cached, uncached = (random_read_ms(store, 128, 20, cache) for cache in (256 << 20, 1))
+        print(f"(iv)  random batch of 128 (sample, view) reads: {cached:.2f} ms with the chunk cache, "
+              f"{uncached:.2f} ms decoding every touched chunk  ({uncached / cached:.0f}x)")
 
-    print(f"(iv)  codec fidelity on {len(logits)} real teacher views ({card.num_classes} classes):")
+    print(f"(v)   codec fidelity on {len(logits)} real teacher views ({card.num_classes} classes):")
     for k in (1, 5, 10):
         kl, agreement = codec_fidelity(logits, k)
         print(f"        top-{k:<2d}  KL(full || decoded) {kl:.4f}   top-1 agreement {agreement:.4f}")

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from reinforce.sources import open_source
 from reinforce.teachers import create_backbone, create_teacher
@@ -30,6 +30,13 @@ def _random_weights(library: str, name: str, path) -> str:
     """A randomly initialised backbone's state_dict as a local checkpoint (stands in for real weights)."""
     save_file({k: v.contiguous() for k, v in create_backbone(library, name).state_dict().items()}, str(path))
     return str(path)
+
+
+def assert_same_weights(a: str, b: str) -> None:
+    first, second = load_file(a), load_file(b)
+    assert first.keys() == second.keys()
+    for name in first:
+        torch.testing.assert_close(first[name], second[name], rtol=1e-5, atol=1e-6, msg=name)
 
 
 def _one_line_error(capsys, main, argv: list[str], prog: str) -> str:
@@ -68,12 +75,20 @@ def test_vfm_backbones_from_local_weights(tmp_path, library, backbone, mode, siz
         assert card.val_accuracy == card.adaptation["cv_accuracy"][card.adaptation["mode"]]
     with torch.inference_mode():
         assert model(torch.zeros(2, 3, int(size), int(size), dtype=torch.uint8)).shape == (2, 10)
+    if mode == "lp":  # a rerun with the same seed gives the same teacher
+        teacher.main(["--library", library, "--backbone", backbone, "--weights", weights, "--data",
+                      "fashion-mnist:train", "--shots", "2", "--mode", mode, "--size", size, "--lp-steps", "3",
+                      "--lp-views", "0", "--folds", folds, "--name", "vfm_again"])
+        assert_same_weights("teachers/vfm/model.safetensors", "teachers/vfm_again/model.safetensors")
 
 
 def test_labeled_only_baseline_and_evaluate(capsys):
     card = finetune.main(["--student", "mobilenetv3_small_050", "--size", "32", "--data", "fashion-mnist:train",
                           "--shots", "2", "--steps", "3", "--batch-size", "8", "--out", "baseline"])
     assert card.history[-1]["stage"] == "labeled_only" and card.history[-1]["steps"] == 3
+    finetune.main(["--student", "mobilenetv3_small_050", "--size", "32", "--data", "fashion-mnist:train",
+                   "--shots", "2", "--steps", "3", "--batch-size", "8", "--out", "baseline_again"])
+    assert_same_weights("baseline/model.safetensors", "baseline_again/model.safetensors")  # seeded init and data
     _, loaded = load_student("baseline")
     assert loaded.input_size == 32 and loaded.num_classes == 10
     capsys.readouterr()

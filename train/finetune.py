@@ -12,6 +12,8 @@ import argparse
 import dataclasses
 import time
 
+import torch
+
 from train.data import LabeledViews, cli_errors, open_labeled
 from train.models import StudentCard, create_student, load_student, save_student
 from train.optim import TrainSchedule, fit
@@ -47,6 +49,7 @@ def finetune(config: FinetuneConfig) -> StudentCard:
     elif config.size is None:
         raise ValueError("--student NAME trains from random init and needs --size")
     else:
+        torch.manual_seed(config.seed)  # same random init on a rerun
         model, card = create_student(config.student, class_names=class_names, input_size=config.size)
     if card.num_classes != len(class_names):
         raise ValueError(f"the student has {card.num_classes} classes but {spec!r} has {len(class_names)}")

@@ -116,6 +116,7 @@ def _pretrained_backbone(config: TeacherConfig) -> tuple[nn.Module, tuple[tuple[
 
 def _train(mode: str, config: TeacherConfig, backbone: nn.Module, stats, source: Source) -> TeacherModel:
     """A fresh copy of the pretrained backbone, adapted by ``mode`` on ``source``."""
+    torch.manual_seed(config.seed)  # the head's init and dropout: a rerun gives the same teacher
     model = TeacherModel(copy.deepcopy(backbone), len(labeled_classes(source)), *stats)
     model = model.to(memory_format=torch.channels_last)
     if mode == "lp":
