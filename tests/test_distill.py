@@ -23,6 +23,7 @@ from reinforce.build import BuildConfig, build
 from reinforce.sources import open_source
 from reinforce.teachers import create_teacher
 from stores.store import open_store
+from train.deepspeed_glue import load_config
 from train.distill import StoreViews, kd_loss
 from train.models import load_student
 
@@ -101,6 +102,8 @@ def test_resume_continues(distilled):
     assert stage["resumed_from"] == {"epoch": 1, "step": steps_per_epoch}
     assert stage["steps"] == steps_per_epoch * EPOCHS
     assert np.load(out / "rank0_samples.npy").shape == (EPOCHS - 1, steps_per_epoch * BATCH)
+    written = load_config(out / "deepspeed.json")  # the default config, written out for the user to edit
+    assert written["train_micro_batch_size_per_gpu"] == "auto" and "optimizer" in written
 
 
 @pytest.mark.slow

@@ -7,7 +7,8 @@ Loss: ``T² · KL(teacher_T ‖ student_T)``. Training always runs in a DeepSpee
 one process or many under ``torchrun``; a checkpoint is written every epoch and picked up again
 automatically, so a rerun with a larger ``--epochs`` continues where the last one stopped.
 
-``OUT`` holds ``checkpoints/``, ``log.jsonl`` (one line per epoch: epoch, step, loss), the final
+``OUT`` holds ``deepspeed.json`` (the built-in config, when ``--deepspeed`` is not given: edit it and
+pass it back), ``checkpoints/``, ``log.jsonl`` (one line per epoch: epoch, step, loss), the final
 ``model.safetensors`` + ``student.json``, and ``rank{r}_samples.npy``: the sample indices rank r
 consumed in this invocation, one row per epoch run (for auditing the data split).
 
@@ -188,6 +189,8 @@ def distill(config: DistillConfig) -> dict[str, Any]:
     Path(config.out).mkdir(parents=True, exist_ok=True)
     if rank != 0:
         log.setLevel(logging.WARNING)  # one copy of the per-epoch log
+    elif config.deepspeed is None:  # the built-in config, for the user to edit and pass back with --deepspeed
+        deepspeed_glue.write_default_config(Path(config.out) / "deepspeed.json")
     dataset = StoreViews(store, source, ok, size, config.seed)
     loader = make_loader(dataset, config, rank, world)
     ds_config = deepspeed_glue.resolve_config(deepspeed_glue.load_config(config.deepspeed),
