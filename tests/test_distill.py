@@ -179,3 +179,21 @@ def test_errors_are_one_line(case, store_dir, tmp_path):
     assert result.returncode == 2
     lines = [line for line in result.stderr.splitlines() if line.startswith("train.distill: error:")]
     assert len(lines) == 1, result.stderr[-2000:]
+
+
+@pytest.mark.slow
+def test_finetune_rejects_data_with_other_classes(distilled, photo_dir, tmp_path, capsys):
+    """The distilled student carries the store's 10 teacher classes; 2-class data is refused in one line."""
+    from train.finetune import main as finetune_main
+
+    for label, names in (("cats", ("chelsea",)), ("things", ("coffee", "rocket"))):
+        (tmp_path / "two" / label).mkdir(parents=True)
+        for name in names:
+            (tmp_path / "two" / label / f"{name}.png").write_bytes((photo_dir / f"{name}.png").read_bytes())
+    with pytest.raises(SystemExit) as exit_info:
+        finetune_main(["--init", str(distilled[0]), "--data", f"imagefolder:{tmp_path / 'two'}", "--shots", "0",
+                       "--out", str(tmp_path / "never")])
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2 and "\n" not in err
+    assert err.startswith("train.finetune: error: ") and "10 classes" in err and "has 2" in err
+    assert not (tmp_path / "never").exists()
