@@ -19,20 +19,10 @@ import torch
 from reinforce.augment import RandAugCropFlip
 from reinforce.build import BuildConfig, build
 from reinforce.sources import open_source
-from reinforce.teachers import TeacherModel, embedded_weights, pretrained_teacher
+from reinforce.teachers import TeacherModel, embedded_imagenet_teacher
 from stores.codecs import TopKLogitsCodec
 from stores.store import open_store
 from stores.verify import describe_store
-
-
-def lite0_teacher(size: int):
-    """The embedded real teacher: Lite0 with its ImageNet-1k head."""
-    import timm
-
-    names = tuple(timm.data.ImageNetInfo().label_descriptions())
-    weights = embedded_weights("tf_efficientnet_lite0.in1k")
-    return pretrained_teacher("lite0_in1k", "timm", "tf_efficientnet_lite0", weights, class_names=names,
-                              input_size=size, mean=(0.5,) * 3, std=(0.5,) * 3)
 
 
 def render_views(spec: str, policy: RandAugCropFlip, views: int, count: int) -> torch.Tensor:
@@ -99,7 +89,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     os.environ.setdefault("VFM_REINFORCE_HOME", str(Path(args.out or tempfile.gettempdir()) / "vfm_home"))
-    model, card = lite0_teacher(args.size)
+    model, card = embedded_imagenet_teacher(args.size)
     spec = f"fashion-mnist:test?limit={args.images}"
     policy = RandAugCropFlip(size=args.size)
     print(f"machine: {os.cpu_count()} CPUs, torch {torch.__version__}, {torch.get_num_threads()} intra-op threads, "

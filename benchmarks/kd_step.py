@@ -21,14 +21,13 @@ import argparse
 import time
 from collections.abc import Callable
 
-import timm
 import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from reinforce.augment import eval_view
 from reinforce.sources import open_source
-from reinforce.teachers import embedded_weights, pretrained_teacher
+from reinforce.teachers import embedded_imagenet_teacher
 from stores.codecs import TopKLogitsCodec
 from train.distill import kd_loss
 from train.models import create_student
@@ -93,10 +92,8 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
 
-    names = tuple(timm.data.ImageNetInfo().index_to_description(i) for i in range(1000))
-    teacher, _ = pretrained_teacher("lite0_in1k", "timm", "tf_efficientnet_lite0",
-                                    embedded_weights("tf_efficientnet_lite0.in1k"), class_names=names,
-                                    input_size=args.teacher_size, mean=(0.5,) * 3, std=(0.5,) * 3)
+    teacher, card = embedded_imagenet_teacher(args.teacher_size)
+    names = card.class_names
     teacher = teacher.to(memory_format=torch.channels_last).eval()
     student, _ = create_student(args.student, class_names=names, input_size=args.student_size)
     source = open_source(f"fashion-mnist:test?limit={args.batch_size}")

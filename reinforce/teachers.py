@@ -24,7 +24,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 __all__ = [
-    "TeacherCard", "TeacherModel", "create_backbone", "create_teacher", "embedded_weights",
+    "TeacherCard", "TeacherModel", "create_backbone", "create_teacher", "embedded_imagenet_teacher", "embedded_weights",
     "load_backbone_weights", "pretrained_teacher", "register_backbone_library", "resolve_teacher", "save_teacher",
 ]
 
@@ -218,10 +218,7 @@ def pretrained_teacher(name: str, library: str, backbone_name: str, weights_file
                        class_names: tuple[str, ...], input_size: int, mean, std) -> tuple[TeacherModel, TeacherCard]:
     """A teacher made of a pretrained backbone and the classifier its checkpoint ships with.
 
-    Example (the embedded real teacher, ImageNet-1k classes):
-        >>> model, card = pretrained_teacher("lite0_in1k", "timm", "tf_efficientnet_lite0",
-        ...     embedded_weights("tf_efficientnet_lite0.in1k"), class_names=names, input_size=224,
-        ...     mean=(0.5,) * 3, std=(0.5,) * 3)
+    Example: ``embedded_imagenet_teacher`` below.
     """
     backbone = create_backbone(library, backbone_name)
     extra = load_backbone_weights(backbone, weights_file)
@@ -234,3 +231,13 @@ def pretrained_teacher(name: str, library: str, backbone_name: str, weights_file
                        class_names=tuple(class_names), input_size=input_size, mean=tuple(mean), std=tuple(std),
                        adaptation={"mode": "pretrained", "weights": Path(weights_file).name})
     return model.eval(), card
+
+
+def embedded_imagenet_teacher(input_size: int) -> tuple[TeacherModel, TeacherCard]:
+    """The embedded real teacher: Lite0 with its ImageNet-1k head (``lite0_in1k``), at ``input_size``."""
+    import timm
+
+    names = tuple(timm.data.ImageNetInfo().label_descriptions())  # = index_to_description(i), 1000x faster
+    return pretrained_teacher("lite0_in1k", "timm", "tf_efficientnet_lite0",
+                              embedded_weights("tf_efficientnet_lite0.in1k"), class_names=names,
+                              input_size=input_size, mean=(0.5,) * 3, std=(0.5,) * 3)

@@ -27,14 +27,9 @@ def vfm_home(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def lite0_teacher(vfm_home):
     """``(model, card, zoo_dir)``: real pretrained Lite0 with its 1000-class head, 64 px input."""
-    import timm
+    from reinforce.teachers import embedded_imagenet_teacher, save_teacher
 
-    from reinforce.teachers import embedded_weights, pretrained_teacher, save_teacher
-
-    names = tuple(timm.data.ImageNetInfo().label_descriptions())  # same as index_to_description(i), 1000x faster
-    model, card = pretrained_teacher("lite0_in1k", "timm", "tf_efficientnet_lite0",
-                                     embedded_weights("tf_efficientnet_lite0.in1k"), class_names=names,
-                                     input_size=64, mean=(0.5,) * 3, std=(0.5,) * 3)
+    model, card = embedded_imagenet_teacher(64)
     zoo_dir = vfm_home / "teachers" / "lite0_in1k"
     card = save_teacher(model, card, zoo_dir)
     return model, card, zoo_dir
