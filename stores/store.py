@@ -239,13 +239,12 @@ class ReinforcedStore:
             raise IndexError(f"sample indices must lie in [0, {self.manifest.num_samples}) for {self.path}")
         size = self.manifest.layout["chunk_samples"]
         chunk_of, offset = np.divmod(sample_indices, size)
+        rows_of_chunk = [(int(chunk), np.flatnonzero(chunk_of == chunk)) for chunk in np.unique(chunk_of)]
         out = {}
         for name, array in self._open_arrays().items():
             out[name] = np.empty((len(sample_indices), *array.shape[2:]), dtype=array.dtype)
-            for chunk in np.unique(chunk_of):
-                block = self._chunk(name, int(chunk))
-                rows = np.flatnonzero(chunk_of == chunk)
-                out[name][rows] = block[offset[rows], view_indices[rows]]
+            for chunk, rows in rows_of_chunk:
+                out[name][rows] = self._chunk(name, chunk)[offset[rows], view_indices[rows]]
         return out
 
 
