@@ -3,49 +3,110 @@
 A policy samples ``AugParams`` from a counter-based RNG keyed by (seed, sample, view), so a view
 never depends on worker count, batch size or resume point, and renders a view with ``apply``.
 The build and student training call the same ``apply``: replaying a stored record gives the
-pixels the teacher saw, bit for bit.
+pixels the teacher saw, bit for bit. The RandAugment op table is the project's own (public
+torchvision functions only), so a torchvision upgrade cannot silently re-map stored op ids.
 
 Example:
     >>> policy = create_policy("rrc_flip_randaug", size=64)
     >>> theta = policy.sample(seed=0, sample_index=12, view_index=3, height=28, width=28)
     >>> view = policy.apply(image_uint8_chw, theta)           # uint8 [3, 64, 64]
+    >>> records = policy.pack([theta])                         # uint8 [1, policy.record_bytes]
+    >>> assert policy.unpack(records) == [theta]
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 import numpy as np
 import torch
-import torchvision.transforms.v2 as T
 import torchvision.transforms.v2.functional as F
+from torchvision.transforms.v2 import InterpolationMode
 
-__all__ = ["AugParams", "RandAugCropFlip", "create_policy", "list_policies", "register_policy", "view_rng"]
+__all__ = [
+    "OP_NAMES", "RANDAUG_OPS", "AugParams", "CropFlip", "RandAugCropFlip", "RandAugOp", "create_policy", "eval_view",
+    "list_policies", "policy_from_record", "register_policy", "view_rng",
+]
 
-_POLICIES: dict[str, type] = {}
-
-# torchvision's RandAugment op table, used as is: names, magnitude bins and the op math.
-_RANDAUG = T.RandAugment(interpolation=T.InterpolationMode.NEAREST)
-OP_NAMES: tuple[str, ...] = tuple(T.RandAugment._AUGMENTATION_SPACE)
-
-
-def register_policy(cls: type) -> type:
-    """Class decorator: make a policy constructible from its stored ``name``."""
-    _POLICIES[cls.name] = cls
-    return cls
+_POLICIES: dict[str, type[CropFlip]] = {}
+_NEAREST = InterpolationMode.NEAREST
+_UINT16_MAX = np.iinfo(np.uint16).max
 
 
-def list_policies() -> list[str]:
-    return sorted(_POLICIES)
+@dataclasses.dataclass(frozen=True)
+class RandAugOp:
+    """One RandAugment op: ``magnitudes(num_bins, height, width)`` gives the bin values (None: no
+    magnitude), ``signed`` lets a negative bin negate it, ``render(image, magnitude)`` draws it."""
+
+    name: str
+    magnitudes: Callable[[int, int, int], torch.Tensor | None]
+    signed: bool
+    render: Callable[[torch.Tensor, float], torch.Tensor]
+
+    def magnitude(self, signed_bin: int, num_bins: int, height: int, width: int) -> float:
+        """The value of ``signed_bin`` for a ``height`` x ``width`` image (float32 bins, as torchvision)."""
+        values = self.magnitudes(num_bins, height, width)
+        if values is None:
+            return 0.0
+        value = float(values[abs(signed_bin)])
+        return -value if self.signed and signed_bin < 0 else value
+
+    def __call__(self, image: torch.Tensor, signed_bin: int, num_bins: int) -> torch.Tensor:
+        """Render on uint8 ``[3, H, W]``; translations scale with this image's size."""
+        return self.render(image, self.magnitude(signed_bin, num_bins, image.shape[-2], image.shape[-1]))
 
 
-def create_policy(name: str, **kwargs: Any):
-    """Build a policy from its ``to_dict()`` form (as stored in a manifest)."""
-    if name not in _POLICIES:
-        raise ValueError(f"unknown augmentation policy {name!r}; registered: {', '.join(list_policies())}")
-    return _POLICIES[name](**kwargs)
+def _affine(image: torch.Tensor, translate: list[int], shear: list[float], center: list[int] | None = None):
+    # fill=None pads with zeros: same pixels as fill=0, without grid_sample's extra mask channel
+    return F.affine(image, angle=0.0, translate=translate, scale=1.0, shear=shear, interpolation=_NEAREST,
+                    fill=None, center=center)
+
+
+def _shear_degrees(magnitude: float) -> float:
+    """RandAugment's shear is the affine coefficient; ``F.affine`` wants its angle."""
+    return math.degrees(math.atan(magnitude))
+
+
+def _linspace(stop: float) -> Callable[[int, int, int], torch.Tensor]:
+    return lambda num_bins, height, width: torch.linspace(0.0, stop, num_bins)
+
+
+def _no_magnitude(num_bins: int, height: int, width: int) -> None:
+    return None
+
+
+def _posterize_bits(num_bins: int, height: int, width: int) -> torch.Tensor:
+    return (8 - (torch.arange(num_bins) / ((num_bins - 1) / 4))).round().int()
+
+
+def _solarize_thresholds(num_bins: int, height: int, width: int) -> torch.Tensor:
+    # 255 x float32 fractions, in float64: linspace(255, 0) in float32 moves integer thresholds (238.0 vs 238.0000017)
+    return torch.linspace(1.0, 0.0, num_bins).double() * 255.0
+
+
+# torchvision's RandAugment space (names, order, bins, math); the index is the op id stored in records.
+RANDAUG_OPS: tuple[RandAugOp, ...] = (
+    RandAugOp("Identity", _no_magnitude, False, lambda x, m: x),
+    RandAugOp("ShearX", _linspace(0.3), True, lambda x, m: _affine(x, [0, 0], [_shear_degrees(m), 0.0], [0, 0])),
+    RandAugOp("ShearY", _linspace(0.3), True, lambda x, m: _affine(x, [0, 0], [0.0, _shear_degrees(m)], [0, 0])),
+    RandAugOp("TranslateX", lambda n, h, w: torch.linspace(0.0, 150.0 / 331.0 * w, n), True,
+              lambda x, m: _affine(x, [int(m), 0], [0.0, 0.0])),
+    RandAugOp("TranslateY", lambda n, h, w: torch.linspace(0.0, 150.0 / 331.0 * h, n), True,
+              lambda x, m: _affine(x, [0, int(m)], [0.0, 0.0])),
+    RandAugOp("Rotate", _linspace(30.0), True, lambda x, m: F.rotate(x, angle=m, interpolation=_NEAREST, fill=None)),
+    RandAugOp("Brightness", _linspace(0.9), True, lambda x, m: F.adjust_brightness(x, 1.0 + m)),
+    RandAugOp("Color", _linspace(0.9), True, lambda x, m: F.adjust_saturation(x, 1.0 + m)),
+    RandAugOp("Contrast", _linspace(0.9), True, lambda x, m: F.adjust_contrast(x, 1.0 + m)),
+    RandAugOp("Sharpness", _linspace(0.9), True, lambda x, m: F.adjust_sharpness(x, 1.0 + m)),
+    RandAugOp("Posterize", _posterize_bits, False, lambda x, m: F.posterize(x, int(m))),
+    RandAugOp("Solarize", _solarize_thresholds, False, lambda x, m: F.solarize(x, m)),
+    RandAugOp("AutoContrast", _no_magnitude, False, lambda x, m: F.autocontrast(x)),
+    RandAugOp("Equalize", _no_magnitude, False, lambda x, m: F.equalize(x)),
+)
+OP_NAMES: tuple[str, ...] = tuple(op.name for op in RANDAUG_OPS)
 
 
 def view_rng(seed: int, sample_index: int, view_index: int) -> np.random.Generator:
@@ -57,68 +118,126 @@ def view_rng(seed: int, sample_index: int, view_index: int) -> np.random.Generat
 
 @dataclasses.dataclass(frozen=True)
 class AugParams:
-    """One view's augmentation record θ; ``to_array`` gives the fixed-width int32 form stored.
+    """One view's augmentation record θ; the policy version lives in the store manifest, not here."""
 
-    Layout: ``[version, left, top, width, height, flip, op_0, mag_0, ..., op_{n-1}, mag_{n-1}]``.
-    The crop box is in source pixels; a magnitude is a signed RandAugment bin index.
-    """
-
-    version: int
     box: tuple[int, int, int, int]  # left, top, width, height in source pixels
     flip: bool
-    ops: tuple[tuple[int, int], ...]  # (op id into OP_NAMES, signed magnitude bin)
+    ops: tuple[tuple[int, int], ...] = ()  # (op id into RANDAUG_OPS, signed magnitude bin)
 
-    def to_array(self) -> np.ndarray:
-        flat = [self.version, *self.box, int(self.flip)] + [v for op in self.ops for v in op]
-        return np.asarray(flat, dtype=np.int32)
 
-    @classmethod
-    def from_array(cls, record: np.ndarray) -> AugParams:
-        values = [int(v) for v in record]
-        pairs = values[6:]
-        return cls(values[0], tuple(values[1:5]), bool(values[5]), tuple(zip(pairs[::2], pairs[1::2])))
+def register_policy(cls: type[CropFlip]) -> type[CropFlip]:
+    """Class decorator: make a policy constructible from its stored ``name``."""
+    if cls.name in _POLICIES:
+        raise ValueError(f"augmentation policy {cls.name!r} is already registered by {_POLICIES[cls.name].__name__}")
+    _POLICIES[cls.name] = cls
+    return cls
+
+
+def list_policies() -> list[str]:
+    """Registered policy names, sorted."""
+    return sorted(_POLICIES)
+
+
+def create_policy(name: str, **args: Any) -> CropFlip:
+    """Build policy ``name``; ``None`` args keep their defaults (unset CLI flags).
+
+    Example:
+        >>> create_policy("rrc_flip_randaug", size=224, num_ops=2, scale=None)
+    """
+    if name not in _POLICIES:
+        raise ValueError(f"unknown augmentation policy {name!r}; registered: {', '.join(list_policies())}")
+    cls = _POLICIES[name]
+    args = {k: v for k, v in args.items() if v is not None}
+    fields = [f for f in dataclasses.fields(cls) if f.init]
+    valid = [f.name for f in fields]
+    unknown = sorted(set(args) - set(valid))
+    if unknown:
+        raise ValueError(f"unknown argument(s) {', '.join(unknown)} for policy {name!r}; valid: {', '.join(valid)}")
+    missing = [f.name for f in fields if f.name not in args and f.default is dataclasses.MISSING]
+    if missing:
+        raise ValueError(f"policy {name!r} needs argument(s) {', '.join(missing)}")
+    try:
+        return cls(**args)
+    except TypeError as error:  # a value of the wrong type, e.g. size="64"
+        raise ValueError(f"bad argument(s) for policy {name!r} {args}: {error}") from error
+
+
+def policy_from_record(record: dict[str, Any]) -> CropFlip:
+    """Rebuild the policy of ``policy.to_record()`` (a store manifest), refusing one this code renders otherwise."""
+    missing = [k for k in ("name", "version", "args", "op_names", "record_bytes") if k not in record]
+    if missing:
+        raise ValueError(f"policy record {record} lacks {', '.join(missing)}; "
+                         "it predates packed θ records: rebuild the store")
+    policy = create_policy(record["name"], **record["args"])
+    code = policy.to_record()
+    if record["version"] != code["version"]:
+        raise ValueError(f"store was built with policy {record['name']!r} version {record['version']}; "
+                         f"this code renders version {code['version']}")
+    if list(record["op_names"]) != code["op_names"]:
+        raise ValueError(f"store was built with ops {list(record['op_names'])}; this code renders {code['op_names']}")
+    if record["record_bytes"] != code["record_bytes"]:
+        raise ValueError(f"store records are {record['record_bytes']} bytes; this code packs {code['record_bytes']}")
+    return policy
 
 
 @register_policy
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class RandAugCropFlip:
-    """RandomResizedCrop + horizontal flip + RandAugment(num_ops, magnitude), rendered at ``size``."""
+class CropFlip:
+    """RandomResizedCrop + horizontal flip, rendered at ``size``; subclasses add ops after the flip."""
 
-    name: ClassVar[str] = "rrc_flip_randaug"
+    name: ClassVar[str] = "rrc_flip"
     version: ClassVar[int] = 1
     size: int
     scale: tuple[float, float] = (0.25, 1.0)
     ratio: tuple[float, float] = (3 / 4, 4 / 3)
     flip_prob: float = 0.5
-    num_ops: int = 2
-    magnitude: int = 9
-    num_magnitude_bins: int = 31
 
     def __post_init__(self):
-        object.__setattr__(self, "scale", tuple(self.scale))
-        object.__setattr__(self, "ratio", tuple(self.ratio))
+        object.__setattr__(self, "scale", tuple(float(v) for v in self.scale))
+        object.__setattr__(self, "ratio", tuple(float(v) for v in self.ratio))
+        bad = [message for message, ok in self._arg_checks().items() if not ok]
+        if bad:
+            raise ValueError(f"bad argument(s) for policy {self.name!r}: {'; '.join(bad)}")
+
+    def _arg_checks(self) -> dict[str, bool]:
+        """``{"arg=value (need ...)": ok}`` for every constraint on the constructor args."""
+        return {
+            f"size={self.size} (need > 0)": self.size > 0,
+            f"scale={self.scale} (need 0 < low <= high)": len(self.scale) == 2 and 0 < self.scale[0] <= self.scale[1],
+            f"ratio={self.ratio} (need 0 < low <= high)": len(self.ratio) == 2 and 0 < self.ratio[0] <= self.ratio[1],
+            f"flip_prob={self.flip_prob} (need 0..1)": 0 <= self.flip_prob <= 1,
+        }
 
     @property
-    def record_width(self) -> int:
-        return 6 + 2 * self.num_ops
+    def op_names(self) -> list[str]:
+        """The op table a record's op ids index into; empty when the policy renders no ops."""
+        return []
 
-    def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "version": self.version, **dataclasses.asdict(self)}
+    @property
+    def record_dtype(self) -> np.dtype:
+        """Packed θ, little-endian, unaligned: box ``<u2`` x4 (left, top, width, height) and flip ``u1``."""
+        return np.dtype([("box", "<u2", (4,)), ("flip", "u1")])
 
-    @classmethod
-    def from_dict(cls, config: dict[str, Any]) -> RandAugCropFlip:
-        config = {k: v for k, v in config.items() if k not in ("name", "version")}
-        return cls(**config)
+    @property
+    def record_bytes(self) -> int:
+        return self.record_dtype.itemsize
+
+    def to_record(self) -> dict[str, Any]:
+        """JSON-able form for the store manifest; ``policy_from_record`` rebuilds the policy from it."""
+        args = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.init}
+        args = {k: list(v) if isinstance(v, tuple) else v for k, v in args.items()}
+        return {"name": self.name, "version": self.version, "args": args, "op_names": self.op_names,
+                "record_bytes": self.record_bytes}
 
     def sample(self, seed: int, sample_index: int, view_index: int, height: int, width: int) -> AugParams:
         """Draw θ for one view of an image of ``height`` x ``width`` source pixels."""
         rng = view_rng(seed, sample_index, view_index)
         box = self._sample_box(rng, height, width)
         flip = bool(rng.random() < self.flip_prob)
-        op_ids = rng.integers(0, len(OP_NAMES), size=self.num_ops)
-        signs = np.where(rng.random(self.num_ops) < 0.5, -1, 1)
-        ops = tuple((int(op), int(sign * self.magnitude)) for op, sign in zip(op_ids, signs))
-        return AugParams(self.version, box, flip, ops)
+        return AugParams(box, flip, self._sample_ops(rng))
+
+    def _sample_ops(self, rng: np.random.Generator) -> tuple[tuple[int, int], ...]:
+        return ()
 
     def _sample_box(self, rng: np.random.Generator, height: int, width: int) -> tuple[int, int, int, int]:
         """RandomResizedCrop's box search (10 tries, then a clamped centre crop), drawn from ``rng``."""
@@ -146,28 +265,114 @@ class RandAugCropFlip:
         ``size`` defaults to the policy's; another size renders the same crop for a student that
         trains at a different resolution (translations scale with it).
         """
-        if params.version != self.version:
-            raise ValueError(f"record has policy version {params.version}, this code renders {self.version}")
         size = size or self.size
         left, top, w, h = params.box
-        if left < 0 or top < 0 or left + w > image.shape[-1] or top + h > image.shape[-2]:
+        if left < 0 or top < 0 or w <= 0 or h <= 0 or left + w > image.shape[-1] or top + h > image.shape[-2]:
             raise ValueError(f"crop box {params.box} lies outside the image of shape {tuple(image.shape)}")
         view = F.resized_crop(image, top, left, h, w, [size, size], antialias=True)
         if params.flip:
             view = F.horizontal_flip(view)
-        for op_id, signed_bin in params.ops:
-            view = self._apply_op(view, OP_NAMES[op_id], signed_bin)
+        return self._apply_ops(view, params.ops)
+
+    def _apply_ops(self, view: torch.Tensor, ops: tuple[tuple[int, int], ...]) -> torch.Tensor:
+        if ops:
+            raise ValueError(f"policy {self.name!r} renders no ops; the record has {ops}")
         return view
 
-    def _apply_op(self, view: torch.Tensor, op_name: str, signed_bin: int) -> torch.Tensor:
-        magnitudes_fn, signed = T.RandAugment._AUGMENTATION_SPACE[op_name]
-        magnitudes = magnitudes_fn(self.num_magnitude_bins, view.shape[-2], view.shape[-1])
-        magnitude = 0.0 if magnitudes is None else float(magnitudes[abs(signed_bin)])
-        if signed and signed_bin < 0:
-            magnitude = -magnitude
-        return _RANDAUG._apply_image_or_video_transform(
-            view, op_name, magnitude, interpolation=_RANDAUG.interpolation, fill=_RANDAUG._fill
-        )
+    def pack(self, params: list[AugParams]) -> np.ndarray:
+        """θ records as uint8 ``[n, record_bytes]`` rows of ``record_dtype``, for a store field.
+
+        Example:
+            >>> policy.pack([policy.sample(0, i, 0, 28, 28) for i in range(4)]).shape   # (4, record_bytes)
+        """
+        rows = np.zeros(len(params), self.record_dtype)
+        boxes = np.array([p.box for p in params], dtype=np.int64).reshape(-1, 4)
+        outside = boxes[(boxes < 0) | (boxes > _UINT16_MAX)]
+        if outside.size:
+            raise ValueError(f"crop box coordinate {outside[0]} does not fit the record's uint16 (0..{_UINT16_MAX})")
+        rows["box"] = boxes
+        rows["flip"] = [p.flip for p in params]
+        self._pack_ops(rows, [p.ops for p in params])
+        return rows.view(np.uint8).reshape(len(params), self.record_bytes)
+
+    def _pack_ops(self, rows: np.ndarray, ops: list[tuple[tuple[int, int], ...]]) -> None:
+        if any(ops):
+            raise ValueError(f"policy {self.name!r} packs no ops; a record has {next(o for o in ops if o)}")
+
+    def unpack(self, records: np.ndarray) -> list[AugParams]:
+        """Inverse of ``pack``: uint8 ``[n, record_bytes]`` rows back to ``AugParams``."""
+        records = np.asarray(records)
+        if records.dtype != np.uint8 or records.ndim != 2 or records.shape[1] != self.record_bytes:
+            raise ValueError(f"expected uint8 records [n, {self.record_bytes}] for policy {self.name!r}, "
+                             f"got {records.dtype} {records.shape}")
+        rows = np.ascontiguousarray(records).view(self.record_dtype).reshape(len(records))
+        boxes, flips = rows["box"].tolist(), rows["flip"].astype(bool).tolist()
+        ops = self._unpack_ops(rows)
+        return [AugParams(tuple(b), f, o) for b, f, o in zip(boxes, flips, ops, strict=True)]
+
+    def _unpack_ops(self, rows: np.ndarray) -> list[tuple[tuple[int, int], ...]]:
+        return [()] * len(rows)
+
+
+@register_policy
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class RandAugCropFlip(CropFlip):
+    """RandomResizedCrop + horizontal flip + RandAugment(num_ops, magnitude) from ``RANDAUG_OPS``."""
+
+    name: ClassVar[str] = "rrc_flip_randaug"
+    version: ClassVar[int] = 2  # 2: own op table, packed records; 1 used torchvision's private table, int32 records
+    num_ops: int = 2
+    magnitude: int = 9
+    num_magnitude_bins: int = 31
+
+    def _arg_checks(self) -> dict[str, bool]:
+        return {
+            **super()._arg_checks(),
+            f"num_ops={self.num_ops} (need 0..255)": 0 <= self.num_ops <= 255,
+            f"num_magnitude_bins={self.num_magnitude_bins} (need 2..128: bins are stored as int8)":
+                2 <= self.num_magnitude_bins <= 128,
+            f"magnitude={self.magnitude} (need 0..num_magnitude_bins-1)": 0 <= self.magnitude < self.num_magnitude_bins,
+        }
+
+    @property
+    def op_names(self) -> list[str]:
+        return list(OP_NAMES)
+
+    @property
+    def record_dtype(self) -> np.dtype:
+        """Packed θ: box ``<u2`` x4, flip ``u1``, op ids ``u1`` x num_ops, signed bins ``i1`` x num_ops."""
+        n = self.num_ops
+        return np.dtype([*super().record_dtype.descr, ("op", "u1", (n,)), ("bin", "i1", (n,))])
+
+    def _sample_ops(self, rng: np.random.Generator) -> tuple[tuple[int, int], ...]:
+        op_ids = rng.integers(0, len(RANDAUG_OPS), size=self.num_ops)
+        signs = np.where(rng.random(self.num_ops) < 0.5, -1, 1)
+        return tuple((int(op), int(sign * self.magnitude)) for op, sign in zip(op_ids, signs))
+
+    def _check_ops(self, op_ids: np.ndarray, bins: np.ndarray) -> None:
+        bad = (op_ids < 0) | (op_ids >= len(RANDAUG_OPS)) | (np.abs(bins) >= self.num_magnitude_bins)
+        if bad.any():
+            first = np.argwhere(bad)[0]
+            raise ValueError(f"op ({op_ids[tuple(first)]}, {bins[tuple(first)]}) is outside this policy's "
+                             f"{len(RANDAUG_OPS)} op ids x signed bins ±{self.num_magnitude_bins - 1}")
+
+    def _apply_ops(self, view: torch.Tensor, ops: tuple[tuple[int, int], ...]) -> torch.Tensor:
+        for op_id, signed_bin in ops:
+            self._check_ops(np.asarray(op_id), np.asarray(signed_bin))
+            view = RANDAUG_OPS[op_id](view, signed_bin, self.num_magnitude_bins)
+        return view
+
+    def _pack_ops(self, rows: np.ndarray, ops: list[tuple[tuple[int, int], ...]]) -> None:
+        wrong = [o for o in ops if len(o) != self.num_ops]
+        if wrong:
+            raise ValueError(f"policy {self.name!r} packs {self.num_ops} ops per view; a record has {wrong[0]}")
+        pairs = np.array(ops, dtype=np.int64).reshape(len(ops), self.num_ops, 2)
+        self._check_ops(pairs[..., 0], pairs[..., 1])
+        rows["op"], rows["bin"] = pairs[..., 0], pairs[..., 1]
+
+    def _unpack_ops(self, rows: np.ndarray) -> list[tuple[tuple[int, int], ...]]:
+        pairs = np.stack([rows["op"], rows["bin"]], axis=-1).astype(np.int64).tolist()
+        return [tuple(map(tuple, p)) for p in pairs]
 
 
 def eval_view(image: torch.Tensor, size: int) -> torch.Tensor:

@@ -3,27 +3,40 @@
 A source is an ordered, indexable list of images (uint8 ``[3, H, W]`` RGB tensors) with keys,
 URIs and optional labels. Stores record the spec, so training reopens the exact same list.
 
-Specs:
-    fashion-mnist:train | fashion-mnist:test    embedded real data (Debian dataset-fashion-mnist)
+Specs (``list_sources()`` names the registered prefixes; ``register_source`` adds one):
+    fashion-mnist:train | fashion-mnist:test    embedded real data (Debian dataset-fashion-mnist;
+                                                $FASHION_MNIST_DIR, read when opened, overrides the folder)
     folder:DIR or DIR                           every image below DIR (recursive), unlabeled
     imagefolder:DIR                             DIR/CLASS/**/image, labeled by class directory
+    skimage:photos                              the 19 real photographs bundled with scikit-image, unlabeled
+    sklearn:images                              scikit-learn's sample photographs (china, flower), unlabeled
+    sklearn:digits                              scikit-learn's 1797 8x8 digits (0..16 scaled to 0..255), labels 0..9
+    photo-crops:N[@SIZE][,seed=S]               generic transfer set: N seeded square crops (2-50% of the photo's
+                                                area) of all package photos above (+ matplotlib's grace_hopper.jpg
+                                                when matplotlib is installed), resized to SIZE px (default 96,
+                                                seed 0); crop i is the same for every N, so ``photo-crops:64`` is
+                                                the first 64 of ``photo-crops:20000``
     FILE.parquet | FILE.csv                     manifest with column ``uri`` (+ optional ``label``)
     FILE.tar | URLS-{000..009}.tar              webdataset shards (local), one image per sample
 Any spec takes a query: ``?shots=10&seed=0&part=labeled|unlabeled`` (seeded few-shot split:
 N images per class labeled, the rest unlabeled) and ``&limit=N`` (first N after the split).
+The query ``seed`` seeds only the few-shot split; the crop seed of ``photo-crops`` lives in its base spec.
 
 Example:
     >>> labeled = open_source("fashion-mnist:train?shots=10&part=labeled")
     >>> transfer = open_source("fashion-mnist:train?shots=10&part=unlabeled&limit=5000")
+    >>> generic = open_source(DEFAULT_GENERIC_TRANSFER_SET)  # task-agnostic real photographs
 """
 
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 import gzip
 import hashlib
 import io
 import os
+import re
 import tarfile
 from collections.abc import Callable
 from functools import cache
@@ -34,13 +47,30 @@ import numpy as np
 import torch
 from PIL import Image
 
-__all__ = ["FASHION_MNIST_DIR", "Source", "few_shot_split", "load_image_bytes", "open_source"]
+__all__ = [
+    "DEFAULT_GENERIC_TRANSFER_SET", "Source", "fashion_mnist_dir", "few_shot_split", "list_sources",
+    "load_image_bytes", "open_source", "register_source", "with_query",
+]
 
-FASHION_MNIST_DIR = Path(os.environ.get("FASHION_MNIST_DIR", "/usr/share/datasets/fashion-mnist"))
+DEFAULT_GENERIC_TRANSFER_SET = "photo-crops:20000@96"
+DEFAULT_FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 FASHION_MNIST_CLASSES = (
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
 )
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff"}
+# Real photographs that ship inside the scikit-image wheel (no pooch download); synthetic images (blobs,
+# checkerboard, colorwheel, horse, logo, phantom) and pooch-only ones (brain, eagle, lily, skin, ...) are left out.
+SKIMAGE_PHOTOS = (
+    "astronaut", "brick", "camera", "cell", "chelsea", "clock", "coffee", "coins", "grass", "gravel",
+    "hubble_deep_field", "immunohistochemistry", "microaneurysms", "moon", "motorcycle", "page", "retina",
+    "rocket", "text",
+)
+SKLEARN_PHOTOS = ("china", "flower")
+MATPLOTLIB_PHOTOS = ("grace_hopper",)  # the one photograph in mpl-data/sample_data
+CROP_AREA = (0.02, 0.5)  # RandomResizedCrop-like area fraction of the photo, aspect 1
+
+Opener = Callable[[str], "Source"]
+_SOURCES: dict[str, Opener] = {}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,6 +101,28 @@ class Source:
     def subset(self, indices: np.ndarray, spec: str) -> Source:
         labels = None if self.labels is None else self.labels[indices]
         return dataclasses.replace(self, spec=spec, keys=self.keys[indices], uris=self.uris[indices], labels=labels)
+
+
+def register_source(prefix: str) -> Callable[[Opener], Opener]:
+    """Register ``fn(rest_of_spec) -> Source`` for specs ``PREFIX:REST`` (and exactly ``PREFIX`` if it has a colon).
+
+    Example:
+        >>> @register_source("my-photos")
+        ... def _my_photos(rest: str) -> Source: ...
+    """
+
+    def decorate(fn: Opener) -> Opener:
+        if prefix in _SOURCES:
+            raise ValueError(f"source prefix {prefix!r} is already registered (by {_SOURCES[prefix].__name__})")
+        _SOURCES[prefix] = fn
+        return fn
+
+    return decorate
+
+
+def list_sources(pattern: str = "*") -> list[str]:
+    """Registered spec prefixes matching a shell-style ``pattern``, sorted, e.g. ``list_sources("sklearn:*")``."""
+    return sorted(name for name in _SOURCES if fnmatch.fnmatchcase(name, pattern))
 
 
 def few_shot_split(labels: np.ndarray, shots: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -117,12 +169,10 @@ def with_query(spec: str, **options: object) -> str:
 
 
 def _open_base(base: str) -> Source:
-    if base.startswith("fashion-mnist:"):
-        return _fashion_mnist(base.split(":", 1)[1])
-    if base.startswith("imagefolder:"):
-        return _image_tree(base, Path(base.split(":", 1)[1]), labeled=True)
-    if base.startswith("folder:"):
-        return _image_tree(base, Path(base.split(":", 1)[1]), labeled=False)
+    """Registered prefix (longest wins), else manifest, tar shards or a plain directory."""
+    for prefix in sorted(_SOURCES, key=len, reverse=True):
+        if base.startswith(prefix + ":") or (":" in prefix and base == prefix):
+            return dataclasses.replace(_SOURCES[prefix](base[len(prefix) + 1:]), spec=base)
     if base.endswith((".parquet", ".csv")):
         return _manifest(base)
     if ".tar" in base:
@@ -131,21 +181,35 @@ def _open_base(base: str) -> Source:
         return _image_tree(base, Path(base), labeled=False)
     raise ValueError(
         f"cannot open transfer set {base!r}: not a directory, manifest (.parquet/.csv), tar shard or "
-        "named source (fashion-mnist:train, fashion-mnist:test, folder:DIR, imagefolder:DIR)"
+        f"registered source (PREFIX:ARGS; registered: {', '.join(list_sources())}; see reinforce.sources)"
     )
+
+
+def _no_argument(prefix: str, rest: str) -> None:
+    if rest:
+        raise ValueError(f"source {prefix!r} takes no argument, got {prefix}:{rest!r}; use just {prefix!r}")
 
 
 # --- Fashion-MNIST (IDX files from Debian's dataset-fashion-mnist) -------------------------------
 
+def fashion_mnist_dir() -> Path:
+    """Folder of the Fashion-MNIST IDX files: ``$FASHION_MNIST_DIR`` (read now, not at import) or Debian's path."""
+    return Path(os.environ.get("FASHION_MNIST_DIR") or DEFAULT_FASHION_MNIST_DIR)
+
+
+def _fashion_mnist_path(split: str, kind: str) -> Path:
+    prefix = {"train": "train", "test": "t10k"}[split]
+    return fashion_mnist_dir() / f"{prefix}-{kind}-idx{3 if kind == 'images' else 1}-ubyte.gz"
+
+
+@register_source("fashion-mnist")
 def _fashion_mnist(split: str) -> Source:
-    prefix = {"train": "train", "test": "t10k"}.get(split)
-    if prefix is None:
+    if split not in ("train", "test"):
         raise ValueError(f"fashion-mnist split must be 'train' or 'test', got {split!r}")
-    images_path = FASHION_MNIST_DIR / f"{prefix}-images-idx3-ubyte.gz"
-    labels_path = FASHION_MNIST_DIR / f"{prefix}-labels-idx1-ubyte.gz"
+    images_path, labels_path = _fashion_mnist_path(split, "images"), _fashion_mnist_path(split, "labels")
     if not images_path.exists() or not labels_path.exists():
         raise FileNotFoundError(
-            f"Fashion-MNIST not found under {FASHION_MNIST_DIR}: install it with "
+            f"Fashion-MNIST not found under {images_path.parent}: install it with "
             "`sudo apt-get install dataset-fashion-mnist` or set FASHION_MNIST_DIR to a folder holding "
             f"{images_path.name} and {labels_path.name}"
         )
@@ -169,8 +233,7 @@ def _read_idx(path: str) -> np.ndarray:
 
 def _load_fashion_mnist(uri: str) -> torch.Tensor:
     split, index = uri.removeprefix("fashion-mnist:").split("#")
-    prefix = {"train": "train", "test": "t10k"}[split]
-    images = _read_idx(str(FASHION_MNIST_DIR / f"{prefix}-images-idx3-ubyte.gz"))
+    images = _read_idx(str(_fashion_mnist_path(split, "images")))
     return torch.from_numpy(images[int(index)].copy()).expand(3, -1, -1).contiguous()
 
 
@@ -185,8 +248,10 @@ def load_image_bytes(data: bytes) -> torch.Tensor:
 
 
 def _load_file(uri: str) -> torch.Tensor:
-    if uri.startswith("fashion-mnist:"):
-        return _load_fashion_mnist(uri)
+    """Any URI a source writes (so manifests may list them too), else an image file or tar member."""
+    for prefix, loader in _URI_LOADERS:
+        if uri.startswith(prefix):
+            return loader(uri)
     if "::" in uri:  # tar member: SHARD::OFFSET:SIZE
         shard, _, span = uri.rpartition("::")
         offset, size = map(int, span.split(":"))
@@ -199,6 +264,16 @@ def _load_file(uri: str) -> torch.Tensor:
 def _files_content_id(paths: list[Path]) -> str:
     """Cheap identity of a file list: relative paths and byte sizes (not full content hashes)."""
     return hashlib.sha256("\n".join(f"{p}:{p.stat().st_size}" for p in paths).encode()).hexdigest()
+
+
+@register_source("folder")
+def _folder(root: str) -> Source:
+    return _image_tree(f"folder:{root}", Path(root), labeled=False)
+
+
+@register_source("imagefolder")
+def _imagefolder(root: str) -> Source:
+    return _image_tree(f"imagefolder:{root}", Path(root), labeled=True)
 
 
 def _image_tree(spec: str, root: Path, labeled: bool) -> Source:
@@ -252,3 +327,169 @@ def _tar_shards(spec: str) -> Source:
                     uris.append(f"{shard}::{member.offset_data}:{member.size}")
     return Source(spec, np.array(keys), np.array(uris), None, (), _load_file,
                   _files_content_id([Path(s) for s in shards]))
+
+
+# --- photographs that ship in Python packages (offline, no downloads) ---------------------------
+
+@cache
+def _matplotlib_photo_paths() -> dict[str, Path]:
+    """matplotlib's sample photographs when matplotlib is installed with its mpl-data; {} otherwise."""
+    try:
+        from matplotlib.cbook import get_sample_data
+    except ImportError:
+        return {}
+    paths = {}
+    for stem in MATPLOTLIB_PHOTOS:
+        try:
+            path = Path(get_sample_data(f"{stem}.jpg", asfileobj=False))
+        except (OSError, ValueError):
+            continue
+        if path.is_file():
+            paths[stem] = path
+    return paths
+
+
+def _package_photo_names() -> tuple[str, ...]:
+    """Every photograph available here, as ``PACKAGE/STEM``, in a fixed order (matplotlib's last)."""
+    return (*(f"skimage/{n}" for n in SKIMAGE_PHOTOS), *(f"sklearn/{n}" for n in SKLEARN_PHOTOS),
+            *(f"matplotlib/{n}" for n in _matplotlib_photo_paths()))
+
+
+@cache
+def _photo(name: str) -> np.ndarray:
+    """Decode package photo ``PACKAGE/STEM`` once per process to a read-only ``[H, W, 3]`` uint8 array."""
+    package, _, stem = name.partition("/")
+    if package == "skimage" and stem in SKIMAGE_PHOTOS:
+        from skimage import data
+
+        image = data.stereo_motorcycle()[0] if stem == "motorcycle" else getattr(data, stem)()
+    elif package == "sklearn" and stem in SKLEARN_PHOTOS:
+        from sklearn.datasets import load_sample_image
+
+        image = load_sample_image(f"{stem}.jpg")
+    elif package == "matplotlib" and stem in _matplotlib_photo_paths():
+        image = np.asarray(Image.open(_matplotlib_photo_paths()[stem]).convert("RGB"))
+    else:
+        raise ValueError(f"unknown package photo {name!r}; available: {', '.join(_package_photo_names())}")
+    image = np.asarray(image, dtype=np.uint8)
+    image = np.repeat(image[:, :, None], 3, axis=2) if image.ndim == 2 else np.ascontiguousarray(image[:, :, :3])
+    image.flags.writeable = False
+    return image
+
+
+@cache
+def _photos_digest(names: tuple[str, ...]) -> str:
+    """sha256 over the decoded pixels of ``names``: changes when a package's images change."""
+    digest = hashlib.sha256()
+    for name in names:
+        photo = _photo(name)
+        digest.update(f"{name}:{photo.shape}".encode())
+        digest.update(photo.tobytes())
+    return digest.hexdigest()
+
+
+def _photo_tensor(photo: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(photo.transpose(2, 0, 1).copy())
+
+
+def _photo_list(spec: str, names: tuple[str, ...]) -> Source:
+    stems = [name.partition("/")[2] for name in names]
+    uris = np.array([f"{spec}#{stem}" for stem in stems])
+    return Source(spec, np.array(stems), uris, None, (), _load_package_photo, _photos_digest(names))
+
+
+def _load_package_photo(uri: str) -> torch.Tensor:
+    """``skimage:photos#astronaut`` or ``sklearn:images#china`` → uint8 [3, H, W]."""
+    spec, _, stem = uri.partition("#")
+    return _photo_tensor(_photo(f"{spec.partition(':')[0]}/{stem}"))
+
+
+@register_source("skimage:photos")
+def _skimage_photos(rest: str) -> Source:
+    _no_argument("skimage:photos", rest)
+    return _photo_list("skimage:photos", tuple(f"skimage/{n}" for n in SKIMAGE_PHOTOS))
+
+
+@register_source("sklearn:images")
+def _sklearn_images(rest: str) -> Source:
+    _no_argument("sklearn:images", rest)
+    return _photo_list("sklearn:images", tuple(f"sklearn/{n}" for n in SKLEARN_PHOTOS))
+
+
+@cache
+def _digits() -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's digits as ``[1797, 8, 8]`` uint8 (0..16 → 0..255) and ``[1797]`` int64 labels."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    images = np.round(digits.images * (255 / 16)).astype(np.uint8)
+    images.flags.writeable = False
+    return images, digits.target.astype(np.int64)
+
+
+@register_source("sklearn:digits")
+def _sklearn_digits(rest: str) -> Source:
+    _no_argument("sklearn:digits", rest)
+    images, labels = _digits()
+    keys = np.array([f"{i:04d}" for i in range(len(labels))])
+    uris = np.array([f"sklearn:digits#{i}" for i in range(len(labels))])
+    content = hashlib.sha256(images.tobytes() + labels.tobytes()).hexdigest()
+    return Source("sklearn:digits", keys, uris, labels, tuple(map(str, range(10))), _load_digit, content)
+
+
+def _load_digit(uri: str) -> torch.Tensor:
+    return torch.from_numpy(_digits()[0][int(uri.rpartition("#")[2])].copy()).expand(3, -1, -1).contiguous()
+
+
+# --- photo-crops: the generic transfer set ----------------------------------------------------
+
+_CROPS_SPEC = re.compile(r"(\d+)(?:@(\d+))?(?:,seed=(\d+))?")
+_CROP_URI = re.compile(r"photo-crops:([\w-]+/[\w-]+)#(\d+),(\d+),(\d+),(\d+)@(\d+)")
+
+
+@register_source("photo-crops")
+def _photo_crops(rest: str) -> Source:
+    """N square crops; the crop box and size are in each URI, so ``load`` re-renders it without the spec."""
+    match = _CROPS_SPEC.fullmatch(rest)
+    if match is None or int(match[1]) < 1 or int(match[2] or 96) < 1:
+        raise ValueError(f"bad photo-crops spec {'photo-crops:' + rest!r}; use photo-crops:N[@SIZE][,seed=S], "
+                         "e.g. photo-crops:20000@96,seed=0")
+    count, size, seed = int(match[1]), int(match[2] or 96), int(match[3] or 0)
+    names = _package_photo_names()
+    uris = np.array([f"photo-crops:{name}#{left},{top},{side},{side}@{size}"
+                     for name, left, top, side in _sample_crops(names, count, seed)])
+    keys = np.array([f"{i:06d}" for i in range(count)])
+    return Source(f"photo-crops:{rest}", keys, uris, None, (), _load_photo_crop, _photos_digest(names))
+
+
+def _sample_crops(names: tuple[str, ...], count: int, seed: int) -> list[tuple[str, int, int, int]]:
+    """Crop i reads row i of one seeded ``[count, 4]`` uniform draw: (photo, area fraction, left, top)."""
+    draws = np.random.default_rng(seed).random((count, 4))
+    shapes = np.array([_photo(name).shape[:2] for name in names])  # [P, 2] (H, W)
+    which = np.minimum((draws[:, 0] * len(names)).astype(np.int64), len(names) - 1)
+    height, width = shapes[which, 0], shapes[which, 1]
+    area = CROP_AREA[0] + (CROP_AREA[1] - CROP_AREA[0]) * draws[:, 1]
+    side = np.clip(np.round(np.sqrt(area * height * width)), 1, np.minimum(height, width)).astype(np.int64)
+    left = (draws[:, 2] * (width - side + 1)).astype(np.int64)
+    top = (draws[:, 3] * (height - side + 1)).astype(np.int64)
+    return [(names[p], int(x), int(y), int(s)) for p, x, y, s in zip(which, left, top, side)]
+
+
+def _load_photo_crop(uri: str) -> torch.Tensor:
+    """``photo-crops:PACKAGE/STEM#LEFT,TOP,W,H@SIZE`` → bicubic (antialiased) uint8 ``[3, SIZE, SIZE]``."""
+    match = _CROP_URI.fullmatch(uri)
+    if match is None:
+        raise ValueError(f"bad photo-crops URI {uri!r}; expected photo-crops:PACKAGE/STEM#LEFT,TOP,W,H@SIZE")
+    left, top, width, height, size = map(int, match.groups()[1:])
+    image = Image.fromarray(_photo(match[1]))
+    crop = image.resize((size, size), Image.Resampling.BICUBIC, box=(left, top, left + width, top + height))
+    return torch.from_numpy(np.asarray(crop).copy()).permute(2, 0, 1).contiguous()
+
+
+_URI_LOADERS: tuple[tuple[str, Callable[[str], torch.Tensor]], ...] = (
+    ("fashion-mnist:", _load_fashion_mnist),
+    ("skimage:photos#", _load_package_photo),
+    ("sklearn:images#", _load_package_photo),
+    ("sklearn:digits#", _load_digit),
+    ("photo-crops:", _load_photo_crop),
+)

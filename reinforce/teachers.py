@@ -14,14 +14,16 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
+
+from stores.manifest import TeacherCard
 
 __all__ = [
     "TeacherCard", "TeacherModel", "create_backbone", "create_teacher", "embedded_imagenet_teacher", "embedded_weights",
@@ -59,6 +61,7 @@ def _open_clip_backbone(name: str) -> nn.Module:
         raise ValueError(f"open_clip has no model named {name!r}")
     visual = open_clip.create_model(name, pretrained=None).visual
     visual.num_features = visual.output_dim
+    visual.output_tokens = True  # forward returns (pooled, patch tokens): features and patch targets in one pass
     visual.register_forward_pre_hook(_resize_to_native)  # fixed position grid: upsample small views
     return visual
 
@@ -79,52 +82,72 @@ def create_backbone(library: str, name: str) -> nn.Module:
     return _LIBRARIES[library](name)
 
 
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class TeacherCard:
-    """``teacher.json``: everything needed to rebuild the teacher and to check a store against it."""
-
-    name: str
-    library: str  # timm | open_clip
-    backbone: str
-    num_classes: int
-    class_names: tuple[str, ...]
-    input_size: int
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
-    adaptation: dict[str, Any]  # how the task was taught: mode (lp/ft/pretrained), shots, steps, ...
-    val_accuracy: float | None = None
-    weights_sha256: str = ""
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> TeacherCard:
-        data = dict(data)
-        for key in ("class_names", "mean", "std"):
-            data[key] = tuple(data[key])
-        return cls(**data)
+TARGET_KINDS = ("logits", "embedding", "patch")
 
 
 class TeacherModel(nn.Module):
-    """Backbone features -> linear task head; takes uint8 views and normalises them on device."""
+    """Backbone features -> linear task head; takes uint8 views and normalises them on device.
+
+    ``num_classes == 0`` makes a headless teacher (the frozen VFM itself): features, no logits.
+    ``forward_targets`` returns every requested output of one forward pass: the logits, the pooled
+    embedding the head reads, and the backbone's last feature map (patch tokens on a grid for ViTs).
+    """
 
     def __init__(self, backbone: nn.Module, num_classes: int, mean, std):
         super().__init__()
         self.backbone = backbone
-        self.head = nn.Linear(backbone.num_features, num_classes)
+        self.head = nn.Linear(backbone.num_features, num_classes) if num_classes else None
         self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1) * 255, persistent=False)
         self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1) * 255, persistent=False)
+
+    @property
+    def target_kinds(self) -> tuple[str, ...]:
+        return TARGET_KINDS if self.head is not None else TARGET_KINDS[1:]
 
     def normalize(self, views: torch.Tensor) -> torch.Tensor:
         """uint8 ``[B, 3, S, S]`` -> float32 normalised input, the exact tensor the backbone sees."""
         return (views.float() - self.mean) / self.std
 
+    def embed(self, views: torch.Tensor, with_map: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Pooled features ``[B, D]`` and, if asked, the last feature map ``[B, C, h, w]``, from one forward."""
+        x = self.normalize(views)
+        if hasattr(self.backbone, "output_tokens"):  # open_clip tower built with output_tokens=True
+            pooled, tokens = self.backbone(x)
+            return pooled, _tokens_to_map(tokens) if with_map else None
+        features = self.backbone.forward_features(x)
+        pooled = self.backbone.forward_head(features)  # num_classes=0: the pre-logits features
+        if not with_map:
+            return pooled, None
+        if features.dim() == 3:  # ViT tokens: drop class/register tokens, lay patches on their grid
+            features = _tokens_to_map(features[:, getattr(self.backbone, "num_prefix_tokens", 0):])
+        return pooled, features
+
     def features(self, views: torch.Tensor) -> torch.Tensor:
-        return self.backbone(self.normalize(views))
+        return self.embed(views)[0]
 
     def forward(self, views: torch.Tensor) -> torch.Tensor:
+        if self.head is None:
+            raise ValueError("this teacher is headless (a frozen VFM): it gives features, not logits")
         return self.head(self.features(views))
+
+    def forward_targets(self, views: torch.Tensor, kinds: tuple[str, ...] = ("logits",)) -> dict[str, torch.Tensor]:
+        """``{kind: tensor}`` for ``kinds``: logits ``[B, C]``, embedding ``[B, D]``, patch ``[B, C, h, w]``."""
+        unknown = sorted(set(kinds) - set(self.target_kinds))
+        if unknown:
+            raise ValueError(f"teacher cannot give target(s) {unknown}; it gives {', '.join(self.target_kinds)}")
+        pooled, feature_map = self.embed(views, with_map="patch" in kinds)
+        outputs = {"embedding": pooled, "patch": feature_map}
+        if "logits" in kinds:
+            outputs["logits"] = self.head(pooled)
+        return {kind: outputs[kind] for kind in kinds}
+
+
+def _tokens_to_map(tokens: torch.Tensor) -> torch.Tensor:
+    """``[B, N, C]`` patch tokens of a square view -> ``[B, C, sqrt(N), sqrt(N)]``."""
+    side = math.isqrt(tokens.shape[1])
+    if side * side != tokens.shape[1]:
+        raise ValueError(f"{tokens.shape[1]} patch tokens do not form a square grid")
+    return tokens.transpose(1, 2).reshape(tokens.shape[0], tokens.shape[2], side, side)
 
 
 def save_teacher(model: TeacherModel, card: TeacherCard, directory: str | os.PathLike) -> TeacherCard:
@@ -157,7 +180,7 @@ def resolve_teacher(name_or_path: str, home: str | os.PathLike | None = None) ->
 def create_teacher(name_or_path: str, device: str | torch.device = "cpu") -> tuple[TeacherModel, TeacherCard]:
     """Load a zoo entry in eval mode, checking its weights against the card's sha256."""
     directory = resolve_teacher(name_or_path)
-    card = TeacherCard.from_dict(json.loads((directory / "teacher.json").read_text()))
+    card = TeacherCard.from_dict(json.loads((directory / "teacher.json").read_text()), str(directory / "teacher.json"))
     weights = directory / "model.safetensors"
     digest = hashlib.sha256(weights.read_bytes()).hexdigest()
     if card.weights_sha256 and digest != card.weights_sha256:

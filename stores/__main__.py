@@ -13,7 +13,6 @@ from stores.verify import describe_store, verify_store
 
 def _inspect(path: str) -> int:
     info = describe_store(path)
-    codec = ", ".join(f"{k}={v}" for k, v in info["codec"].items())
     policy = ", ".join(f"{k}={v}" for k, v in info["policy"].items())
     print(f"store        {info['path']}")
     print(f"id           {info['store_id']}")
@@ -21,9 +20,13 @@ def _inspect(path: str) -> int:
     print(f"transfer set {info['transfer_set']}")
     print(f"samples      {info['samples_ok']} ok, {info['samples_skipped']} skipped")
     print(f"views        {info['views']} per sample")
-    print(f"codec        {codec}")
-    print(f"policy       {policy}")
-    print(f"fields       {json.dumps(info['fields'])}")
+    print(f"policy       {policy}  (θ: {info['theta_bytes_per_view']:.1f} B/view)")
+    for name, target in info["targets"].items():
+        codec = ", ".join(f"{k}={v}" for k, v in target["codec"].items())
+        fidelity = "  ".join(f"{metric} mean {s['mean']:.4f} min {s['min']:.4f}"
+                             for metric, s in target["fidelity"].items())
+        print(f"target       {name} [{target['kind']}] {codec}: {target['bytes_per_view']:.1f} B/view")
+        print(f"  fidelity   {fidelity or 'not recorded'}")
     print(f"layout       {json.dumps(info['layout'])}")
     print(f"bytes        {info['total_bytes']} total, {info['data_bytes']} under targets.zarr")
     print(f"per view     {info['bytes_per_view']:.1f} B data, {info['total_bytes_per_view']:.1f} B with all files")

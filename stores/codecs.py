@@ -1,8 +1,15 @@
-"""Codecs: compress teacher outputs into fixed-width per-view payloads and decode them back.
+"""Codecs: compress one kind of teacher output into fixed-width per-view arrays and decode it back.
 
 A codec is a frozen dataclass registered by name, so a store's manifest (plain JSON) is all a
-reader needs to rebuild it: ``create_codec(**manifest["codec"])``. Codecs work on torch
-tensors so decoding can run on the training device.
+reader needs to rebuild it: ``create_codec(**target.codec)``. Each codec knows its target *kind*
+(``logits``, ``embedding``, ``patch``), the arrays it stores per view, how to encode a batch
+(torch in, numpy out), decode a batch (torch in, float32 torch out, on any device) and how faithful
+a round trip is (``fidelity``), which the build records and ``stores inspect`` prints.
+
+Example:
+    >>> codec = create_codec("topk_logits", k=10, num_classes=1000, precision="uint8")
+    >>> payload = codec.encode(logits)                       # {"values": uint8 [B, 10], ...}
+    >>> dense = codec.decode({k: torch.from_numpy(v) for k, v in payload.items()})   # [B, 1000] log-probs
 """
 
 from __future__ import annotations
@@ -13,13 +20,15 @@ from typing import Any, ClassVar
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
-__all__ = ["TopKLogitsCodec", "create_codec", "list_codecs", "register_codec"]
+__all__ = ["Codec", "EmbeddingCodec", "PatchCodec", "TopKLogitsCodec", "create_codec", "list_codecs",
+           "register_codec"]
 
-_CODECS: dict[str, type] = {}
+_CODECS: dict[str, type[Codec]] = {}
 
 
-def register_codec(cls: type) -> type:
+def register_codec(cls: type[Codec]) -> type[Codec]:
     """Class decorator: make a codec constructible from its stored ``name``."""
     _CODECS[cls.name] = cls
     return cls
@@ -29,83 +38,238 @@ def list_codecs() -> list[str]:
     return sorted(_CODECS)
 
 
-def create_codec(name: str, **kwargs: Any):
-    """Rebuild a codec from its ``to_dict()`` form.
-
-    Example:
-        >>> codec = create_codec("topk_logits", k=5, num_classes=10)
-    """
+def create_codec(name: str, **kwargs: Any) -> Codec:
+    """Rebuild a codec from its ``to_dict()`` form; errors name what is valid."""
     if name not in _CODECS:
         raise ValueError(f"unknown codec {name!r}; registered: {', '.join(list_codecs())}")
+    fields = {f.name for f in dataclasses.fields(_CODECS[name])}
+    unknown = sorted(set(kwargs) - fields)
+    if unknown:
+        raise ValueError(f"codec {name!r} takes {sorted(fields)}, got unknown {unknown}")
     return _CODECS[name](**kwargs)
+
+
+class Codec:
+    """Base of every codec: the registry name, the target kind and the shared helpers."""
+
+    name: ClassVar[str]
+    kind: ClassVar[str]
+
+    def arrays(self) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+        """Per-view array shapes and dtypes, stored as ``[N, K, *shape]``."""
+        raise NotImplementedError
+
+    def encode(self, x: torch.Tensor) -> dict[str, np.ndarray]:
+        raise NotImplementedError
+
+    def decode(self, payload: dict[str, torch.Tensor]) -> torch.Tensor:
+        raise NotImplementedError
+
+    def fidelity(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Per-item round-trip quality of ``x`` (``[B]`` tensors by metric name)."""
+        raise NotImplementedError
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, **dataclasses.asdict(self)}
+
+    @property
+    def bytes_per_view(self) -> int:
+        """Uncompressed payload bytes per view (the store compresses further)."""
+        return sum(int(np.prod(shape, dtype=np.int64)) * dtype.itemsize for shape, dtype in self.arrays().values())
+
+    def round_trip(self, x: torch.Tensor) -> torch.Tensor:
+        return self.decode({name: torch.from_numpy(a) for name, a in self.encode(x).items()})
+
+
+def _check_precision(precision: str, allowed: tuple[str, ...]) -> None:
+    if precision not in allowed:
+        raise ValueError(f"precision must be one of {allowed}, got {precision!r}")
 
 
 @register_codec
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class TopKLogitsCodec:
-    """Top-k raw logits (T=1) + indices + log-sum-exp of the full logits.
+class TopKLogitsCodec(Codec):
+    """Top-k logits + the log-sum-exp of all of them: exact top-k probabilities, known residual mass.
 
-    Stored arrays per view: ``logits_topk [k] float16``, ``logits_idx [k] uint16`` (int32 when
-    ``num_classes > 65535``) and ``logits_lse [] float32``. The log-sum-exp makes the top-k
-    probabilities exact and the residual mass known; decoding spreads that mass uniformly over
-    the other classes, which keeps any distillation temperature available at training time.
+    ``precision="fp16"`` stores raw logits (T=1) ``values [k] float16`` and ``lse [] float32``.
+    ``precision="uint8"`` stores each value relative to the view's max, ``q = round((max - x) / scale)``,
+    with ``scale [] float16`` and ``lse [] float16`` = log-sum-exp minus the max (softmax is shift
+    invariant, so the max itself is not needed). ``index_coding="delta"`` sorts the k classes by index
+    and stores the first index then the gaps, which compress far better than raw indices.
+    Decoding spreads the residual mass uniformly over the other classes, which keeps any distillation
+    temperature available at training time.
     """
 
     name: ClassVar[str] = "topk_logits"
+    kind: ClassVar[str] = "logits"
     k: int
     num_classes: int
+    precision: str = "uint8"
+    index_coding: str = "delta"
 
     def __post_init__(self):
         if not 1 <= self.k <= self.num_classes:
             raise ValueError(f"top-k must be in [1, num_classes={self.num_classes}], got k={self.k}")
+        _check_precision(self.precision, ("fp16", "uint8"))
+        if self.index_coding not in ("plain", "delta"):
+            raise ValueError(f"index_coding must be 'plain' or 'delta', got {self.index_coding!r}")
 
     @property
     def index_dtype(self) -> np.dtype:
         return np.dtype(np.uint16 if self.num_classes <= 65535 else np.int32)
 
-    def fields(self) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
-        """Per-view array shapes and dtypes, as the store lays them out after ``[N, K]``."""
-        return {
-            "logits_topk": ((self.k,), np.dtype(np.float16)),
-            "logits_idx": ((self.k,), self.index_dtype),
-            "logits_lse": ((), np.dtype(np.float32)),
-        }
+    def arrays(self) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+        k = (self.k,)
+        if self.precision == "fp16":
+            values = {"values": (k, np.dtype(np.float16)), "lse": ((), np.dtype(np.float32))}
+        else:
+            values = {"values": (k, np.dtype(np.uint8)), "scale": ((), np.dtype(np.float16)),
+                      "lse": ((), np.dtype(np.float16))}
+        return {**values, "index": (k, self.index_dtype)}
 
-    def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, **dataclasses.asdict(self)}
+    def encode(self, x: torch.Tensor) -> dict[str, np.ndarray]:
+        """``x [B, C]`` logits (any float dtype) -> payload of numpy arrays with leading dim B."""
+        if x.shape[-1] != self.num_classes:
+            raise ValueError(f"codec expects {self.num_classes} classes, teacher gave {x.shape[-1]}")
+        x = x.float()
+        values, indices = x.topk(self.k, dim=-1)
+        lse = torch.logsumexp(x, dim=-1)
+        if self.index_coding == "delta":
+            indices, order = indices.sort(dim=-1)
+            values = values.gather(-1, order)
+        index = indices.cpu().numpy().astype(np.int64)
+        if self.index_coding == "delta":
+            index[:, 1:] = np.diff(index, axis=-1)
+        payload = {"index": index.astype(self.index_dtype)}
+        if self.precision == "fp16":
+            return {**payload, "values": values.half().cpu().numpy(), "lse": lse.cpu().numpy()}
+        top = values.max(-1).values
+        gap = top[:, None] - values
+        scale = (gap.max(-1).values / 255).clamp_min(1e-8).half()  # quantise with the stored (rounded) scale
+        quantised = (gap / scale.float()[:, None]).round().clamp(0, 255).to(torch.uint8)
+        return {**payload, "values": quantised.cpu().numpy(), "scale": scale.cpu().numpy(),
+                "lse": (lse - top).half().cpu().numpy()}
 
-    def encode(self, logits: torch.Tensor) -> dict[str, np.ndarray]:
-        """``logits [B, C]`` (any float dtype) -> payload of numpy arrays with leading dim B."""
-        if logits.shape[-1] != self.num_classes:
-            raise ValueError(f"codec expects {self.num_classes} classes, teacher gave {logits.shape[-1]}")
-        logits = logits.float()
-        values, indices = logits.topk(self.k, dim=-1)
-        return {
-            "logits_topk": values.half().cpu().numpy(),
-            "logits_idx": indices.cpu().numpy().astype(self.index_dtype),
-            "logits_lse": torch.logsumexp(logits, dim=-1).cpu().numpy(),
-        }
+    def log_probs(self, payload: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Payload -> (class indices ``[B, k]`` int64, their log-probabilities ``[B, k]`` float32)."""
+        index = payload["index"].long()
+        if self.index_coding == "delta":
+            index = index.cumsum(-1)
+        if self.precision == "fp16":
+            return index, payload["values"].float() - payload["lse"].float()[:, None]
+        relative = -payload["values"].float() * payload["scale"].float()[:, None]
+        return index, relative - payload["lse"].float()[:, None]
 
-    def decode_logits(self, payload: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Payload -> dense ``[B, C] float32`` logits at T=1 whose softmax is the decoded target.
+    def decode(self, payload: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Payload -> dense ``[B, C] float32`` log-probabilities at T=1; softmax(dense / T) is the target at T.
 
-        Top-k classes keep their stored logits; every other class gets the logit that spreads the
-        residual mass ``1 - sum(top-k probs)`` uniformly. Dividing by T before a softmax gives the
-        target at temperature T.
+        Top-k classes keep their stored log-probability; every other class gets the one that spreads the
+        residual mass ``1 - sum(top-k probs)`` uniformly.
         """
-        values = payload["logits_topk"].float()
-        lse = payload["logits_lse"].float()
+        index, log_p = self.log_probs(payload)
         tail = self.num_classes - self.k
-        dense = torch.empty(values.shape[0], self.num_classes, device=values.device)
+        dense = torch.empty(log_p.shape[0], self.num_classes, device=log_p.device)
         if tail:
-            top_mass = torch.exp(values - lse[:, None]).sum(-1)
-            residual = (1.0 - top_mass).clamp_min(1e-12)
-            dense[:] = (lse + torch.log(residual) - math.log(tail))[:, None]
-        dense.scatter_(1, payload["logits_idx"].long(), values)
-        return dense
+            residual = (1.0 - log_p.exp().sum(-1)).clamp_min(1e-12)
+            dense[:] = (torch.log(residual) - math.log(tail))[:, None]
+        return dense.scatter_(1, index, log_p)
 
-    def decode(self, payload: dict[str, torch.Tensor], temperature: float = 1.0) -> torch.Tensor:
-        """Payload -> target distribution ``[B, C] float32`` at ``temperature``."""
-        return torch.softmax(self.decode_logits(payload) / temperature, dim=-1)
+    def fidelity(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """KL(full softmax ‖ decoded) and top-1 agreement per view."""
+        x = x.float()
+        decoded = torch.log_softmax(self.round_trip(x), -1)
+        log_p = torch.log_softmax(x, -1)
+        kl = (log_p.exp() * (log_p - decoded)).sum(-1)
+        return {"kl": kl, "top1_agreement": (decoded.argmax(-1) == x.argmax(-1)).float()}
 
 
+def _quantise_rows(x: torch.Tensor, precision: str) -> dict[str, np.ndarray]:
+    """Rows of ``x [..., D]`` as float16, or int8 with a float16 absmax scale per row."""
+    if precision == "fp16":
+        return {"values": x.half().cpu().numpy()}
+    scale = (x.abs().amax(-1) / 127).clamp_min(1e-12).half()
+    values = (x / scale.float()[..., None]).round().clamp(-127, 127).to(torch.int8)
+    return {"values": values.cpu().numpy(), "scale": scale.cpu().numpy()}
+
+
+def _dequantise_rows(payload: dict[str, torch.Tensor], precision: str) -> torch.Tensor:
+    values = payload["values"].float()
+    return values if precision == "fp16" else values * payload["scale"].float()[..., None]
+
+
+def _row_arrays(shape: tuple[int, ...], precision: str) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    if precision == "fp16":
+        return {"values": (shape, np.dtype(np.float16))}
+    return {"values": (shape, np.dtype(np.int8)), "scale": (shape[:-1], np.dtype(np.float16))}
+
+
+@register_codec
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class EmbeddingCodec(Codec):
+    """A global feature vector ``[D]``: float16, or int8 with a per-vector float16 scale (4x smaller than fp32)."""
+
+    name: ClassVar[str] = "embedding"
+    kind: ClassVar[str] = "embedding"
+    dim: int
+    precision: str = "int8"
+
+    def __post_init__(self):
+        _check_precision(self.precision, ("fp16", "int8"))
+
+    def arrays(self) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+        return _row_arrays((self.dim,), self.precision)
+
+    def encode(self, x: torch.Tensor) -> dict[str, np.ndarray]:
+        """``x [B, D]`` -> payload."""
+        if x.shape[-1] != self.dim:
+            raise ValueError(f"codec expects {self.dim}-d embeddings, teacher gave {x.shape[-1]}")
+        return _quantise_rows(x.float(), self.precision)
+
+    def decode(self, payload: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Payload -> ``[B, D] float32``."""
+        return _dequantise_rows(payload, self.precision)
+
+    def fidelity(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"cosine": F.cosine_similarity(self.round_trip(x), x.float(), dim=-1)}
+
+
+@register_codec
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class PatchCodec(Codec):
+    """A feature map ``[C, h, w]`` average-pooled to ``grid x grid``, stored channels-last per position.
+
+    int8 values with one float16 scale per position vector (or float16). Pooling is part of the
+    target's definition (e.g. DINOv2 tokens or a CNN's last map at 4x4), not an approximation.
+    """
+
+    name: ClassVar[str] = "patch"
+    kind: ClassVar[str] = "patch"
+    channels: int
+    grid: int
+    precision: str = "int8"
+
+    def __post_init__(self):
+        _check_precision(self.precision, ("fp16", "int8"))
+
+    def arrays(self) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+        return _row_arrays((self.grid, self.grid, self.channels), self.precision)
+
+    def pool(self, x: torch.Tensor) -> torch.Tensor:
+        """``[B, C, h, w]`` -> ``[B, C, grid, grid]`` float32 (the target before quantisation)."""
+        if x.dim() != 4 or x.shape[1] != self.channels:
+            raise ValueError(f"codec expects feature maps [B, {self.channels}, h, w], teacher gave {tuple(x.shape)}")
+        x = x.float()
+        return x if x.shape[-2:] == (self.grid, self.grid) else F.adaptive_avg_pool2d(x, self.grid)
+
+    def encode(self, x: torch.Tensor) -> dict[str, np.ndarray]:
+        return _quantise_rows(self.pool(x).permute(0, 2, 3, 1), self.precision)
+
+    def decode(self, payload: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Payload -> ``[B, C, grid, grid] float32``."""
+        return _dequantise_rows(payload, self.precision).permute(0, 3, 1, 2)
+
+    def fidelity(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Cosine of every position vector after the round trip (``[B * grid²]``)."""
+        pooled = self.pool(x)
+        cosine = F.cosine_similarity(self.round_trip(x), pooled, dim=1)
+        return {"cosine": cosine.flatten()}

@@ -1,17 +1,20 @@
 """Reinforced stores: a zarr v3 group of per-view arrays + ``manifest.json`` + ``samples.parquet``.
 
-Writing is resumable and crash-safe: the build writes into ``STORE.partial/``, one *unit* (a
-whole shard of samples) at a time, and commits a unit by atomically renaming a marker that also
-carries the unit's sample rows. A rerun skips committed units; ``finalize`` writes the parquet
-table and the manifest (with file sizes and sha256) and renames the directory into place. A
-published store is never written again.
+Layout (format version 2): ``targets.zarr/theta [N, K, P] uint8`` (the policy's packed θ records) and
+one group per named target, ``targets.zarr/<target>/<array> [N, K, ...]``, each target with its own
+codec (``stores.manifest.TargetRecord``). Readers ask for the targets they need and touch nothing else.
 
-The store knows nothing of models: θ is an opaque int32 record, targets are named arrays.
+Writing is resumable and crash-safe: the build writes into ``STORE.partial/``, one *unit* (a whole
+shard of samples) at a time, and commits a unit by atomically renaming a marker that also carries
+the unit's sample rows and codec-fidelity statistics. A rerun skips committed units; ``finalize``
+writes the parquet table and the manifest (with file sizes and sha256) and renames the directory
+into place. A published store is never written again.
+
+The store knows nothing of models: θ is an opaque byte record, targets are named arrays.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import datetime
 import hashlib
 import json
@@ -22,55 +25,64 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 import zarr
 import zarr.codecs
 
-__all__ = ["FORMAT_VERSION", "ReinforcedStore", "StoreCorruptError", "StoreManifest", "StoreWriter", "open_store"]
+from stores.codecs import Codec, create_codec
+from stores.manifest import (
+    FORMAT_VERSION,
+    FileRecord,
+    ManifestError,
+    StoreContent,
+    StoreManifest,
+    content_id,
+    read_format_version,
+)
 
-FORMAT_VERSION = 1
+__all__ = ["ReinforcedStore", "StoreCorruptError", "StoreFormatError", "StoreWriter", "as_tensor", "open_store"]
+
 ARRAYS_DIR = "targets.zarr"
+THETA = "theta"
 COMMITS_DIR = "commits"
-SAMPLE_COLUMNS = ("index", "key", "uri", "height", "width", "status", "error")
 
 
 class StoreCorruptError(RuntimeError):
     """A store file is missing, truncated or fails its checksum; the message names the file."""
 
 
-def content_id(config: dict[str, Any]) -> str:
-    """Store id: sha256 of the canonical JSON of everything that determines the stored values."""
-    return hashlib.sha256(json.dumps(config, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:32]
+class StoreFormatError(ValueError):
+    """A store written in another format version, or whose manifest does not match the schema."""
 
 
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class StoreManifest:
-    """``manifest.json``: what a reader needs to use, trust and reproduce a store."""
+def array_paths(content: StoreContent) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    """Every stored array, ``"theta"`` and ``"<target>/<array>"``, with its per-view shape and dtype."""
+    paths = {THETA: ((content.policy.record_bytes,), np.dtype(np.uint8))}
+    for target, record in content.targets.items():
+        for name, spec in record.arrays.items():
+            paths[f"{target}/{name}"] = (spec.shape, np.dtype(spec.dtype))
+    return paths
 
-    format_version: int
-    store_id: str
-    content: dict[str, Any]  # teacher card, transfer set, policy, views, codec, seed, fields
-    layout: dict[str, Any]  # chunk / shard sizes in samples
-    summary: dict[str, Any]  # counts: ok, skipped, views
-    files: list[dict[str, Any]]  # [{path, bytes, sha256}]
-    library_version: str
-    created_at: str
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+def _merge_fidelity(parts: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, float]]]:
+    """Per-unit ``{target: {metric: {sum, count, min, max}}}`` -> ``{target: {metric: {mean, min, max}}}``."""
+    merged: dict[str, dict[str, dict[str, float]]] = {}
+    for part in parts:
+        for target, metrics in part.items():
+            for metric, s in metrics.items():
+                m = merged.setdefault(target, {}).setdefault(metric, {"sum": 0.0, "count": 0, "min": s["min"],
+                                                                      "max": s["max"]})
+                m["sum"] += s["sum"]
+                m["count"] += s["count"]
+                m["min"], m["max"] = min(m["min"], s["min"]), max(m["max"], s["max"])
+    return {target: {metric: {"mean": m["sum"] / max(1, m["count"]), "min": m["min"], "max": m["max"]}
+                     for metric, m in metrics.items()} for target, metrics in merged.items()}
 
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> StoreManifest:
-        if data.get("format_version") != FORMAT_VERSION:
-            raise ValueError(f"store format version {data.get('format_version')} is not {FORMAT_VERSION}")
-        return cls(**data)
 
-    @property
-    def num_samples(self) -> int:
-        return self.content["num_samples"]
-
-    @property
-    def views(self) -> int:
-        return self.content["views"]
+def fidelity_stats(values: dict[str, torch.Tensor]) -> dict[str, dict[str, float]]:
+    """Per-item fidelity tensors -> mergeable ``{metric: {sum, count, min, max}}``."""
+    return {metric: {"sum": float(v.double().sum()), "count": int(v.numel()), "min": float(v.min()),
+                     "max": float(v.max())} for metric, v in values.items() if v.numel()}
 
 
 class StoreWriter:
@@ -78,19 +90,17 @@ class StoreWriter:
 
     Args:
         path: final store directory.
-        content: JSON-able description of everything that determines the values (hashed into the id).
-        fields: per-view arrays, ``name -> (per_view_shape, dtype)``; stored as ``[N, K, *shape]``.
+        content: everything that determines the values (hashed into the store id).
         unit_samples: samples per shard = per commit unit; chunk_samples: samples per read chunk.
     """
 
-    def __init__(self, path: str | os.PathLike, content: dict[str, Any],
-                 fields: dict[str, tuple[tuple[int, ...], np.dtype]], *,
+    def __init__(self, path: str | os.PathLike, content: StoreContent, *,
                  unit_samples: int = 4096, chunk_samples: int = 256):
         self.path = Path(path)
         self.partial = self.path.with_name(self.path.name + ".partial")
         self.content = content
-        self.fields = fields
-        self.num_samples, self.views = int(content["num_samples"]), int(content["views"])
+        self.arrays = array_paths(content)
+        self.num_samples, self.views = content.num_samples, content.views
         chunk_samples = min(chunk_samples, unit_samples)
         unit_samples -= unit_samples % chunk_samples  # a shard holds whole chunks
         self.layout = {"unit_samples": unit_samples, "chunk_samples": chunk_samples}
@@ -109,7 +119,7 @@ class StoreWriter:
         return {int(p.stem) for p in (self.partial / COMMITS_DIR).glob("*.json")}
 
     def _prepare(self) -> None:
-        build_record = {"store_id": self.store_id, "content": self.content, "layout": self.layout}
+        build_record = {"store_id": self.store_id, "content": self.content.to_dict(), "layout": self.layout}
         record_path = self.partial / "build.json"
         if record_path.exists():
             previous = json.loads(record_path.read_text())
@@ -123,26 +133,29 @@ class StoreWriter:
             shutil.rmtree(self.partial)
         (self.partial / COMMITS_DIR).mkdir(parents=True)
         group = zarr.open_group(self.partial / ARRAYS_DIR, mode="w", zarr_format=3)
-        for name, (shape, dtype) in self.fields.items():
-            full_shape = (self.num_samples, self.views, *shape)
-            unit = (self.layout["unit_samples"], self.views, *shape)
-            chunk = (self.layout["chunk_samples"], self.views, *shape)
-            group.create_array(
-                name, shape=full_shape, dtype=dtype, chunks=chunk, shards=unit, fill_value=0,
+        for name, (shape, dtype) in self.arrays.items():
+            parent, _, leaf = name.rpartition("/")
+            target = group.require_group(parent) if parent else group
+            target.create_array(
+                leaf, shape=(self.num_samples, self.views, *shape), dtype=dtype,
+                chunks=(self.layout["chunk_samples"], self.views, *shape),
+                shards=(self.layout["unit_samples"], self.views, *shape), fill_value=0,
                 compressors=[zarr.codecs.BloscCodec(cname="zstd", clevel=5, shuffle="bitshuffle"),
                              zarr.codecs.Crc32cCodec()],
             )
         _atomic_write(record_path, json.dumps(build_record, indent=1, sort_keys=True))
 
-    def write_unit(self, unit: int, arrays: dict[str, np.ndarray], rows: list[dict[str, Any]]) -> None:
-        """Write one whole shard of every array, then commit it with its sample rows."""
+    def write_unit(self, unit: int, arrays: dict[str, np.ndarray], rows: list[dict[str, Any]],
+                   fidelity: dict[str, Any] | None = None) -> None:
+        """Write one whole shard of every array, then commit it with its sample rows and fidelity stats."""
         span = self.unit_range(unit)
         if len(rows) != len(span):
             raise ValueError(f"unit {unit} covers {len(span)} samples, got {len(rows)} sample rows")
         group = zarr.open_group(self.partial / ARRAYS_DIR, mode="r+")
-        for name in self.fields:
+        for name in self.arrays:
             group[name][span.start: span.stop] = arrays[name]
-        _atomic_write(self.partial / COMMITS_DIR / f"{unit:08d}.json", json.dumps(rows))
+        marker = {"rows": rows, "fidelity": fidelity or {}}
+        _atomic_write(self.partial / COMMITS_DIR / f"{unit:08d}.json", json.dumps(marker))
 
     def finalize(self, library_version: str) -> StoreManifest:
         """Write samples.parquet + manifest.json and publish the store under its final name."""
@@ -151,11 +164,11 @@ class StoreWriter:
         missing = sorted(set(range(self.num_units)) - self.committed_units())
         if missing:
             raise RuntimeError(f"cannot finalize {self.partial}: units {missing[:10]} are not committed")
-        rows = [row for unit in range(self.num_units)
-                for row in json.loads((self.partial / COMMITS_DIR / f"{unit:08d}.json").read_text())]
-        samples = pl.DataFrame(rows, schema={"index": pl.Int64, "key": pl.String, "uri": pl.String,
-                                             "height": pl.Int32, "width": pl.Int32, "status": pl.String,
-                                             "error": pl.String})
+        markers = [json.loads((self.partial / COMMITS_DIR / f"{unit:08d}.json").read_text())
+                   for unit in range(self.num_units)]
+        samples = pl.DataFrame([row for marker in markers for row in marker["rows"]],
+                               schema={"index": pl.Int64, "key": pl.String, "uri": pl.String, "height": pl.Int32,
+                                       "width": pl.Int32, "status": pl.String, "error": pl.String})
         samples.write_parquet(self.partial / "samples.parquet", compression="zstd")
         zarr.consolidate_metadata(self.partial / ARRAYS_DIR, zarr_format=3)
         shutil.rmtree(self.partial / COMMITS_DIR)
@@ -164,8 +177,9 @@ class StoreWriter:
         manifest = StoreManifest(
             format_version=FORMAT_VERSION, store_id=self.store_id, content=self.content, layout=self.layout,
             summary={"samples": self.num_samples, "ok": self.num_samples - skipped, "skipped": skipped,
-                     "views": self.views, "stored_views": (self.num_samples - skipped) * self.views},
-            files=[_file_record(self.partial, p) for p in sorted(self.partial.rglob("*")) if p.is_file()],
+                     "views": self.views, "stored_views": (self.num_samples - skipped) * self.views,
+                     "fidelity": _merge_fidelity([marker["fidelity"] for marker in markers])},
+            files=tuple(_file_record(self.partial, p) for p in sorted(self.partial.rglob("*")) if p.is_file()),
             library_version=library_version,
             created_at=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         )
@@ -179,14 +193,15 @@ class ReinforcedStore:
 
     Training reads random samples, so a batch touches many chunks; decoded chunks are kept in a
     per-process LRU cache of ``cache_bytes`` (a chunk is decoded once, not once per batch). The
-    cache starts empty in each DataLoader worker.
+    cache starts empty in each DataLoader worker. Arrays are opened lazily, only those read.
     """
 
     def __init__(self, path: Path, manifest: StoreManifest, cache_bytes: int = 256 << 20):
         self.path = path
         self.manifest = manifest
         self.cache_bytes = cache_bytes
-        self._arrays: dict[str, Any] | None = None
+        self._group: Any = None
+        self._arrays: dict[str, Any] = {}
         self._chunks: OrderedDict[tuple[str, int], np.ndarray] = OrderedDict()
         self._cached_bytes = 0
         self._pid = -1
@@ -199,27 +214,37 @@ class ReinforcedStore:
         return pl.read_parquet(self.path / "samples.parquet")
 
     @property
-    def fields(self) -> list[str]:
-        return list(self.manifest.content["fields"])
+    def targets(self) -> list[str]:
+        return list(self.manifest.content.targets)
 
-    def _open_arrays(self) -> dict[str, Any]:
-        if self._arrays is None or self._pid != os.getpid():  # reopen lazily in each worker process
-            group = zarr.open_group(self.path / ARRAYS_DIR, mode="r", use_consolidated=True)
-            self._arrays = {name: group[name] for name in self.fields}
+    def codec(self, target: str) -> Codec:
+        """The codec that decodes ``target`` (rebuilt from the manifest)."""
+        return create_codec(**self.manifest.content.targets[self._known(target)].codec)
+
+    def _known(self, target: str) -> str:
+        if target not in self.manifest.content.targets:
+            raise KeyError(f"store {self.path} has no target {target!r}; it holds {', '.join(self.targets)}")
+        return target
+
+    def _array(self, name: str) -> Any:
+        if self._pid != os.getpid():  # reopen lazily in each worker process
+            self._group = zarr.open_group(self.path / ARRAYS_DIR, mode="r", use_consolidated=True)
+            self._arrays, self._pid = {}, os.getpid()
             self._chunks.clear()
             self._cached_bytes = 0
-            self._pid = os.getpid()
-        return self._arrays
+        if name not in self._arrays:
+            self._arrays[name] = self._group[name]
+        return self._arrays[name]
 
     def _chunk(self, name: str, chunk: int) -> np.ndarray:
         """Decoded chunk ``chunk`` of array ``name`` (``[chunk_samples, K, ...]``), through the LRU cache."""
         key = (name, chunk)
-        if key in self._chunks:
+        if key in self._chunks and self._pid == os.getpid():
             self._chunks.move_to_end(key)
             return self._chunks[key]
         size = self.manifest.layout["chunk_samples"]
         try:
-            block = self._open_arrays()[name][chunk * size: (chunk + 1) * size]
+            block = self._array(name)[chunk * size: (chunk + 1) * size]
         except Exception as error:  # zarr raises codec-specific errors; name the file instead
             raise StoreCorruptError(
                 f"{self.path / ARRAYS_DIR / name}: cannot decode samples {chunk * size}..{(chunk + 1) * size - 1} "
@@ -231,31 +256,58 @@ class ReinforcedStore:
             self._cached_bytes -= self._chunks.popitem(last=False)[1].nbytes
         return block
 
-    def read(self, sample_indices: np.ndarray, view_indices: np.ndarray) -> dict[str, np.ndarray]:
-        """Batched read of pairs (sample_indices[i], view_indices[i]) -> ``{field: [B, ...]}``."""
+    def read(self, sample_indices: np.ndarray, view_indices: np.ndarray,
+             targets: list[str] | tuple[str, ...] | None = None) -> dict[str, Any]:
+        """Batched read of pairs (sample_indices[i], view_indices[i]).
+
+        Returns ``{"theta": uint8 [B, P], target: {array: [B, ...]}}`` for each of ``targets`` (default:
+        all); arrays of other targets are never opened. Decode a target with ``decode``.
+        """
         sample_indices = np.asarray(sample_indices, dtype=np.int64)
         view_indices = np.asarray(view_indices, dtype=np.int64)
-        if sample_indices.size and not 0 <= sample_indices.min() <= sample_indices.max() < self.manifest.num_samples:
-            raise IndexError(f"sample indices must lie in [0, {self.manifest.num_samples}) for {self.path}")
+        n = self.manifest.num_samples
+        if sample_indices.size and not 0 <= sample_indices.min() <= sample_indices.max() < n:
+            raise IndexError(f"sample indices must lie in [0, {n}) for {self.path}")
         size = self.manifest.layout["chunk_samples"]
         chunk_of, offset = np.divmod(sample_indices, size)
         rows_of_chunk = [(int(chunk), np.flatnonzero(chunk_of == chunk)) for chunk in np.unique(chunk_of)]
-        out = {}
-        for name, array in self._open_arrays().items():
-            out[name] = np.empty((len(sample_indices), *array.shape[2:]), dtype=array.dtype)
+
+        def gather(name: str, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+            out = np.empty((len(sample_indices), *shape), dtype=dtype)
             for chunk, rows in rows_of_chunk:
-                out[name][rows] = self._chunk(name, chunk)[offset[rows], view_indices[rows]]
-        return out
+                out[rows] = self._chunk(name, chunk)[offset[rows], view_indices[rows]]
+            return out
+
+        content = self.manifest.content
+        batch: dict[str, Any] = {THETA: gather(THETA, (content.policy.record_bytes,), np.dtype(np.uint8))}
+        for target in self.targets if targets is None else targets:
+            arrays = content.targets[self._known(target)].arrays
+            batch[target] = {name: gather(f"{target}/{name}", spec.shape, np.dtype(spec.dtype))
+                             for name, spec in arrays.items()}
+        return batch
+
+    def decode(self, target: str, payload: dict[str, Any], device: str | torch.device | None = None) -> torch.Tensor:
+        """One target's payload (numpy or torch arrays) -> float32 tensor on ``device``, by the store's codec."""
+        tensors = {name: as_tensor(a).to(device) for name, a in payload.items()}
+        return self.codec(target).decode(tensors)
+
+
+def as_tensor(array: Any) -> torch.Tensor:
+    """A stored array as a tensor; uint16 (no torch kernels on every backend) is widened to int32."""
+    if isinstance(array, np.ndarray) and array.dtype == np.uint16:
+        array = array.astype(np.int32)
+    return torch.as_tensor(array)
 
 
 def open_store(path: str | os.PathLike, *, cache_bytes: int = 256 << 20) -> ReinforcedStore:
-    """Open a published store; checks every data file exists with its recorded size.
+    """Open a published store; checks the manifest's schema and every data file's recorded size.
 
     ``cache_bytes`` bounds the decoded chunks each process keeps for ``read``.
 
     Example:
         >>> store = open_store("runs/fmnist-lite0")
-        >>> batch = store.read(np.array([0, 5]), np.array([1, 0]))   # {"params": [2, P], ...}
+        >>> batch = store.read(np.array([0, 5]), np.array([1, 0]), targets=["logits"])
+        >>> log_probs = store.decode("logits", batch["logits"])       # [2, num_classes]
     """
     path = Path(path)
     manifest_path = path / "manifest.json"
@@ -263,18 +315,36 @@ def open_store(path: str | os.PathLike, *, cache_bytes: int = 256 << 20) -> Rein
         interrupted = path.with_name(path.name + ".partial").exists()
         hint = " (an interrupted build: rerun reinforce.build)" if interrupted else ""
         raise FileNotFoundError(f"no reinforced store at {str(path)!r}: {manifest_path.name} is missing{hint}")
-    manifest = StoreManifest.from_dict(json.loads(manifest_path.read_text()))
+    manifest = read_manifest(manifest_path)
     for record in manifest.files:
-        file = path / record["path"]
+        file = path / record.path
         size = file.stat().st_size if file.exists() else None
-        if size != record["bytes"]:
-            state = "missing" if size is None else f"{size} bytes, manifest says {record['bytes']}"
+        if size != record.bytes:
+            state = "missing" if size is None else f"{size} bytes, manifest says {record.bytes}"
             raise StoreCorruptError(f"store file {file} is {state}; the store is damaged")
     return ReinforcedStore(path, manifest, cache_bytes)
 
 
-def _file_record(root: Path, file: Path) -> dict[str, Any]:
-    return {"path": str(file.relative_to(root)), "bytes": file.stat().st_size, "sha256": sha256_file(file)}
+def read_manifest(manifest_path: Path) -> StoreManifest:
+    """Parse and validate ``manifest.json``; another format version is refused in one line."""
+    try:
+        data = json.loads(manifest_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise StoreFormatError(f"{manifest_path}: not valid JSON ({error})") from None
+    found = read_format_version(data)
+    if found != FORMAT_VERSION:
+        raise StoreFormatError(
+            f"{manifest_path.parent} is a format-version-{found} store; this library reads version {FORMAT_VERSION}: "
+            "rebuild it with `python -m reinforce.build` (same --teacher/--transfer-set/--views, a new --out)"
+        )
+    try:
+        return StoreManifest.from_dict(data)
+    except (ManifestError, TypeError, ValueError) as error:
+        raise StoreFormatError(f"{manifest_path}: {error}") from None
+
+
+def _file_record(root: Path, file: Path) -> FileRecord:
+    return FileRecord(file.relative_to(root).as_posix(), file.stat().st_size, sha256_file(file))
 
 
 def sha256_file(file: Path) -> str:

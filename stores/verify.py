@@ -7,42 +7,51 @@ of every chunk.
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
 
 import zarr
 
-from stores.store import ARRAYS_DIR, StoreManifest, open_store, sha256_file
+from stores.manifest import StoreManifest
+from stores.store import ARRAYS_DIR, THETA, StoreFormatError, array_paths, open_store, read_manifest, sha256_file
 
 __all__ = ["describe_store", "verify_store"]
 
 
 def describe_store(path: str | os.PathLike) -> dict[str, Any]:
-    """Manifest summary plus storage cost, the numbers one compares stores by."""
+    """Manifest summary plus storage cost per target and codec fidelity, the numbers one compares stores by."""
     store = open_store(path)
     manifest = store.manifest
     content = manifest.content
-    data_bytes = sum(r["bytes"] for r in manifest.files if r["path"].startswith(ARRAYS_DIR + "/"))
-    total_bytes = sum(r["bytes"] for r in manifest.files)
     views = manifest.num_samples * manifest.views
+
+    def bytes_under(prefix: str) -> int:
+        return sum(r.bytes for r in manifest.files if r.path.startswith(prefix))
+
+    arrays_bytes = bytes_under(ARRAYS_DIR + "/")
+    total_bytes = sum(r.bytes for r in manifest.files)
+    per_target = {name: bytes_under(f"{ARRAYS_DIR}/{name}/") for name in (THETA, *content.targets)}
     return {
         "path": str(store.path),
         "store_id": manifest.store_id,
-        "teacher": content["teacher"]["name"],
-        "num_classes": content["teacher"]["num_classes"],
-        "transfer_set": content["transfer_set"]["spec"],
+        "teacher": content.teacher.name,
+        "num_classes": content.teacher.num_classes,
+        "transfer_set": content.transfer_set.spec,
         "samples_ok": manifest.summary["ok"],
         "samples_skipped": manifest.summary["skipped"],
         "views": manifest.views,
-        "codec": content["codec"],
-        "policy": content["policy"],
-        "fields": content["fields"],
+        "policy": {"name": content.policy.name, "version": content.policy.version, **content.policy.args},
+        "targets": {name: {"kind": t.kind, "codec": t.codec,
+                           "arrays": {a: spec.to_dict() for a, spec in t.arrays.items()},
+                           "bytes_per_view": per_target[name] / views if views else 0.0,
+                           "fidelity": manifest.summary.get("fidelity", {}).get(name, {})}
+                    for name, t in content.targets.items()},
+        "theta_bytes_per_view": per_target[THETA] / views if views else 0.0,
         "layout": manifest.layout,
-        "data_bytes": data_bytes,
+        "data_bytes": arrays_bytes,
         "total_bytes": total_bytes,
-        "bytes_per_view": data_bytes / views if views else 0.0,
+        "bytes_per_view": arrays_bytes / views if views else 0.0,
         "total_bytes_per_view": total_bytes / views if views else 0.0,
         "created_at": manifest.created_at,
         "library_version": manifest.library_version,
@@ -56,9 +65,9 @@ def verify_store(path: str | os.PathLike) -> list[str]:
     if not manifest_path.exists():
         return [f"{manifest_path}: missing"]
     try:
-        manifest = StoreManifest.from_dict(json.loads(manifest_path.read_text()))
-    except (ValueError, TypeError) as error:
-        return [f"{manifest_path}: unreadable ({error})"]
+        manifest = read_manifest(manifest_path)
+    except StoreFormatError as error:
+        return [str(error)]
     problems = _check_files(path, manifest)
     if problems:  # decoding damaged files only repeats what the checksums already said
         return problems
@@ -68,12 +77,12 @@ def verify_store(path: str | os.PathLike) -> list[str]:
 def _check_files(path: Path, manifest: StoreManifest) -> list[str]:
     problems = []
     for record in manifest.files:
-        file = path / record["path"]
+        file = path / record.path
         if not file.is_file():
             problems.append(f"{file}: missing")
-        elif (size := file.stat().st_size) != record["bytes"]:
-            problems.append(f"{file}: {size} bytes, manifest says {record['bytes']}")
-        elif sha256_file(file) != record["sha256"]:
+        elif (size := file.stat().st_size) != record.bytes:
+            problems.append(f"{file}: {size} bytes, manifest says {record.bytes}")
+        elif sha256_file(file) != record.sha256:
             problems.append(f"{file}: sha256 differs from the manifest")
     return problems
 
@@ -83,7 +92,7 @@ def _check_arrays(path: Path, manifest: StoreManifest) -> list[str]:
     problems = []
     group = zarr.open_group(path / ARRAYS_DIR, mode="r", use_consolidated=True)
     unit = manifest.layout["unit_samples"]
-    for name, (per_view_shape, dtype) in manifest.content["fields"].items():
+    for name, (per_view_shape, dtype) in array_paths(manifest.content).items():
         where = path / ARRAYS_DIR / name
         try:
             array = group[name]
@@ -91,8 +100,8 @@ def _check_arrays(path: Path, manifest: StoreManifest) -> list[str]:
             problems.append(f"{where}: array missing")
             continue
         expected = (manifest.num_samples, manifest.views, *per_view_shape)
-        if tuple(array.shape) != expected or array.dtype.str != dtype:
-            problems.append(f"{where}: shape {tuple(array.shape)} {array.dtype.str}, manifest says {expected} {dtype}")
+        if tuple(array.shape) != expected or array.dtype != dtype:
+            problems.append(f"{where}: shape {tuple(array.shape)} {array.dtype}, manifest says {expected} {dtype}")
             continue
         for start in range(0, manifest.num_samples, unit):
             try:
@@ -101,4 +110,3 @@ def _check_arrays(path: Path, manifest: StoreManifest) -> list[str]:
                 problems.append(f"{where}: samples {start}..{min(start + unit, manifest.num_samples) - 1} "
                                 f"do not decode ({type(error).__name__}: {error})")
     return problems
-

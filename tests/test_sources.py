@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
+import subprocess
+import sys
 import tarfile
 from pathlib import Path
 
@@ -14,7 +17,7 @@ from PIL import Image
 from skimage import data as skdata
 
 from reinforce import sources
-from reinforce.sources import few_shot_split, open_source
+from reinforce.sources import few_shot_split, list_sources, open_source, register_source
 
 PHOTOS = {"coffee": skdata.coffee, "chelsea": skdata.chelsea, "rocket": skdata.rocket}
 
@@ -49,9 +52,13 @@ def test_few_shot_split_rejects_too_few_images():
 
 
 def test_missing_fashion_mnist_says_how_to_get_it(monkeypatch, tmp_path):
-    monkeypatch.setattr(sources, "FASHION_MNIST_DIR", tmp_path)
-    with pytest.raises(FileNotFoundError, match="apt-get install dataset-fashion-mnist"):
+    monkeypatch.setenv("FASHION_MNIST_DIR", str(tmp_path))  # read when opened, not at import
+    assert sources.fashion_mnist_dir() == tmp_path
+    with pytest.raises(FileNotFoundError, match="apt-get install dataset-fashion-mnist") as error:
         open_source("fashion-mnist:train")
+    assert str(tmp_path) in str(error.value)
+    monkeypatch.delenv("FASHION_MNIST_DIR")
+    assert sources.fashion_mnist_dir() == sources.DEFAULT_FASHION_MNIST_DIR
 
 
 def test_folder_imagefolder_manifest_and_tar_agree(photo_tree, tmp_path):
@@ -85,3 +92,115 @@ def test_bad_specs_name_the_problem(tmp_path):
         open_source("fashion-mnist:test?shot=3")
     with pytest.raises(FileNotFoundError, match="does not exist"):
         open_source(f"folder:{tmp_path / 'missing'}")
+
+
+# --- the registry and the package-photo sources ---------------------------------------------------
+
+LABELED = {"fashion-mnist", "imagefolder", "sklearn:digits"}
+
+
+def example_spec(prefix: str, photo_tree: Path) -> str:
+    """One quick spec per registered prefix; a new registration fails here until it gets one."""
+    examples = {
+        "fashion-mnist": "fashion-mnist:test?limit=100",
+        "folder": f"folder:{photo_tree}",
+        "imagefolder": f"imagefolder:{photo_tree}",
+        "skimage:photos": "skimage:photos",
+        "sklearn:images": "sklearn:images",
+        "sklearn:digits": "sklearn:digits",
+        "photo-crops": "photo-crops:16@48,seed=1",
+    }
+    if prefix not in examples:
+        pytest.fail(f"source {prefix!r} is registered but has no example spec in tests/test_sources.py")
+    return examples[prefix]
+
+
+def clear_caches() -> None:
+    """Forget every decoded image, so the next load decodes from the packages again."""
+    for fn in (sources._photo, sources._photos_digest, sources._digits, sources._read_idx,
+               sources._matplotlib_photo_paths):
+        fn.cache_clear()
+
+
+@pytest.mark.parametrize("prefix", list_sources())
+def test_every_registered_source_opens_deterministically(prefix, photo_tree):
+    spec = example_spec(prefix, photo_tree)
+    first = open_source(spec)
+    indices = sorted({0, len(first) // 2, len(first) - 1})
+    images = [first.load(i) for i in indices]
+    clear_caches()
+    second = open_source(spec)
+    assert second.spec == spec and len(second) == len(first) > 0
+    assert second.keys.tolist() == first.keys.tolist() and len(set(first.keys.tolist())) == len(first)
+    assert second.uris.tolist() == first.uris.tolist()
+    assert second.fingerprint() == first.fingerprint()
+    assert (first.labels is not None) == (prefix in LABELED)
+    for i, image in zip(indices, images):
+        assert image.dtype == torch.uint8 and image.ndim == 3 and image.shape[0] == 3
+        assert torch.equal(second.load(i), image)
+
+
+def test_package_photo_sources_hold_the_expected_photographs():
+    photos = open_source("skimage:photos")
+    assert photos.keys.tolist() == list(sources.SKIMAGE_PHOTOS) and len(photos) == 19
+    assert torch.equal(photos.load(photos.keys.tolist().index("coffee")), torch.from_numpy(skdata.coffee()).permute(2, 0, 1))
+    camera = photos.load(photos.keys.tolist().index("camera"))  # grayscale → 3 equal channels
+    assert torch.equal(camera[0], torch.from_numpy(skdata.camera())) and torch.equal(camera[0], camera[2])
+    assert open_source("sklearn:images").keys.tolist() == ["china", "flower"]
+    digits = open_source("sklearn:digits")
+    assert len(digits) == 1797 and digits.class_names == tuple("0123456789")
+    assert sorted(set(digits.labels.tolist())) == list(range(10))
+    assert digits.load(0).shape == (3, 8, 8) and int(max(digits.load(i).max() for i in range(20))) == 255
+    assert len(open_source("sklearn:digits?shots=5&seed=1&part=labeled")) == 50
+
+
+def test_photo_crops_are_distinct_sized_replayable_and_prefix_stable():
+    crops = open_source("photo-crops:64")
+    images = [crops.load(i) for i in range(64)]
+    assert all(image.shape == (3, 96, 96) and image.dtype == torch.uint8 for image in images)
+    assert len({hashlib.sha256(image.numpy().tobytes()).hexdigest() for image in images}) == 64
+    limited = open_source("photo-crops:500?limit=64")  # crop i does not depend on N
+    assert limited.uris.tolist() == crops.uris.tolist() and len(limited) == 64
+    assert open_source("photo-crops:64@32").load(0).shape == (3, 32, 32)
+    assert open_source("photo-crops:64,seed=1").uris.tolist() != crops.uris.tolist()
+    assert open_source("photo-crops:64").fingerprint() == crops.fingerprint()
+    # the URI alone re-renders the crop: exact pixels at scale 1, PIL bicubic otherwise
+    assert torch.equal(sources._load_file("photo-crops:skimage/astronaut#10,20,50,50@50"),
+                       torch.from_numpy(skdata.astronaut()[20:70, 10:60]).permute(2, 0, 1))
+    expected = Image.fromarray(skdata.rocket()).resize((40, 40), Image.Resampling.BICUBIC, box=(5, 6, 105, 106))
+    assert torch.equal(sources._load_file("photo-crops:skimage/rocket#5,6,100,100@40"),
+                       torch.from_numpy(np.asarray(expected).copy()).permute(2, 0, 1))
+
+
+def test_photo_crops_are_the_same_in_a_fresh_process():
+    crops = open_source("photo-crops:8@32")
+    here = [crops.fingerprint(), *(hashlib.sha256(crops.load(i).numpy().tobytes()).hexdigest() for i in range(8))]
+    script = ("import hashlib; from reinforce.sources import open_source; s = open_source('photo-crops:8@32'); "
+              "print(s.fingerprint()); [print(hashlib.sha256(s.load(i).numpy().tobytes()).hexdigest()) for i in range(8)]")
+    there = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout.split()
+    assert there == here
+
+
+def test_package_uris_load_through_a_manifest(tmp_path):
+    uris = [*open_source("photo-crops:3@24").uris, "skimage:photos#moon", "sklearn:images#flower", "sklearn:digits#7"]
+    pl.DataFrame({"uri": uris}).write_parquet(tmp_path / "m.parquet")
+    manifest = open_source(str(tmp_path / "m.parquet"))
+    assert manifest.uris.tolist() == uris
+    assert torch.equal(manifest.load(3)[0], torch.from_numpy(skdata.moon()))
+    assert manifest.load(0).shape == (3, 24, 24) and manifest.load(5).shape == (3, 8, 8)
+
+
+def test_registry_errors_name_the_registered_sources(monkeypatch):
+    with pytest.raises(ValueError, match="cannot open transfer set") as error:
+        open_source("no-such-source:abc")
+    assert all(prefix in str(error.value) for prefix in list_sources())
+    with pytest.raises(ValueError, match=r"photo-crops:N\[@SIZE\]"):
+        open_source("photo-crops:many")
+    with pytest.raises(ValueError, match="takes no argument"):
+        open_source("skimage:photos:extra")
+    with pytest.raises(ValueError, match="already registered"):
+        register_source("folder")(lambda rest: None)
+    monkeypatch.setattr(sources, "_SOURCES", dict(sources._SOURCES))
+    register_source("test-folder")(sources._folder)
+    assert "test-folder" in list_sources("test-*")
+    assert open_source(f"test-folder:{Path(__file__).parent}?limit=0").spec.startswith("test-folder:")

@@ -1,9 +1,17 @@
 """Finetune a student on labeled images, or train the labeled-only baseline from random init.
 
+With ``--val-fraction F`` a seeded, stratified part of the labeled images is held out
+(``train.optim.split_labeled``): training sees only the rest, top-1 on the held-out part is
+measured every ``--eval-every`` steps, the best-val weights are the ones saved, and ``--patience``
+evaluations without improvement stop the run early. ``student.json`` records the val top-1, the
+best step, the steps run and the whole validation curve, so a learning rate or step count can be
+chosen without ever looking at the test split. A student distilled from features (``num_classes``
+0, no classifier) gets a freshly initialised classifier for the labeled classes.
+
 Example:
     python -m train.finetune --init runs/student --data fashion-mnist:train --shots 10 --out runs/student_ft
     python -m train.finetune --student mobilenetv3_small_050 --size 32 --data fashion-mnist:train \\
-        --shots 10 --steps 3000 --out runs/baseline
+        --shots 10 --steps 600 --val-fraction 0.2 --eval-every 50 --patience 3 --out runs/baseline
 """
 
 from __future__ import annotations
@@ -15,8 +23,8 @@ import time
 import torch
 
 from train.data import LabeledViews, cli_errors, open_labeled
-from train.models import StudentCard, create_student, load_student, save_student
-from train.optim import TrainSchedule, fit
+from train.models import Student, StudentCard, create_student, load_student, save_student
+from train.optim import BestOnValidation, TrainSchedule, fit, split_labeled
 
 __all__ = ["FinetuneConfig", "finetune", "main"]
 
@@ -32,10 +40,13 @@ class FinetuneConfig:
     shots: int | None = 10
     seed: int = 0
     size: int | None = None  # default: the student's input size; required with ``student``
-    steps: int = 300
+    steps: int = 300  # the maximum: early stopping (patience) may end sooner
     batch_size: int = 128
     lr: float = 1e-3
     weight_decay: float = 0.05
+    val_fraction: float = 0.0  # labeled images held out per class for validation (0: none)
+    eval_every: int = 50  # validation top-1 every N steps (and at the last step)
+    patience: int = 0  # stop after this many evaluations without improvement (0: run every step)
 
 
 def finetune(config: FinetuneConfig) -> StudentCard:
@@ -43,26 +54,42 @@ def finetune(config: FinetuneConfig) -> StudentCard:
     if (config.init is None) == (config.student is None):
         raise ValueError("give exactly one of --init STUDENT_DIR or --student NAME")
     source, class_names = open_labeled(config.data, config.shots, config.seed)
-    spec = source.spec
-    if config.init is not None:
-        model, card = load_student(config.init)
-    elif config.size is None:
-        raise ValueError("--student NAME trains from random init and needs --size")
-    else:
-        torch.manual_seed(config.seed)  # same random init on a rerun
-        model, card = create_student(config.student, class_names=class_names, input_size=config.size)
-    if card.num_classes != len(class_names):
-        raise ValueError(f"the student has {card.num_classes} classes but {spec!r} has {len(class_names)}")
+    train_part, val_part = split_labeled(source, config.val_fraction, config.seed)
+    model, card = _initial_student(config, class_names)
     size = config.size or card.input_size
     schedule = TrainSchedule(config.steps, config.lr, config.batch_size, config.weight_decay, seed=config.seed)
+    keeper = None if val_part is None else BestOnValidation(model, val_part, size, every=config.eval_every,
+                                                            steps=config.steps, patience=config.patience)
     started = time.perf_counter()
-    losses = fit(model, LabeledViews(source, size, train=True, seed=config.seed), schedule)
-    stage = {"stage": "finetune" if config.init else "labeled_only", "data": spec, "size": size,
-             **dataclasses.asdict(schedule), "final_loss": round(sum(losses[-10:]) / max(1, len(losses[-10:])), 4),
+    losses = fit(model, LabeledViews(train_part, size, train=True, seed=config.seed), schedule, on_step=keeper)
+    validation = {"steps_run": len(losses)}
+    if keeper is not None:
+        keeper.restore()
+        validation = keeper.record()
+    stage = {"stage": "finetune" if config.init else "labeled_only", "data": source.spec, "size": size,
+             **dataclasses.asdict(schedule), "train_images": len(train_part), "val_fraction": config.val_fraction,
+             **validation, "final_loss": round(sum(losses[-10:]) / max(1, len(losses[-10:])), 4),
              "train_seconds": round(time.perf_counter() - started, 1)}
     card = dataclasses.replace(card, input_size=size).with_stage(**stage)
     save_student(model, card, config.out)
     return card
+
+
+def _initial_student(config: FinetuneConfig, class_names: tuple[str, ...]) -> tuple[Student, StudentCard]:
+    """The student to start from: ``--init`` (given a classifier if it has none) or a seeded random ``--student``."""
+    if config.init is None:
+        if config.size is None:
+            raise ValueError("--student NAME trains from random init and needs --size")
+        torch.manual_seed(config.seed)  # same random init on a rerun
+        return create_student(config.student, class_names=class_names, input_size=config.size)
+    model, card = load_student(config.init)
+    if card.num_classes == 0:  # distilled from features: a new classifier for the labeled classes
+        torch.manual_seed(config.seed)
+        model.net.reset_classifier(len(class_names))
+        card = dataclasses.replace(card, num_classes=len(class_names), class_names=tuple(class_names))
+    if card.num_classes != len(class_names):
+        raise ValueError(f"the student has {card.num_classes} classes but {config.data!r} has {len(class_names)}")
+    return model, card
 
 
 def main(argv: list[str] | None = None) -> StudentCard:
@@ -75,13 +102,15 @@ def main(argv: list[str] | None = None) -> StudentCard:
     defaults = FinetuneConfig("", "")
     parser.add_argument("--shots", type=int, default=defaults.shots, help="labeled images per class (0: all)")
     parser.add_argument("--size", type=int, default=None, help="view size (default: the student's)")
-    for flag in ("seed", "steps", "batch_size", "lr", "weight_decay"):
+    for flag in ("seed", "steps", "batch_size", "lr", "weight_decay", "val_fraction", "eval_every", "patience"):
         default = getattr(defaults, flag)
         parser.add_argument(f"--{flag.replace('_', '-')}", type=type(default), default=default)
     args = vars(parser.parse_args(argv))
     with cli_errors(parser.prog):
         card = finetune(FinetuneConfig(**args))
-    print(f"train.finetune: wrote {args['out']} ({card.arch}, {card.history[-1]['stage']})")
+    last = card.history[-1]
+    scored = "" if last.get("val_top1") is None else f", val top-1 {last['val_top1']:.2%} at step {last['best_step']}"
+    print(f"train.finetune: wrote {args['out']} ({card.arch}, {last['stage']}, {last['steps_run']} steps{scored})")
     return card
 
 

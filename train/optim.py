@@ -1,22 +1,36 @@
-"""One supervised training loop (AdamW + warmup-cosine) for teacher probes, finetunes and baselines.
+"""One supervised training loop (AdamW + warmup-cosine) for teacher probes, finetunes and baselines,
+and the validation split that tunes them honestly.
+
+Hyper-parameters (learning rate, steps) are chosen on a validation part carved from the labeled
+images (``split_labeled``), never on the test split: ``BestOnValidation`` evaluates top-1 on it
+every few steps during ``fit`` and keeps the best weights.
 
 Example:
-    >>> fit(model, LabeledViews(source, 64, train=True), TrainSchedule(steps=300, lr=1e-3), freeze_bn=True)
+    >>> train_part, val_part = split_labeled(source, fraction=0.2, seed=0)
+    >>> keeper = BestOnValidation(model, val_part, size=32, every=50, steps=300)
+    >>> fit(model, LabeledViews(train_part, 32, train=True), TrainSchedule(steps=300, lr=1e-3), on_step=keeper)
+    >>> keeper.restore()                                  # best-val weights; keeper.record() for the card
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import itertools
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 from torch.utils.data import DataLoader, Dataset
 
-__all__ = ["TrainSchedule", "cosine_optimizer", "fit", "set_train_mode"]
+from reinforce.sources import Source
+from train.data import evaluate_model
+
+__all__ = ["BestOnValidation", "TrainSchedule", "cosine_optimizer", "fit", "set_train_mode", "split_labeled"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,8 +78,12 @@ def _batches(dataset: Dataset, batch_size: int, seed: int) -> Iterator[tuple[tor
 
 
 def fit(model: nn.Module, dataset: Dataset, schedule: TrainSchedule, *, freeze_bn: bool = False,
-        params=None) -> list[float]:
-    """Cross-entropy training for ``schedule.steps`` steps; returns the per-step losses."""
+        params=None, on_step: Callable[[int], bool] | None = None) -> list[float]:
+    """Cross-entropy training for ``schedule.steps`` steps; returns the per-step losses.
+
+    ``on_step(step)`` runs after every optimizer step (1-based) and may stop training early by
+    returning True (early stopping); the model is put back in training mode after it.
+    """
     trainable = [p for p in (params if params is not None else model.parameters()) if p.requires_grad]
     optimizer, scheduler = cosine_optimizer(trainable, schedule)
     set_train_mode(model, freeze_bn)
@@ -79,5 +97,72 @@ def fit(model: nn.Module, dataset: Dataset, schedule: TrainSchedule, *, freeze_b
         optimizer.step()
         scheduler.step()
         losses.append(float(loss.detach()))
+        if on_step is not None:
+            if on_step(len(losses)):
+                break
+            set_train_mode(model, freeze_bn)
     model.eval()
     return losses
+
+
+def split_labeled(source: Source, fraction: float, seed: int = 0) -> tuple[Source, Source | None]:
+    """Seeded stratified (train, val) split of the labeled images; ``(source, None)`` when ``fraction`` is 0.
+
+    Each class puts ``round(fraction * n)`` images, at least 1, in val and keeps at least 1 for
+    training, so every class is both learned and scored. The same (labels, fraction, seed) always
+    gives the same split, so a teacher and the students tuned against it never see each other's val.
+    """
+    if not fraction:
+        return source, None
+    if not 0 < fraction < 1:
+        raise ValueError(f"--val-fraction must be in [0, 1), got {fraction}")
+    labels = source.labels
+    counts = np.unique(labels, return_counts=True)[1]
+    if counts.min() < 2:
+        raise ValueError(f"a validation split needs at least 2 labeled images per class; {source.spec!r} has "
+                         f"{counts.min()} for some class (use more shots or --val-fraction 0)")
+    rng = np.random.default_rng([seed, 7919])  # independent of the few-shot draw that picked the images
+    val = []
+    for cls in np.unique(labels):
+        members = rng.permutation(np.flatnonzero(labels == cls))
+        val.append(members[: min(len(members) - 1, max(1, round(fraction * len(members))))])
+    val = np.sort(np.concatenate(val))
+    train = np.setdiff1d(np.arange(len(labels)), val)
+    tag = f"{fraction:g}"
+    return source.subset(train, f"{source.spec}#train{tag}"), source.subset(val, f"{source.spec}#val{tag}")
+
+
+class BestOnValidation:
+    """``fit`` callback: top-1 on the val part every ``every`` steps (and at the last); keeps the best weights.
+
+    ``patience`` > 0 stops training after that many evaluations without improvement (early stopping).
+    """
+
+    def __init__(self, model: nn.Module, val: Source, size: int, *, every: int, steps: int, patience: int = 0):
+        self.model, self.val, self.size = model, val, size
+        self.every, self.steps, self.patience = max(1, every), steps, patience
+        self.curve: list[tuple[int, float]] = []
+        self.best, self.best_step, self.state, self.stale = -1.0, 0, None, 0
+
+    def __call__(self, step: int) -> bool:
+        if step % self.every and step != self.steps:
+            return False
+        top1 = evaluate_model(self.model, self.val, self.size)["top1"]
+        self.curve.append((step, round(top1, 4)))
+        if top1 > self.best:
+            self.best, self.best_step, self.stale = top1, step, 0
+            self.state = copy.deepcopy(self.model.state_dict())
+        else:
+            self.stale += 1
+        return self.patience > 0 and self.stale >= self.patience
+
+    def restore(self) -> None:
+        """Load the best-val weights back into the model (no-op before the first evaluation)."""
+        if self.state is not None:
+            self.model.load_state_dict(self.state)
+
+    def record(self) -> dict[str, Any]:
+        """What a card stores: best val top-1, its step, steps run and the whole curve."""
+        return {"val_top1": round(self.best, 4) if self.curve else None, "best_step": self.best_step,
+                "steps_run": self.curve[-1][0] if self.curve else 0, "val_curve": self.curve,
+                "val_images": len(self.val), "eval_every": self.every, "patience": self.patience}

@@ -3,11 +3,18 @@
 ``lp`` trains a linear head on frozen features (precomputed once); ``ft`` finetunes everything
 with BatchNorm statistics frozen (few-shot batches would wreck them); ``auto`` picks the mode
 with the better k-fold cross-validated accuracy on the labeled images alone, then retrains it
-on all of them. The test split is never looked at.
+on all of them. ``frozen`` saves the pretrained backbone unadapted and headless (``num_classes``
+0, no labels needed): the task-agnostic teacher whose features are distilled as they are.
+
+``--val-fraction F`` holds out the same seeded validation part of the labeled images as
+``train.finetune --val-fraction F`` does: the teacher is trained (and cross-validated) on the
+rest only and scored on it, so students tuned on that part stay honestly tuned. The test split is
+never looked at.
 
 Example:
     python -m train.teacher --backbone tf_efficientnet_lite0 --weights embedded \\
         --data fashion-mnist:train --shots 10 --mode auto --name lite0_fmnist
+    python -m train.teacher --backbone tf_efficientnet_lite0 --weights embedded --mode frozen --name lite0_frozen
 """
 
 from __future__ import annotations
@@ -33,11 +40,11 @@ from reinforce.teachers import (
     save_teacher,
 )
 from train.data import LabeledViews, cli_errors, evaluate_model, labeled_classes, open_labeled
-from train.optim import TrainSchedule, fit
+from train.optim import TrainSchedule, fit, split_labeled
 
 __all__ = ["TeacherConfig", "adapt_teacher", "main"]
 
-MODES = ("auto", "lp", "ft")
+MODES = ("auto", "lp", "ft", "frozen")
 EMBEDDED = {"tf_efficientnet_lite0": "tf_efficientnet_lite0.in1k"}
 
 
@@ -47,7 +54,7 @@ class TeacherConfig:
 
     backbone: str
     name: str
-    data: str
+    data: str | None = None  # labeled source spec; not needed for ``frozen``
     library: str = "timm"
     weights: str = "embedded"
     shots: int | None = 10
@@ -61,6 +68,7 @@ class TeacherConfig:
     lp_lr: float = 3e-3
     lp_views: int = 4  # augmented views per image added to the clean one for the probe
     folds: int = 5
+    val_fraction: float = 0.0  # labeled images held out per class, never trained on (train.optim.split_labeled)
     out_dir: str = "teachers"
 
 
@@ -70,24 +78,42 @@ def adapt_teacher(config: TeacherConfig) -> TeacherCard:
         raise ValueError(f"mode must be one of {', '.join(MODES)}, got {config.mode!r}")
     if config.mode == "auto" and config.folds < 2:
         raise ValueError("--mode auto selects by cross-validation and needs --folds >= 2")
+    if config.mode == "frozen":
+        return _save_frozen(config)
+    if not config.data:
+        raise ValueError(f"--mode {config.mode} teaches a task and needs --data (only --mode frozen does not)")
     source, class_names = open_labeled(config.data, config.shots, config.seed)
-    spec = source.spec
+    train_part, val_part = split_labeled(source, config.val_fraction, config.seed)
     backbone, stats = _pretrained_backbone(config)
     modes = ("lp", "ft") if config.mode == "auto" else (config.mode,)
-    cv = {mode: _cross_validate(mode, config, backbone, stats, source) for mode in modes} if config.folds > 1 else {}
+    cv = {m: _cross_validate(m, config, backbone, stats, train_part) for m in modes} if config.folds > 1 else {}
     mode = max(cv, key=cv.get) if config.mode == "auto" else config.mode
     started = time.perf_counter()
-    model = _train(mode, config, backbone, stats, source)
+    model = _train(mode, config, backbone, stats, train_part)
+    seconds = round(time.perf_counter() - started, 1)
+    val_top1 = None if val_part is None else evaluate_model(model, val_part, config.size)["top1"]
     adaptation = {
-        "mode": mode, "data": spec, "shots": config.shots, "seed": config.seed,
+        "mode": mode, "data": source.spec, "shots": config.shots, "seed": config.seed,
         "weights": Path(_weights_file(config)).name,
         "steps": config.steps if mode == "ft" else config.lp_steps, "lr": config.lr if mode == "ft" else config.lp_lr,
-        "batch_size": config.batch_size, "cv_accuracy": cv, "folds": config.folds,
-        "train_seconds": round(time.perf_counter() - started, 1),
+        "batch_size": config.batch_size, "lp_views": config.lp_views, "cv_accuracy": cv, "folds": config.folds,
+        "val_fraction": config.val_fraction, "train_images": len(train_part), "val_top1": val_top1,
+        "train_seconds": seconds,
     }
     card = TeacherCard(name=config.name, library=config.library, backbone=config.backbone,
                        num_classes=len(class_names), class_names=class_names, input_size=config.size,
-                       mean=stats[0], std=stats[1], adaptation=adaptation, val_accuracy=cv.get(mode))
+                       mean=stats[0], std=stats[1], adaptation=adaptation,
+                       val_accuracy=val_top1 if val_top1 is not None else cv.get(mode))
+    return save_teacher(model, card, Path(config.out_dir) / config.name)
+
+
+def _save_frozen(config: TeacherConfig) -> TeacherCard:
+    """The pretrained backbone as it is, without a task head: features only, no labels involved."""
+    backbone, stats = _pretrained_backbone(config)
+    model = TeacherModel(backbone, 0, *stats).eval()
+    adaptation = {"mode": "frozen", "weights": Path(_weights_file(config)).name, "train_images": 0}
+    card = TeacherCard(name=config.name, library=config.library, backbone=config.backbone, num_classes=0,
+                       class_names=(), input_size=config.size, mean=stats[0], std=stats[1], adaptation=adaptation)
     return save_teacher(model, card, Path(config.out_dir) / config.name)
 
 
@@ -174,19 +200,21 @@ def main(argv: list[str] | None = None) -> TeacherCard:
     parser.add_argument("--backbone", required=True, help="timm or open_clip model name")
     parser.add_argument("--library", default="timm", choices=("timm", "open_clip"))
     parser.add_argument("--weights", default="embedded", help="local checkpoint, or 'embedded' (Lite0)")
-    parser.add_argument("--data", required=True, help="labeled source spec, e.g. fashion-mnist:train")
+    parser.add_argument("--data", help="labeled source spec, e.g. fashion-mnist:train (not for --mode frozen)")
     parser.add_argument("--shots", type=int, default=10, help="labeled images per class (0: the whole source)")
     parser.add_argument("--mode", default="auto", choices=MODES)
     parser.add_argument("--name", required=True, help="zoo entry name (OUT_DIR/NAME)")
-    defaults = TeacherConfig("", "", "")
-    for flag in ("seed", "size", "steps", "lr", "batch_size", "lp_steps", "lp_lr", "lp_views", "folds", "out_dir"):
+    defaults = TeacherConfig("", "")
+    for flag in ("seed", "size", "steps", "lr", "batch_size", "lp_steps", "lp_lr", "lp_views", "folds", "val_fraction",
+                 "out_dir"):
         default = getattr(defaults, flag)
         parser.add_argument(f"--{flag.replace('_', '-')}", type=type(default), default=default)
     args = vars(parser.parse_args(argv))
     with cli_errors(parser.prog):
         card = adapt_teacher(TeacherConfig(**args))
-    print(f"train.teacher: wrote {Path(args['out_dir']) / card.name} (mode {card.adaptation['mode']}, "
-          f"cv accuracy {card.adaptation['cv_accuracy']})")
+    scores = {k: card.adaptation.get(k) for k in ("cv_accuracy", "val_top1") if card.adaptation.get(k) is not None}
+    print(f"train.teacher: wrote {Path(args['out_dir']) / card.name} (mode {card.adaptation['mode']}"
+          + "".join(f", {k} {v}" for k, v in scores.items()) + ")")
     return card
 
 
