@@ -29,7 +29,8 @@ from reinforce.augment import eval_view
 from reinforce.sources import open_source
 from reinforce.teachers import embedded_imagenet_teacher
 from stores.codecs import TopKLogitsCodec
-from train.distill import kd_loss
+from stores.store import as_tensor
+from train.losses import kl_divergence
 from train.models import create_student
 
 
@@ -69,12 +70,12 @@ def make_steps(teacher, student, views_t: torch.Tensor, views_s: torch.Tensor, l
         update(F.cross_entropy(student(views_s), labels))
 
     def cached() -> None:
-        update(kd_loss(student(views_s), codec.decode_logits(payload), temperature))
+        update(kl_divergence(student(views_s), codec.decode(payload), temperature))
 
     def online() -> None:
         with torch.inference_mode():
             targets = teacher(views_t)
-        update(kd_loss(student(views_s), targets.clone(), temperature))
+        update(kl_divergence(student(views_s), targets.clone(), temperature))
 
     return {"supervised": supervised, "cached": cached, "online": online}
 
@@ -103,8 +104,7 @@ def main(argv: list[str] | None = None) -> None:
     codec = TopKLogitsCodec(k=5, num_classes=len(names))
     with torch.inference_mode():
         teacher_logits = teacher(views_t)
-    payload = {k: torch.from_numpy(v.astype("int32") if v.dtype.kind == "u" else v)
-               for k, v in codec.encode(teacher_logits).items()}
+    payload = {k: as_tensor(v) for k, v in codec.encode(teacher_logits).items()}
     steps = make_steps(teacher, student.train(), views_t, views_s, teacher_logits.argmax(1), payload, codec, 2.0)
     seconds = time_steps(steps, args.steps, args.warmup)
     flops_t, flops_s = forward_flops(teacher, views_t[:1]), forward_flops(student.eval(), views_s[:1])

@@ -88,7 +88,7 @@ def open_replay(store: str | os.PathLike | ReinforcedStore, *, targets: list[str
     content = store.manifest.content
     chosen = tuple(store.targets if targets is None else targets)
     for name in chosen:
-        store.codec(name)  # unknown target: KeyError naming what the store holds
+        store.codec(name)  # unknown target: ValueError naming what the store holds
     source = open_source(content.transfer_set.spec)
     if source.fingerprint() != content.transfer_set.fingerprint:
         raise ValueError(f"transfer set {content.transfer_set.spec!r} no longer matches the store {str(store.path)!r} "

@@ -28,6 +28,7 @@ from stores.manifest import TeacherCard
 __all__ = [
     "TeacherCard", "TeacherModel", "create_backbone", "create_teacher", "embedded_imagenet_teacher", "embedded_weights",
     "load_backbone_weights", "pretrained_teacher", "register_backbone_library", "resolve_teacher", "save_teacher",
+    "tokens_to_map",
 ]
 
 _LIBRARIES: dict[str, Callable[[str], nn.Module]] = {}
@@ -113,13 +114,13 @@ class TeacherModel(nn.Module):
         x = self.normalize(views)
         if hasattr(self.backbone, "output_tokens"):  # open_clip tower built with output_tokens=True
             pooled, tokens = self.backbone(x)
-            return pooled, _tokens_to_map(tokens) if with_map else None
+            return pooled, tokens_to_map(tokens) if with_map else None
         features = self.backbone.forward_features(x)
         pooled = self.backbone.forward_head(features)  # num_classes=0: the pre-logits features
         if not with_map:
             return pooled, None
         if features.dim() == 3:  # ViT tokens: drop class/register tokens, lay patches on their grid
-            features = _tokens_to_map(features[:, getattr(self.backbone, "num_prefix_tokens", 0):])
+            features = tokens_to_map(features[:, getattr(self.backbone, "num_prefix_tokens", 0):])
         return pooled, features
 
     def features(self, views: torch.Tensor) -> torch.Tensor:
@@ -142,7 +143,7 @@ class TeacherModel(nn.Module):
         return {kind: outputs[kind] for kind in kinds}
 
 
-def _tokens_to_map(tokens: torch.Tensor) -> torch.Tensor:
+def tokens_to_map(tokens: torch.Tensor) -> torch.Tensor:
     """``[B, N, C]`` patch tokens of a square view -> ``[B, C, sqrt(N), sqrt(N)]``."""
     side = math.isqrt(tokens.shape[1])
     if side * side != tokens.shape[1]:

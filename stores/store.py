@@ -223,7 +223,7 @@ class ReinforcedStore:
 
     def _known(self, target: str) -> str:
         if target not in self.manifest.content.targets:
-            raise KeyError(f"store {self.path} has no target {target!r}; it holds {', '.join(self.targets)}")
+            raise ValueError(f"store {self.path} has no target {target!r}; it holds {', '.join(self.targets)}")
         return target
 
     def _array(self, name: str) -> Any:

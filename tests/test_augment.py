@@ -74,10 +74,12 @@ def test_ops_match_torchvision_randaugment(request, source, num_bins, op_name):
     magnitudes_fn, signed = reference._AUGMENTATION_SPACE[op_name]
     op = RANDAUG_OPS[OP_NAMES.index(op_name)]
     assert op.signed == signed
-    for view in (picture, F.resize(picture, [64, 80], antialias=True)):
+    every_bin = range(1 - num_bins, num_bins)  # Solarize differs from a naive linspace(255, 0) on even bins only
+    some_bins = (0, 1, 9, num_bins - 1, -1, -9, 1 - num_bins)
+    for view, signed_bins in ((F.resize(picture, [64, 80], antialias=True), every_bin), (picture, some_bins)):
         height, width = view.shape[-2:]
         magnitudes = magnitudes_fn(num_bins, height, width)
-        for signed_bin in sorted({0, 1, num_bins // 3, num_bins - 1, -1, -(num_bins // 3), -(num_bins - 1)}):
+        for signed_bin in signed_bins:
             magnitude = 0.0 if magnitudes is None else float(magnitudes[abs(signed_bin)])
             magnitude = -magnitude if signed and signed_bin < 0 else magnitude
             expected = reference._apply_image_or_video_transform(

@@ -1,30 +1,37 @@
-"""reinforce.build end to end on a real teacher: exact replay, crash resume, bad inputs, damaged stores."""
+"""reinforce.build end to end on the real Lite0 teacher (store format 2): one teacher pass gives every target,
+replay through ``open_replay`` is bit-exact and its targets belong to each view, a read opens only the asked
+targets, crash resume, bad inputs, damaged stores."""
 
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import polars as pl
 import pytest
 import torch
+import torch.nn.functional as F
 import zarr
+from torch.utils.data import BatchSampler, DataLoader, SequentialSampler
 
-from reinforce.augment import AugParams, RandAugCropFlip
 from reinforce.build import BuildConfig, build
 from reinforce.build import main as build_main
-from reinforce.sources import open_source
+from reinforce.replay import open_replay
+from reinforce.teachers import TeacherCard, TeacherModel, create_backbone, save_teacher
 from stores import StoreCorruptError, open_store
 from stores.__main__ import main as stores_main
-from stores.store import ARRAYS_DIR
+from stores.store import ARRAYS_DIR, array_paths
 
 FMNIST = "fashion-mnist:test?limit=24"
+ALL_TARGETS = ("logits", "embedding", "patch")
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -37,48 +44,137 @@ def one_torch_thread():
     torch.set_num_threads(previous)
 
 
-def build_capturing(teacher, transfer_set: str, out: Path, workers: int) -> list[torch.Tensor]:
-    """Build a 2-view store through the library; returns every float tensor the backbone saw."""
+def small_config(card: TeacherCard, transfer_set: str, out: Path, **overrides: Any) -> BuildConfig:
+    settings = {"targets": ALL_TARGETS, "views": 2, "topk": 5, "batch_size": 16, "workers": 0, "unit_samples": 16,
+                "chunk_samples": 8, **overrides}
+    return BuildConfig(teacher=card.name, transfer_set=transfer_set, out=str(out), **settings)
+
+
+def build_capturing(teacher, transfer_set: str, out: Path, workers: int) -> torch.Tensor:
+    """Build a 2-view store of every target through the library; returns the normalised views the teacher's
+    first layer saw (row i*K+v = sample i, view v), after checking that one forward per view gave all targets."""
     model, card, _ = teacher
-    captured: list[torch.Tensor] = []
-    handle = model.backbone.register_forward_pre_hook(lambda _, args: captured.append(args[0].detach().clone()))
+    inputs: list[torch.Tensor] = []
+    head_rows: list[int] = []
+    hooks = [  # TeacherModel calls backbone.forward_features, so hook its first layer (Lite0: conv_stem)
+        model.backbone.conv_stem.register_forward_pre_hook(lambda _, args: inputs.append(args[0].detach().clone())),
+        model.head.register_forward_pre_hook(lambda _, args: head_rows.append(len(args[0]))),
+    ]
     try:
-        build(BuildConfig(teacher=card.name, transfer_set=transfer_set, out=str(out), views=2, topk=5,
-                          batch_size=16, workers=workers, unit_samples=16, chunk_samples=8), teacher=(model, card))
+        manifest = build(small_config(card, transfer_set, out, workers=workers), teacher=(model, card))
     finally:
-        handle.remove()
-    return captured
+        for hook in hooks:
+            hook.remove()
+    blank = model.normalize(torch.zeros(1, 3, card.input_size, card.input_size, dtype=torch.uint8))
+    assert torch.equal(inputs[0], blank), "the first forward is make_codecs' one-view probe"
+    seen = torch.cat(inputs[1:])
+    assert len(seen) == manifest.num_samples * manifest.views, "the teacher ran more or less than once per view"
+    assert head_rows == [len(x) for x in inputs], "logits came from another forward than the features"
+    return seen
 
 
 @pytest.fixture(scope="module")
-def fmnist_store(lite0_teacher, tmp_path_factory) -> tuple[Path, list[torch.Tensor]]:
+def fmnist_store(lite0_teacher, tmp_path_factory) -> tuple[Path, torch.Tensor]:
     out = tmp_path_factory.mktemp("stores") / "fmnist"
     return out, build_capturing(lite0_teacher, FMNIST, out, workers=0)
 
 
-def assert_replay_exact(model, store_path: Path, captured: list[torch.Tensor]) -> None:
+def _whole_batch(batch: Any) -> Any:
+    """collate_fn, as in train.distill: ``__getitems__`` already returns a collated batch."""
+    return batch
+
+
+def replay_every_view(store_path: Path, size: int, workers: int) -> tuple[Any, dict[tuple[int, int], Any]]:
+    """Every stored (sample, view) as training replays it: ``open_replay`` through a DataLoader with a batch
+    sampler, one epoch after another until each view was drawn. Returns the dataset and
+    ``{(sample, view): (uint8 [3, S, S], {target: {array: tensor}})}``."""
+    replay = open_replay(store_path, size=size, seed=0)
+    wanted = len(replay) * replay.views
+    seen: dict[tuple[int, int], Any] = {}
+    batches = BatchSampler(SequentialSampler(replay), batch_size=8, drop_last=False)
+    for epoch in range(30):
+        replay.set_epoch(epoch)
+        for batch in DataLoader(replay, batch_sampler=batches, collate_fn=_whole_batch, num_workers=workers):
+            for row, (i, v) in enumerate(zip(batch["index"].tolist(), batch["view"].tolist())):
+                targets = {t: {a: x[row] for a, x in arrays.items()} for t, arrays in batch["targets"].items()}
+                seen[i, v] = (batch["views"][row], targets)
+        if len(seen) == wanted:
+            return replay, seen
+    raise AssertionError(f"30 epochs drew only {len(seen)} of {wanted} stored views")
+
+
+def assert_replay_exact(model: TeacherModel, store_path: Path, teacher_inputs: torch.Tensor, workers: int) -> None:
+    """Replayed views equal the teacher's inputs bit for bit, and each view's stored targets are that view's."""
     store = open_store(store_path)
+    views, size = store.manifest.views, store.manifest.content.teacher.input_size
+    replay, seen = replay_every_view(store_path, size, workers)
+    keys = sorted(seen)
+    for i, v in keys:
+        replayed = model.normalize(seen[i, v][0][None])[0]
+        assert torch.equal(replayed, teacher_inputs[i * views + v]), f"sample {i} view {v} differs from the teacher input"
+
+    stored = {t: {a: torch.stack([seen[key][1][t][a] for key in keys]) for a in arrays}
+              for t, arrays in seen[keys[0]][1].items()}
+    decoded = replay.decode(stored)
+    with torch.inference_mode():
+        fresh = model.forward_targets(torch.stack([seen[key][0] for key in keys]), tuple(decoded))
+    assert torch.equal(decoded["logits"].argmax(-1), fresh["logits"].argmax(-1))
+    embedding_cosine = F.cosine_similarity(decoded["embedding"][:, None], fresh["embedding"][None], dim=-1)
+    assert embedding_cosine.diagonal().min() > 0.999
+    assert torch.equal(embedding_cosine.argmax(-1), torch.arange(len(keys))), "a stored embedding matches another view"
+    patch_cosine = F.cosine_similarity(decoded["patch"], fresh["patch"], dim=1)  # grid = the 2x2 map at 64 px
+    assert patch_cosine.min() > 0.999
+
+
+def test_one_build_stores_every_target(fmnist_store):
+    """Logits, embedding and patch map from one teacher pass (checked in build_capturing), with codec fidelity."""
+    store = open_store(fmnist_store[0])
     content = store.manifest.content
-    source = open_source(content["transfer_set"]["spec"])
-    policy = RandAugCropFlip.from_dict(content["policy"])
-    rows = torch.cat(captured)  # sample 0 view 0..K-1, sample 1 view 0..K-1, ...
-    views = content["views"]
-    assert rows.shape[0] == len(source) * views
-    for i in range(len(source)):
-        image = source.load(i)
-        for j in range(views):
-            params = AugParams.from_array(store.read(np.array([i]), np.array([j]))["params"][0])
-            replayed = model.normalize(policy.apply(image, params)[None])[0]
-            assert torch.equal(rows[i * views + j], replayed), f"sample {i} view {j} differs from the teacher input"
+    assert {name: t.kind for name, t in content.targets.items()} == {t: t for t in ALL_TARGETS}
+    assert content.targets["logits"].codec == {"name": "topk_logits", "k": 5, "num_classes": 1000,
+                                               "precision": "uint8", "index_coding": "delta"}
+    assert content.targets["patch"].arrays["values"].shape == (2, 2, 1280)  # Lite0's 2x2 map at 64 px
+    fidelity = store.manifest.summary["fidelity"]
+    assert fidelity["logits"]["top1_agreement"]["min"] == 1.0
+    assert fidelity["embedding"]["cosine"]["min"] > 0.999 and fidelity["patch"]["cosine"]["min"] > 0.999
 
 
 def test_replay_is_bit_exact_fashion_mnist(lite0_teacher, fmnist_store):
-    assert_replay_exact(lite0_teacher[0], *fmnist_store)
+    assert_replay_exact(lite0_teacher[0], *fmnist_store, workers=0)
+
+
+def test_replay_is_bit_exact_photos(lite0_teacher, photo_dir, tmp_path):
+    captured = build_capturing(lite0_teacher, f"folder:{photo_dir}", tmp_path / "photos", workers=2)
+    assert_replay_exact(lite0_teacher[0], tmp_path / "photos", captured, workers=2)
+
+
+def test_read_opens_only_the_asked_targets(fmnist_store, tmp_path):
+    """With every logits and patch shard overwritten (same sizes, so the store opens), embedding reads
+    through the store and the replay reader still work; a logits read names the broken array."""
+    store_path = tmp_path / "store"
+    shutil.copytree(fmnist_store[0], store_path)
+    rng = np.random.default_rng(0)
+    for target in ("logits", "patch"):
+        root = store_path / ARRAYS_DIR / target
+        for shard in (p for p in root.rglob("*") if p.is_file() and "c" in p.relative_to(root).parts):
+            shard.write_bytes(rng.bytes(shard.stat().st_size))
+    samples, views = np.arange(24), np.arange(24) % 2
+    store = open_store(store_path)
+    batch = store.read(samples, views, targets=["embedding"])
+    assert sorted(batch) == ["embedding", "theta"] and sorted(store._arrays) == [
+        "embedding/scale", "embedding/values", "theta"]
+    expected = open_store(fmnist_store[0]).read(samples, views, targets=["embedding"])
+    for name, values in expected["embedding"].items():
+        np.testing.assert_array_equal(batch["embedding"][name], values)
+    replay = open_replay(store_path, targets=["embedding"])
+    assert sorted(replay.__getitems__(list(range(8)))["targets"]) == ["embedding"]
+    with pytest.raises(StoreCorruptError, match=re.escape(str(store_path / ARRAYS_DIR / "logits") + "/")):
+        store.read(samples, views, targets=["logits"])
 
 
 def test_batched_read_matches_zarr_under_any_cache_size(fmnist_store):
     """Random (sample, view) pairs, with duplicates, across chunks: the cached reader returns what
-    zarr stores, whether every chunk fits in the cache or only one does."""
+    zarr stores, for θ and every target array, whether every chunk fits in the cache or only one does."""
     path = fmnist_store[0]
     group = zarr.open_group(path / ARRAYS_DIR, mode="r")
     rng = np.random.default_rng(0)
@@ -87,20 +183,39 @@ def test_batched_read_matches_zarr_under_any_cache_size(fmnist_store):
         for _ in range(3):
             samples, views = rng.integers(0, 24, size=40), rng.integers(0, 2, size=40)
             batch = store.read(samples, views)
-            for name, values in batch.items():
-                np.testing.assert_array_equal(values, group[name][:][samples, views], err_msg=name)
+            np.testing.assert_array_equal(batch.pop("theta"), group["theta"][:][samples, views])
+            assert sorted(batch) == sorted(ALL_TARGETS)
+            for target, arrays in batch.items():
+                for name, values in arrays.items():
+                    np.testing.assert_array_equal(values, group[f"{target}/{name}"][:][samples, views],
+                                                  err_msg=f"{target}/{name}")
     with pytest.raises(IndexError, match=r"\[0, 24\)"):
         store.read(np.array([24]), np.array([0]))
 
 
-def test_replay_is_bit_exact_photos(lite0_teacher, photo_dir, tmp_path):
-    captured = build_capturing(lite0_teacher, f"folder:{photo_dir}", tmp_path / "photos", workers=2)
-    assert_replay_exact(lite0_teacher[0], tmp_path / "photos", captured)
+def test_inspect_prints_bytes_and_fidelity_per_target(fmnist_store, capsys):
+    path = fmnist_store[0]
+    assert stores_main(["inspect", str(path)]) == 0
+    out = capsys.readouterr().out
+    manifest = open_store(path).manifest
+    views = manifest.num_samples * manifest.views
+    for target in ALL_TARGETS:
+        stored = sum(f.bytes for f in manifest.files if f.path.startswith(f"{ARRAYS_DIR}/{target}/"))
+        line = re.search(rf"^target +{target} \[{target}\] name=.*: ([\d.]+) B/view$", out, re.MULTILINE)
+        assert line and float(line.group(1)) == pytest.approx(stored / views, abs=0.05), out
+    fidelity = re.findall(r"^  fidelity +(.*)$", out, re.MULTILINE)
+    assert len(fidelity) == 3
+    assert re.fullmatch(r"kl mean [\d.]+ min [\d.]+  top1_agreement mean 1\.0000 min 1\.0000", fidelity[0])
+    for line in fidelity[1:]:
+        cosine = re.fullmatch(r"cosine mean ([\d.]+) min ([\d.]+)", line)
+        assert cosine and min(map(float, cosine.groups())) >= 0.999, line
+    assert re.search(r"^policy +name=rrc_flip_randaug.*\(θ: [\d.]+ B/view\)$", out, re.MULTILINE)
 
 
 def test_sigkill_resume_matches_uninterrupted(lite0_teacher, tmp_path):
-    _, card, zoo_dir = lite0_teacher
-    args = ["--teacher", str(zoo_dir), "--transfer-set", "fashion-mnist:test?limit=160", "--views", "2",
+    model, card, zoo_dir = lite0_teacher
+    spec = "fashion-mnist:test?limit=160"
+    args = ["--teacher", str(zoo_dir), "--transfer-set", spec, "--targets", ",".join(ALL_TARGETS), "--views", "2",
             "--unit-samples", "16", "--chunk-samples", "8", "--batch-size", "32", "--workers", "0"]
     out = tmp_path / "resumed"
     commits = out.with_name("resumed.partial") / "commits"
@@ -120,14 +235,16 @@ def test_sigkill_resume_matches_uninterrupted(lite0_teacher, tmp_path):
     subprocess.run(command, check=True, capture_output=True, env=env)
 
     reference = tmp_path / "reference"
-    build(BuildConfig(teacher=card.name, transfer_set="fashion-mnist:test?limit=160", out=str(reference), views=2,
-                      topk=5, batch_size=32, workers=0, unit_samples=16, chunk_samples=8),
-          teacher=(lite0_teacher[0], card))
+    build(small_config(card, spec, reference, batch_size=32), teacher=(model, card))
     resumed_store, reference_store = open_store(out), open_store(reference)
     assert resumed_store.manifest.store_id == reference_store.manifest.store_id
-    for name in reference_store.fields:
-        resumed = zarr.open_array(out / ARRAYS_DIR / name, mode="r")[:]
-        expected = zarr.open_array(reference / ARRAYS_DIR / name, mode="r")[:]
+    names = set(array_paths(reference_store.manifest.content))
+    assert {"theta", "logits/values", "embedding/values", "patch/values"} <= names
+    groups = [zarr.open_group(p / ARRAYS_DIR, mode="r") for p in (out, reference)]
+    for group in groups:
+        assert {k for k, v in group.members(max_depth=None) if isinstance(v, zarr.Array)} == names
+    for name in sorted(names):
+        resumed, expected = (group[name][:] for group in groups)
         assert np.array_equal(resumed, expected), f"{name} differs after resume"
     assert resumed_store.samples.equals(reference_store.samples)
 
@@ -149,6 +266,7 @@ def test_corrupt_images_are_skipped(lite0_teacher, photo_dir, tmp_path):
     assert sorted(bad["key"].to_list()) == ["garbage.png", "truncated.png"]
     assert all(bad["error"].str.len_chars() > 0)
     assert samples.filter(pl.col("status") == "ok")["error"].null_count() == 3
+    assert len(open_replay(tmp_path / "s")) == 3
 
 
 def test_teacher_class_mismatch_fails_before_work(lite0_teacher, tmp_path, capsys):
@@ -161,10 +279,25 @@ def test_teacher_class_mismatch_fails_before_work(lite0_teacher, tmp_path, capsy
     assert not out.exists() and not out.with_name("never.partial").exists()
 
 
+def test_logits_from_a_headless_teacher_fail_in_one_line(lite0_teacher, tmp_path, capsys):
+    card = lite0_teacher[1]
+    headless = TeacherCard(name="lite0_frozen", library="timm", backbone=card.backbone, num_classes=0, class_names=(),
+                           input_size=card.input_size, mean=card.mean, std=card.std, adaptation={"mode": "frozen"})
+    model = TeacherModel(create_backbone("timm", card.backbone), 0, card.mean, card.std)
+    save_teacher(model, headless, tmp_path / "lite0_frozen")
+    out = tmp_path / "never"
+    code = build_main(["--teacher", str(tmp_path / "lite0_frozen"), "--transfer-set", FMNIST, "--targets", "logits",
+                       "--out", str(out)])
+    assert code == 2
+    error = capsys.readouterr().err.strip()
+    assert "\n" not in error and "--targets logits" in error and "embedding,patch" in error, error
+    assert not out.exists() and not out.with_name("never.partial").exists()
+
+
 def test_truncated_shard_is_named(fmnist_store, tmp_path):
     store = tmp_path / "store"
     shutil.copytree(fmnist_store[0], store)
-    shard = store / ARRAYS_DIR / "logits_topk" / "c" / "0" / "0" / "0"
+    shard = store / ARRAYS_DIR / "logits" / "values" / "c" / "0" / "0" / "0"
     shard.write_bytes(shard.read_bytes()[:-100])
     with pytest.raises(StoreCorruptError, match=str(shard)):
         open_store(store)
@@ -177,13 +310,12 @@ def test_flipped_bytes_are_detected(fmnist_store, tmp_path, capsys):
     store = tmp_path / "store"
     shutil.copytree(fmnist_store[0], store)
     assert stores_main(["verify", str(store)]) == 0
-    shard = store / ARRAYS_DIR / "logits_topk" / "c" / "0" / "0" / "0"
+    shard = store / ARRAYS_DIR / "logits" / "values" / "c" / "0" / "0" / "0"
     data = bytearray(shard.read_bytes())
-    middle = len(data) // 2
-    data[middle: middle + 8] = bytes(b ^ 0xFF for b in data[middle: middle + 8])
+    data[8:16] = bytes(b ^ 0xFF for b in data[8:16])  # inside the first chunk (the shard index is at the end)
     shard.write_bytes(bytes(data))
     capsys.readouterr()
     assert stores_main(["verify", str(store)]) != 0
     assert str(shard) in capsys.readouterr().err
-    with pytest.raises(StoreCorruptError, match="logits_topk"):
-        open_store(store).read(np.arange(16), np.zeros(16, dtype=np.int64))
+    with pytest.raises(StoreCorruptError, match=re.escape(str(store / ARRAYS_DIR / "logits" / "values"))):
+        open_store(store).read(np.arange(16), np.zeros(16, dtype=np.int64), targets=["logits"])

@@ -20,12 +20,14 @@ import torch
 
 from reinforce.augment import eval_view
 from reinforce.build import BuildConfig, build
+from reinforce.replay import open_replay
 from reinforce.sources import open_source
 from reinforce.teachers import create_teacher
 from stores.store import open_store
 from train.deepspeed_glue import load_config
-from train.distill import StoreViews, kd_loss
-from train.models import load_student
+from train.distill import DistillConfig, build_objective
+from train.losses import kl_divergence
+from train.models import create_student, load_student
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLES, BATCH, EPOCHS = 1024, 32, 6
@@ -49,7 +51,8 @@ def store_dir(tmp_path_factory, teacher) -> Path:
     out = tmp_path_factory.mktemp("distill") / "store"
     transfer = f"fashion-mnist:train?shots=10&seed=0&part=unlabeled&limit={SAMPLES}"
     config = BuildConfig(teacher="lp_lite0", transfer_set=transfer, out=str(out), views=2, topk=5, workers=0,
-                         unit_samples=512, device="cpu", scale=(0.7, 1.0), num_ops=0)  # mild views for a short run
+                         targets=("logits", "embedding", "patch"), unit_samples=512, device="cpu",
+                         policy_args={"scale": [0.7, 1.0], "num_ops": 0})  # mild views for a short run
     build(config, teacher=teacher)
     return out
 
@@ -58,6 +61,7 @@ def _distill(store: Path, out: Path, epochs: int, *extra: str, nproc: int = 2) -
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     args = ["--store", str(store), "--student", STUDENT, "--size", "32", "--epochs", str(epochs),
             "--temperature", "1", "--batch-size", str(BATCH), "--lr", "5e-3", "--workers", "0", "--out", str(out),
+            "--targets", "logits",
             *extra]
     launcher = ([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "-m"] if nproc > 1
                 else [sys.executable, "-m"])
@@ -142,31 +146,63 @@ def test_finetune_and_evaluate_the_distilled_student(distilled, tmp_path):
     assert metrics["top1"] > 0.4 and 0.4 < metrics["balanced_accuracy"] <= 1.0
 
 
-def test_store_views_reads_one_batch(store_dir):
-    store = open_store(store_dir)
-    source = open_source(store.manifest.content["transfer_set"]["spec"])
-    dataset = StoreViews(store, source, np.arange(8), size=32, seed=0)
-    batch = dataset.__getitems__([0, 3, 5])
+def test_replay_reads_only_the_distilled_targets(store_dir):
+    """The reader train.distill iterates: views at the student's size, only the asked targets, decodable."""
+    replay = open_replay(store_dir, targets=["embedding"], size=32)
+    batch = replay.__getitems__([0, 3, 5])
     assert batch["views"].shape == (3, 3, 32, 32) and batch["views"].dtype == torch.uint8
-    assert batch["index"].tolist() == [0, 3, 5] and batch["logits_topk"].shape == (3, 5)
-    first = dataset.view_of.copy()
-    dataset.set_epoch(0)
-    assert (dataset.view_of == first).all()  # the view choice is a function of (seed, epoch, sample)
+    assert batch["index"].tolist() == [0, 3, 5] and set(batch["targets"]) == {"embedding"}
+    assert replay.decode(batch["targets"])["embedding"].shape == (3, 1280)
+    first = replay.view_of.copy()
+    replay.set_epoch(0)
+    assert (replay.view_of == first).all()  # the view choice is a function of (seed, epoch, sample)
 
 
-def test_kd_loss_is_zero_on_equal_logits():
+@pytest.mark.parametrize("target", ["logits", "embedding", "patch", "logits,embedding:0.5"])
+def test_each_loss_decreases_on_a_real_store(store_dir, target):
+    """The objective train.distill builds for each target kind (KL, contrastive with projections, cosine
+    with a 1x1 projection) goes down over a few steps on one real replayed batch."""
+    names = tuple(t.partition(":")[0] for t in target.split(","))
+    config = DistillConfig(store=str(store_dir), student=STUDENT, out="unused", targets=names,
+                           weights={"embedding": 0.5} if "," in target else {})
+    replay = open_replay(store_dir, targets=names, size=32)
+    torch.manual_seed(0)
+    student, _ = create_student(STUDENT, class_names=tuple(str(i) for i in range(10)) if "logits" in names else (),
+                                input_size=32)
+    objective = build_objective(student, replay, config)
+    batch = replay.__getitems__(list(range(32)))
+    targets = replay.decode(batch["targets"])
+    optimizer = torch.optim.AdamW(objective.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(8):
+        loss, parts = objective(batch["views"], targets)
+        assert set(parts) == set(names)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    print(f"{target}: {losses[0]:.4f} -> {losses[-1]:.4f}")
+    assert losses[-1] < 0.9 * losses[0]
+
+
+def test_kl_is_zero_on_equal_logits():
     logits = torch.randn(4, 10)
-    assert kd_loss(logits, logits, 2.0).abs().item() < 1e-5
-    assert kd_loss(torch.zeros(4, 10), logits, 2.0).item() > 0
+    assert kl_divergence(logits, logits, 2.0).abs().item() < 1e-5
+    assert kl_divergence(torch.zeros(4, 10), logits, 2.0).item() > 0
+    assert kl_divergence(logits, torch.log_softmax(logits, -1), 2.0).abs().item() < 1e-5  # shift invariant
 
 
-@pytest.mark.parametrize("case", ["missing_store", "unknown_student", "fingerprint"])
+@pytest.mark.parametrize("case", ["missing_store", "unknown_student", "fingerprint", "unknown_target", "wrong_loss"])
 def test_errors_are_one_line(case, store_dir, tmp_path):
-    store, student = store_dir, STUDENT
+    store, student, extra = store_dir, STUDENT, []
     if case == "missing_store":
         store = tmp_path / "nope"
     elif case == "unknown_student":
         student = "no_such_net_123"
+    elif case == "unknown_target":
+        extra = ["--targets", "seg_logits"]
+    elif case == "wrong_loss":
+        extra = ["--targets", "embedding", "--loss", "cosine"]
     else:
         store = tmp_path / "store"
         subprocess.run(["cp", "-r", str(store_dir), str(store)], check=True)
@@ -174,7 +210,7 @@ def test_errors_are_one_line(case, store_dir, tmp_path):
         manifest["content"]["transfer_set"]["fingerprint"] = "0" * 64
         (store / "manifest.json").write_text(json.dumps(manifest))
     result = subprocess.run([sys.executable, "-m", "train.distill", "--store", str(store), "--student", student,
-                             "--out", str(tmp_path / "out")], cwd=REPO, capture_output=True, text=True,
+                             "--out", str(tmp_path / "out"), *extra], cwd=REPO, capture_output=True, text=True,
                             env={**os.environ, "DS_ACCELERATOR": "cpu"}, timeout=300)
     assert result.returncode == 2
     lines = [line for line in result.stderr.splitlines() if line.startswith("train.distill: error:")]

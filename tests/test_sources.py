@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import io
 import subprocess
 import sys
@@ -143,10 +144,13 @@ def test_every_registered_source_opens_deterministically(prefix, photo_tree):
 def test_package_photo_sources_hold_the_expected_photographs():
     photos = open_source("skimage:photos")
     assert photos.keys.tolist() == list(sources.SKIMAGE_PHOTOS) and len(photos) == 19
-    assert torch.equal(photos.load(photos.keys.tolist().index("coffee")), torch.from_numpy(skdata.coffee()).permute(2, 0, 1))
+    coffee = photos.load(photos.keys.tolist().index("coffee"))
+    assert torch.equal(coffee, torch.from_numpy(skdata.coffee()).permute(2, 0, 1))
     camera = photos.load(photos.keys.tolist().index("camera"))  # grayscale → 3 equal channels
     assert torch.equal(camera[0], torch.from_numpy(skdata.camera())) and torch.equal(camera[0], camera[2])
     assert open_source("sklearn:images").keys.tolist() == ["china", "flower"]
+    if importlib.util.find_spec("matplotlib") is not None:  # its sample photograph joins the crop pool
+        assert sources._package_photo_names()[-1] == "matplotlib/grace_hopper"
     digits = open_source("sklearn:digits")
     assert len(digits) == 1797 and digits.class_names == tuple("0123456789")
     assert sorted(set(digits.labels.tolist())) == list(range(10))
@@ -176,7 +180,8 @@ def test_photo_crops_are_the_same_in_a_fresh_process():
     crops = open_source("photo-crops:8@32")
     here = [crops.fingerprint(), *(hashlib.sha256(crops.load(i).numpy().tobytes()).hexdigest() for i in range(8))]
     script = ("import hashlib; from reinforce.sources import open_source; s = open_source('photo-crops:8@32'); "
-              "print(s.fingerprint()); [print(hashlib.sha256(s.load(i).numpy().tobytes()).hexdigest()) for i in range(8)]")
+              "print(s.fingerprint()); "
+              "[print(hashlib.sha256(s.load(i).numpy().tobytes()).hexdigest()) for i in range(8)]")
     there = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout.split()
     assert there == here
 
@@ -190,7 +195,7 @@ def test_package_uris_load_through_a_manifest(tmp_path):
     assert manifest.load(0).shape == (3, 24, 24) and manifest.load(5).shape == (3, 8, 8)
 
 
-def test_registry_errors_name_the_registered_sources(monkeypatch):
+def test_registry_errors_name_the_registered_sources(monkeypatch, photo_tree):
     with pytest.raises(ValueError, match="cannot open transfer set") as error:
         open_source("no-such-source:abc")
     assert all(prefix in str(error.value) for prefix in list_sources())
@@ -203,4 +208,5 @@ def test_registry_errors_name_the_registered_sources(monkeypatch):
     monkeypatch.setattr(sources, "_SOURCES", dict(sources._SOURCES))
     register_source("test-folder")(sources._folder)
     assert "test-folder" in list_sources("test-*")
-    assert open_source(f"test-folder:{Path(__file__).parent}?limit=0").spec.startswith("test-folder:")
+    custom = open_source(f"test-folder:{photo_tree}?limit=2")
+    assert custom.spec == f"test-folder:{photo_tree}?limit=2" and len(custom) == 2

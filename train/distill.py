@@ -1,16 +1,19 @@
 """``python -m train.distill``: train a student on a reinforced store; the teacher is never loaded.
 
 Each epoch shows every stored sample once, through one of its K stored views chosen from
-(seed, epoch, sample). The view is re-rendered from the stored augmentation record at the
-student's size, and the target is the stored teacher prediction decoded by the store's codec.
-Loss: ``T² · KL(teacher_T ‖ student_T)``. Training always runs in a DeepSpeed engine (CPU: gloo),
-one process or many under ``torchrun``; a checkpoint is written every epoch and picked up again
-automatically, so a rerun with a larger ``--epochs`` continues where the last one stopped.
+(seed, epoch, sample), replayed by ``reinforce.replay`` at the student's size; the targets are the
+store's cached teacher outputs decoded by their codecs. Each target gets the loss of its kind
+(``--loss auto``: KL at temperature T for logits — task-oriented transfer; contrastive for an
+embedding and cosine for patch features — the task-agnostic baseline); several targets combine
+with weights (``--targets logits,embedding:0.5``). Training always runs in a DeepSpeed engine (CPU:
+gloo), one process or many under ``torchrun``; a checkpoint is written every epoch and picked up
+again automatically, so a rerun with a larger ``--epochs`` continues where the last one stopped.
 
 ``OUT`` holds ``deepspeed.json`` (the built-in config, when ``--deepspeed`` is not given: edit it and
-pass it back), ``checkpoints/``, ``log.jsonl`` (one line per epoch: epoch, step, loss), the final
-``model.safetensors`` + ``student.json``, and ``rank{r}_samples.npy``: the sample indices rank r
-consumed in this invocation, one row per epoch run (for auditing the data split).
+pass it back), ``checkpoints/``, ``log.jsonl`` (one line per epoch: epoch, step, loss and each
+target's loss), the final ``model.safetensors`` + ``student.json``, and ``rank{r}_samples.npy``: the
+sample indices rank r consumed in this invocation, one row per epoch run (for auditing the split).
+A student distilled without a logits target has no classifier; ``train.finetune`` gives it one.
 
 Example:
     torchrun --nproc_per_node 2 -m train.distill --store runs/fmnist-lite0 \
@@ -30,18 +33,16 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampler
+from torch.utils.data import BatchSampler, DataLoader, DistributedSampler
 from tqdm import tqdm
 
-from reinforce.augment import AugParams, RandAugCropFlip
-from reinforce.sources import Source, open_source
-from stores.codecs import create_codec
-from stores.store import ReinforcedStore, StoreCorruptError, open_store
+from reinforce.replay import ReplayDataset, open_replay
+from stores.store import StoreCorruptError, StoreFormatError
 from train import deepspeed_glue
-from train.models import create_student, save_student
+from train.losses import DEFAULT_LOSS, DistillObjective, create_loss
+from train.models import Student, create_student, save_student
 
-__all__ = ["DistillConfig", "StoreViews", "distill", "kd_loss", "main"]
+__all__ = ["DistillConfig", "distill", "main"]
 
 log = logging.getLogger(__name__)
 CHECKPOINTS = "checkpoints"
@@ -54,6 +55,9 @@ class DistillConfig:
     store: str
     student: str
     out: str
+    targets: tuple[str, ...] | None = None  # default: every target the store holds
+    losses: tuple[str, ...] = ("auto",)  # one per target, or one for all; auto: by the target's kind
+    weights: dict[str, float] = dataclasses.field(default_factory=dict)  # per target, default 1
     epochs: int = 10
     temperature: float = 2.0
     size: int | None = None  # default: the store's view size
@@ -65,69 +69,37 @@ class DistillConfig:
     resume: bool = False  # require a checkpoint (one is always used when present)
 
 
-class StoreViews(Dataset):
-    """Position p -> ok sample ``indices[p]``: one stored view re-rendered at ``size`` + its targets.
-
-    Batches come through ``__getitems__`` so a batch's targets cost one ``store.read``. Holds only
-    numpy state (no polars), so fork-based DataLoader workers are safe.
-    """
-
-    def __init__(self, store: ReinforcedStore, source: Source, indices: np.ndarray, size: int, seed: int):
-        content = store.manifest.content
-        self.store, self.source, self.indices, self.size, self.seed = store, source, indices, size, seed
-        self.policy = RandAugCropFlip.from_dict(content["policy"])
-        self.views = int(content["views"])
-        self.set_epoch(0)
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def set_epoch(self, epoch: int) -> None:
-        """Pick each sample's view for ``epoch``: a function of (seed, epoch, sample index) only."""
-        rng = np.random.default_rng([self.seed, epoch])
-        self.view_of = rng.integers(0, self.views, size=int(self.indices.max(initial=0)) + 1)
-
-    def __getitem__(self, position: int) -> dict[str, torch.Tensor]:
-        return {k: v[0] for k, v in self.__getitems__([position]).items()}
-
-    def __getitems__(self, positions: list[int]) -> dict[str, torch.Tensor]:
-        samples = self.indices[np.asarray(positions, dtype=np.int64)]
-        views = self.view_of[samples]
-        stored = self.store.read(samples, views)
-        rendered = [self.policy.apply(self.source.load(int(i)), AugParams.from_array(p), size=self.size)
-                    for i, p in zip(samples, stored.pop("params"))]
-        payload = {k: torch.from_numpy(v.astype(np.int32) if v.dtype == np.uint16 else v) for k, v in stored.items()}
-        return {"views": torch.stack(rendered), "index": torch.from_numpy(samples), **payload}
-
-
 def _identity(batch: Any) -> Any:
     """collate_fn: ``__getitems__`` already returns a collated batch (module-level so workers can use it)."""
     return batch
 
 
-def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    """``T² · KL(softmax(teacher/T) ‖ softmax(student/T))``, mean over the batch (Hinton et al. scaling)."""
-    student = F.log_softmax(student_logits.float() / temperature, dim=-1)
-    teacher = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
-    return F.kl_div(student, teacher, log_target=True, reduction="batchmean") * temperature**2
+@torch.no_grad()
+def build_objective(student: Student, replay: ReplayDataset, config: DistillConfig) -> DistillObjective:
+    """The student and one loss per target, sized from one replayed batch of targets and a probe forward."""
+    kinds = {name: replay.store.manifest.content.targets[name].kind for name in replay.targets}
+    names = config.losses * len(kinds) if len(config.losses) == 1 else config.losses
+    if len(names) != len(kinds):
+        raise ValueError(f"--loss gives {len(names)} losses for {len(kinds)} targets {list(kinds)}")
+    sample = replay.decode(replay.__getitems__([0])["targets"])
+    blank = torch.zeros(1, 3, replay.size, replay.size, dtype=torch.uint8)
+    probe = student.eval().forward_parts(blank, {"embedding", "feature_map"})
+    losses = {}
+    for (name, kind), loss_name in zip(kinds.items(), names):
+        loss_name = DEFAULT_LOSS[kind] if loss_name == "auto" else loss_name
+        teacher_size = sample[name].shape[1]  # embedding dim or patch channels
+        losses[name] = create_loss(loss_name, temperature=config.temperature,
+                                   student_dim=probe["embedding"].shape[-1], teacher_dim=teacher_size,
+                                   student_channels=probe["feature_map"].shape[1], teacher_channels=teacher_size)
+        if losses[name].kind != kind:
+            raise ValueError(f"loss {loss_name!r} is for {losses[name].kind} targets; {name!r} holds {kind}")
+    unknown = sorted(set(config.weights) - set(kinds))
+    if unknown:
+        raise ValueError(f"weights given for {unknown}, which are not distilled targets {list(kinds)}")
+    return DistillObjective(student.train(), losses, config.weights)
 
 
-def open_inputs(config: DistillConfig) -> tuple[ReinforcedStore, Source, np.ndarray]:
-    """Store, its transfer set (checked against the recorded fingerprint) and the ok sample indices."""
-    store = open_store(config.store)
-    spec = store.manifest.content["transfer_set"]
-    source = open_source(spec["spec"])
-    if source.fingerprint() != spec["fingerprint"]:
-        raise ValueError(f"transfer set {spec['spec']!r} no longer matches the store {config.store!r} "
-                         "(fingerprint differs): the images changed since the build")
-    samples = store.samples
-    ok = samples.filter(samples["status"] == "ok")["index"].to_numpy().astype(np.int64)
-    if len(ok) == 0:
-        raise ValueError(f"store {config.store!r} has no usable samples")
-    return store, source, ok
-
-
-def make_loader(dataset: StoreViews, config: DistillConfig, rank: int, world: int) -> DataLoader:
+def make_loader(dataset: ReplayDataset, config: DistillConfig, rank: int, world: int) -> DataLoader:
     """Equal, disjoint shards per rank (drop_last) cut into whole batches; reshuffled by ``set_epoch``."""
     sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=config.seed,
                                  drop_last=True)
@@ -156,81 +128,97 @@ def resume(engine, config: DistillConfig, identity: dict[str, Any]) -> tuple[int
     return int(state["epoch"]), int(state["step"])
 
 
-def train_epoch(engine, loader: DataLoader, codec, config: DistillConfig, epoch: int,
-                rank: int) -> tuple[float, np.ndarray]:
-    """One pass; returns the mean loss over all ranks and the sample indices this rank consumed."""
+def train_epoch(engine, loader: DataLoader, replay: ReplayDataset, config: DistillConfig, epoch: int,
+                rank: int) -> tuple[dict[str, float], np.ndarray]:
+    """One pass; returns the mean losses over all ranks (total and per target) and the samples this rank saw."""
     engine.train()
-    total, seen = torch.zeros(2, dtype=torch.float64), []
+    names = list(engine.module.losses)
+    totals, seen = torch.zeros(len(names) + 2, dtype=torch.float64), []
     progress = tqdm(loader, desc=f"epoch {epoch + 1}/{config.epochs}", disable=rank != 0, dynamic_ncols=True,
                     mininterval=1.0)
     for batch in progress:
-        views = batch.pop("views").to(engine.device).contiguous(memory_format=torch.channels_last)
-        seen.append(batch.pop("index").numpy())
-        targets = codec.decode_logits({k: v.to(engine.device) for k, v in batch.items()})
-        loss = kd_loss(engine(views), targets, config.temperature)
+        views = batch["views"].to(engine.device).contiguous(memory_format=torch.channels_last)
+        seen.append(batch["index"].numpy())
+        loss, parts = engine(views, replay.decode(batch["targets"], engine.device))
         engine.backward(loss)
         engine.step()
-        total += torch.tensor([loss.item() * len(views), len(views)], dtype=torch.float64)
-        progress.set_postfix(loss=f"{loss.item():.4f}")
+        values = [loss.item(), *(parts[name].item() for name in names)]
+        totals += torch.tensor([v * len(views) for v in values] + [len(views)], dtype=torch.float64)
+        progress.set_postfix(loss=f"{values[0]:.4f}")
     if torch.distributed.is_initialized():
-        torch.distributed.all_reduce(total)
-    return float(total[0] / total[1].clamp_min(1)), np.concatenate(seen)
+        torch.distributed.all_reduce(totals)
+    means = (totals[:-1] / totals[-1].clamp_min(1)).tolist()
+    return {"loss": means[0], **{f"loss_{name}": value for name, value in zip(names, means[1:])}}, np.concatenate(seen)
 
 
 def distill(config: DistillConfig) -> dict[str, Any]:
     """Run (or continue) distillation; returns the history stage written into ``student.json``."""
-    store, source, ok = open_inputs(config)
-    content = store.manifest.content
-    size = config.size or int(content["policy"]["size"])
-    torch.manual_seed(config.seed)  # same initial student on every rank and every rerun
-    model, card = create_student(config.student, class_names=tuple(content["teacher"]["class_names"]),
-                                 input_size=size)
+    replay = open_replay(config.store, targets=config.targets, size=config.size, seed=config.seed)
+    content = replay.store.manifest.content
+    torch.manual_seed(config.seed)  # same initial student and projections on every rank and every rerun
+    class_names = content.teacher.class_names if "logits" in replay.targets else ()
+    student, card = create_student(config.student, class_names=class_names, input_size=replay.size)
+    objective = build_objective(student, replay, config)
     rank, world = deepspeed_glue.init_distributed()
     Path(config.out).mkdir(parents=True, exist_ok=True)
     if rank != 0:
         log.setLevel(logging.WARNING)  # one copy of the per-epoch log
     elif config.deepspeed is None:  # the built-in config, for the user to edit and pass back with --deepspeed
         deepspeed_glue.write_default_config(Path(config.out) / "deepspeed.json")
-    dataset = StoreViews(store, source, ok, size, config.seed)
-    loader = make_loader(dataset, config, rank, world)
+    loader = make_loader(replay, config, rank, world)
     ds_config = deepspeed_glue.resolve_config(deepspeed_glue.load_config(config.deepspeed),
                                               batch_size=config.batch_size, lr=config.lr,
                                               total_steps=config.epochs * len(loader))
-    engine = deepspeed_glue.initialize(model, ds_config)
-    identity = {"store_id": store.manifest.store_id, "student": config.student, "size": size, "world": world}
+    engine = deepspeed_glue.initialize(objective, ds_config)
+    losses = {name: type(loss).name for name, loss in objective.losses.items()}
+    identity = {"store_id": replay.store.manifest.store_id, "student": config.student, "size": replay.size,
+                "world": world, "losses": losses}
     start_epoch, start_step = resume(engine, config, identity)
-    seen = _run_epochs(engine, dataset, loader, create_codec(**content["codec"]), config, start_epoch, identity)
-    stage = {"stage": "distill", "store_id": store.manifest.store_id, "epochs": config.epochs,
-             "temperature": config.temperature, "steps": int(engine.global_steps), "size": size,
+    seen = _run_epochs(engine, replay, loader, config, start_epoch, identity)
+    stage = {"stage": "distill", "store_id": identity["store_id"], "targets": list(replay.targets), "losses": losses,
+             "weights": objective.weights, "epochs": config.epochs, "temperature": config.temperature,
+             "steps": int(engine.global_steps), "size": replay.size,
              "resumed_from": {"epoch": start_epoch, "step": start_step} if start_epoch else None,
              "world_size": world, "batch_size": config.batch_size}
     if rank == 0:
-        save_student(engine.module, card.with_stage(**stage), config.out)
-    out = Path(config.out)
-    np.save(out / f"rank{rank}_samples.npy", np.stack(seen) if seen else np.zeros((0, 0), dtype=np.int64))
+        save_student(engine.module.student, card.with_stage(**stage), config.out)
+    np.save(Path(config.out) / f"rank{rank}_samples.npy", np.stack(seen) if seen else np.zeros((0, 0), np.int64))
     return stage
 
 
-def _run_epochs(engine, dataset: StoreViews, loader: DataLoader, codec, config: DistillConfig,
+def _run_epochs(engine, replay: ReplayDataset, loader: DataLoader, config: DistillConfig,
                 start_epoch: int, identity: dict[str, Any]) -> list[np.ndarray]:
     """Epochs ``start_epoch..epochs-1``, a checkpoint after each (on every rank: it is collective)."""
     rank = int(torch.distributed.get_rank()) if torch.distributed.is_initialized() else 0
     seen = []
     for epoch in range(start_epoch, config.epochs):
         loader.batch_sampler.sampler.set_epoch(epoch)
-        dataset.set_epoch(epoch)
+        replay.set_epoch(epoch)
         started = time.perf_counter()
-        loss, indices = train_epoch(engine, loader, codec, config, epoch, rank)
+        losses, indices = train_epoch(engine, loader, replay, config, epoch, rank)
         seen.append(indices)
         step = int(engine.global_steps)
-        log.info("epoch %d/%d: loss %.4f, step %d, %.1f s", epoch + 1, config.epochs, loss, step,
-                 time.perf_counter() - started)
+        log.info("epoch %d/%d: %s, step %d, %.1f s", epoch + 1, config.epochs,
+                 ", ".join(f"{k} {v:.4f}" for k, v in losses.items()), step, time.perf_counter() - started)
         if rank == 0:
             with open(Path(config.out) / "log.jsonl", "a") as f:
-                f.write(json.dumps({"epoch": epoch + 1, "step": step, "loss": loss}) + "\n")
+                f.write(json.dumps({"epoch": epoch + 1, "step": step, **losses}) + "\n")
         engine.save_checkpoint(str(Path(config.out) / CHECKPOINTS),
                                client_state={"epoch": epoch + 1, "step": step, **identity})
     return seen
+
+
+def _targets(text: str | None) -> tuple[tuple[str, ...] | None, dict[str, float]]:
+    """``logits,embedding:0.5`` -> (("logits", "embedding"), {"embedding": 0.5})."""
+    if not text:
+        return None, {}
+    names, weights = [], {}
+    for item in text.split(","):
+        name, _, weight = item.strip().partition(":")
+        names.append(name)
+        if weight:
+            weights[name] = float(weight)
+    return tuple(names), weights
 
 
 def parse_args(argv: list[str] | None = None) -> DistillConfig:
@@ -240,6 +228,11 @@ def parse_args(argv: list[str] | None = None) -> DistillConfig:
     parser.add_argument("--store", required=True, help="reinforced store directory (reinforce.build --out)")
     parser.add_argument("--student", required=True, help="timm architecture, e.g. mobilenetv3_small_050")
     parser.add_argument("--out", required=True, help="run directory: checkpoints, logs, final student")
+    parser.add_argument("--targets", default=None,
+                        help="store targets to distill, with optional weights: logits,embedding:0.5 (default: all)")
+    parser.add_argument("--loss", default="auto",
+                        help="auto (by target kind: logits kl, embedding contrastive, patch cosine), or loss names "
+                             "one per target: kl | contrastive | cosine")
     parser.add_argument("--epochs", type=int, default=defaults.epochs, help="total epochs (a rerun continues)")
     parser.add_argument("--temperature", type=float, default=defaults.temperature, help="distillation T")
     parser.add_argument("--size", type=int, default=None, help="student input size (default: the store's)")
@@ -249,7 +242,10 @@ def parse_args(argv: list[str] | None = None) -> DistillConfig:
     parser.add_argument("--workers", type=int, default=defaults.workers, help="DataLoader workers per rank")
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument("--resume", action="store_true", help="fail unless a checkpoint exists under --out")
-    return DistillConfig(**vars(parser.parse_args(argv)))
+    args = vars(parser.parse_args(argv))
+    args["targets"], args["weights"] = _targets(args["targets"])
+    args["losses"] = tuple(name.strip() for name in args.pop("loss").split(","))
+    return DistillConfig(**args)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -260,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         stage = distill(config)
-    except (ValueError, FileNotFoundError, StoreCorruptError) as error:
+    except (ValueError, FileNotFoundError, StoreCorruptError, StoreFormatError) as error:
         print(f"train.distill: error: {error}", file=sys.stderr)
         return 2
     if stage["steps"] and (torch.distributed.get_rank() if torch.distributed.is_initialized() else 0) == 0:

@@ -22,6 +22,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from reinforce.teachers import tokens_to_map
+
 __all__ = ["Student", "StudentCard", "create_student", "load_classifier", "load_student", "save_student"]
 
 
@@ -63,9 +65,24 @@ class Student(nn.Module):
     def forward(self, views: torch.Tensor) -> torch.Tensor:
         return self.net((views.float() - self.mean) / self.std)
 
+    def forward_parts(self, views: torch.Tensor, outputs: set[str]) -> dict[str, torch.Tensor]:
+        """The requested outputs of one forward: ``logits [B, C]``, ``embedding [B, D]`` (pooled pre-logits
+        features) and ``feature_map [B, C', h, w]`` (the last map; ViT tokens laid on their grid)."""
+        features = self.net.forward_features((views.float() - self.mean) / self.std)
+        parts = {}
+        if "feature_map" in outputs:
+            prefix = getattr(self.net, "num_prefix_tokens", 0)
+            parts["feature_map"] = features if features.dim() == 4 else tokens_to_map(features[:, prefix:])
+        if "embedding" in outputs:
+            parts["embedding"] = self.net.forward_head(features, pre_logits=True)
+        if "logits" in outputs:
+            parts["logits"] = self.net.forward_head(features)
+        return parts
+
 
 def create_student(arch: str, *, class_names: tuple[str, ...], input_size: int) -> tuple[Student, StudentCard]:
-    """A randomly initialised timm ``arch`` with a ``len(class_names)``-way head."""
+    """A randomly initialised timm ``arch`` with a ``len(class_names)``-way head (none when ``class_names`` is
+    empty: a student distilled from features only gets its classifier when it is finetuned)."""
     import timm
 
     if not timm.is_model(arch):

@@ -1,21 +1,41 @@
-"""``python -m train.pipeline [RECIPE.yaml]``: the paper's task-oriented comparison, end to end.
+"""``python -m train.pipeline [RECIPE.yaml]``: the paper's comparison as a grid, every stage run once.
 
-Rows: the adapted teacher (linear probe and full finetune), a student trained on the labeled
-images only, and the task-oriented student (build a reinforced store with the better teacher →
-distill from the store → finetune on the labeled images). Each stage runs its own command line
-exactly as a user would, so the pipeline is also a worked example of them. Writes
-``RUN/results.json`` (a list of rows) and prints a table.
+A recipe (``train/recipes/*.yaml``) names grid axes — ``shots`` (labels per class), ``transfer``
+(named transfer sets), ``method`` and ``teacher_mode`` — and, per stage, the flags of that stage's
+command line. Every cell of the product is run; a cell is a chain of derived artifacts, each
+keyed by its inputs (the hash of its command line, upstream artifacts included), made once under
+RUN_DIR and shared by every cell that needs it::
+
+    teacher(shots, mode)    train.teacher --mode lp|ft|auto --val-fraction F    task-oriented cells
+    teacher(frozen)         train.teacher --mode frozen (no labels)             task-agnostic cells
+    store(teacher, transfer)  reinforce.build: logits (task teacher); embedding,patch (frozen teacher,
+                              so one store per transfer set serves both task-agnostic methods at every shots)
+    distilled(store, targets) train.distill (a subprocess: DeepSpeed sets up a process group)
+    finetune(cell, lr)        train.finetune --val-fraction F --eval-every N, one run per lr of the grid
+    evaluate(model)           train.evaluate on the test split: the best-val finetune and the teachers
+
+Labeled-only cells skip the first four. Each learning rate is chosen by validation top-1 on a
+part carved from the labeled images (never the test split); the task teacher is trained without
+that part too. An artifact is done when ``OUT/.pipeline-done.json`` exists, a cell when
+``RUN/cells/KEY.json`` does: a rerun skips both, and ``RUN/steps.jsonl`` logs every step as ran or
+skipped. Writes ``RUN/results.parquet``, ``RUN/results.md`` and two plots (``train.report``).
 
 Example:
-    python -m train.pipeline                       # embedded default (train/recipes/fashion_mnist.yaml)
-    python -m train.pipeline my_recipe.yaml --run-dir runs/exp1
+    python -m train.pipeline                                   # embedded default (recipes/fashion_mnist.yaml)
+    python -m train.pipeline train/recipes/comparison.yaml --run-dir runs/comparison --publish docs
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import hashlib
+import importlib
+import itertools
 import json
 import os
+import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -24,90 +44,324 @@ from typing import Any
 
 import yaml
 
-__all__ = ["main", "run_pipeline"]
+from train import report
 
-DEFAULT_RECIPE = Path(__file__).parent / "recipes" / "fashion_mnist.yaml"
+__all__ = ["METHODS", "Cell", "Planner", "Runner", "Step", "load_recipe", "main", "run_grid"]
+
+RECIPES = Path(__file__).parent / "recipes"
+DEFAULT_RECIPE = RECIPES / "fashion_mnist.yaml"
+DONE = ".pipeline-done.json"
+# method -> what the student distills (None: no distillation) and which teacher gives it
+METHODS = {"labeled-only": None, "task-agnostic-embedding": "embedding", "task-agnostic-patch": "patch",
+           "task-oriented": "logits"}
+TEACHER_MODES = ("lp", "ft", "auto")
+IN_PROCESS = {"train.teacher", "train.finetune", "train.evaluate", "reinforce.build"}  # saves ~5 s of start each
+RESERVED = {  # flags the pipeline sets itself; a recipe section may not
+    "teacher": {"data", "shots", "mode", "name", "out_dir", "val_fraction", "seed"},
+    "build": {"teacher", "transfer_set", "targets", "out", "seed"},
+    "distill": {"store", "student", "size", "targets", "out", "seed"},
+    "finetune": {"init", "student", "size", "data", "shots", "out", "seed", "val_fraction"},
+}
 
 
-def _run(stage: str, module: str, *args: Any) -> float:
-    """Run ``python -m module args``; returns wall seconds, raises naming the stage on failure."""
-    command = [sys.executable, "-m", module, *map(str, args)]
-    print(f"\n== {stage}: {' '.join(command)}", flush=True)
-    start = time.perf_counter()
-    env = {**os.environ, "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu")}
-    if subprocess.run(command, env=env).returncode:
-        raise RuntimeError(f"stage {stage!r} failed: {' '.join(command)}")
-    return time.perf_counter() - start
+@dataclasses.dataclass(frozen=True)
+class Step:
+    """One artifact: ``python -m module *argv`` writes the directory ``out``."""
+
+    stage: str  # teacher | build | distill | finetune | evaluate
+    module: str
+    argv: tuple[str, ...]
+    out: Path
+
+    def command_line(self) -> str:
+        """As a user would type it (``train.distill`` under DeepSpeed's CPU accelerator)."""
+        prefix = "DS_ACCELERATOR=cpu " if self.module == "train.distill" else ""
+        return prefix + shlex.join(["python", "-m", self.module, *self.argv])
 
 
-def _evaluate(model: str, data: str, out: Path) -> dict[str, Any]:
-    seconds = _run(f"evaluate {Path(model).name}", "train.evaluate", "--model", model, "--data", data, "--out", out)
-    return {**json.loads(out.read_text()), "eval_seconds": round(seconds, 1)}
+@dataclasses.dataclass(frozen=True)
+class Cell:
+    """One grid point; ``teacher_mode`` is None for labeled-only and ``frozen`` for task-agnostic methods."""
+
+    shots: int
+    transfer: str
+    method: str
+    teacher_mode: str | None
+
+    @property
+    def key(self) -> str:
+        return f"s{self.shots}-{self.transfer}-{self.method}" + (f"-{self.teacher_mode}" if self.teacher_mode else "")
 
 
-def run_pipeline(recipe: dict[str, Any], run_dir: Path) -> list[dict[str, Any]]:
-    """Run every stage of ``recipe`` under ``run_dir``; returns the result rows."""
+def load_recipe(path: str | os.PathLike) -> dict[str, Any]:
+    """The YAML recipe, checked: known methods and modes, named transfer sets, no reserved flags."""
+    recipe = yaml.safe_load(Path(path).read_text())
+    grid = recipe["grid"]
+    unknown = set(grid["method"]) - set(METHODS)
+    if unknown:
+        raise ValueError(f"unknown method(s) {sorted(unknown)} in {path}; valid: {', '.join(METHODS)}")
+    if set(grid.get("teacher_mode", ["lp"])) - set(TEACHER_MODES):
+        raise ValueError(f"teacher_mode must be among {TEACHER_MODES}, got {grid['teacher_mode']}")
+    missing = set(grid["transfer"]) - set(recipe.get("transfer_sets", {}))
+    if missing:
+        raise ValueError(f"{path}: grid transfer set(s) {sorted(missing)} are not defined under transfer_sets:")
+    for section, reserved in RESERVED.items():
+        clash = reserved & set(recipe.get(section) or {})
+        if clash:
+            raise ValueError(f"{path}: {section}: sets {sorted(clash)}, which the pipeline sets per cell; remove them")
+    lrs = recipe["finetune"]["lr"]
+    if isinstance(lrs, list) and len(lrs) > 1 and not recipe.get("val_fraction"):
+        raise ValueError(f"{path}: an lr grid {lrs} is chosen on a validation split; set val_fraction > 0")
+    return recipe
+
+
+def grid_cells(recipe: dict[str, Any]) -> list[Cell]:
+    """The product of the grid axes, with cells that differ only by an unused axis merged."""
+    grid = recipe["grid"]
+    cells = []
+    for shots, transfer, method, mode in itertools.product(grid["shots"], grid["transfer"], grid["method"],
+                                                           grid.get("teacher_mode", ["lp"])):
+        target = METHODS[method]
+        mode = mode if target == "logits" else ("frozen" if target else None)
+        cell = Cell(int(shots), transfer, method, mode)
+        if cell not in cells:
+            cells.append(cell)
+    return cells
+
+
+def flags(section: dict[str, Any] | None) -> list[str]:
+    """``{batch_size: 32, resume: true}`` -> ``--batch-size 32 --resume`` (a recipe section is CLI flags)."""
+    argv = []
+    for key, value in (section or {}).items():
+        flag = "--" + key.replace("_", "-")
+        if value is True:
+            argv.append(flag)
+        elif isinstance(value, list | tuple):
+            argv += [flag, *map(str, value)]
+        elif value is not None and value is not False:
+            argv += [flag, str(value)]
+    return argv
+
+
+class Planner:
+    """Builds each cell's steps; the same inputs always give the same ``Step`` (and directory)."""
+
+    def __init__(self, recipe: dict[str, Any], run_dir: Path):
+        self.recipe, self.run_dir = recipe, run_dir
+        methods = recipe["grid"]["method"]
+        self.agnostic_targets = ",".join(METHODS[m] for m in METHODS if m in methods and m.startswith("task-agnostic"))
+
+    def step(self, stage: str, module: str, label: str, argv: list[str]) -> Step:
+        """A step whose directory ``RUN/<stage>s/<label>-<hash of module + argv>`` names its inputs."""
+        text = json.dumps([module, argv]).replace(str(self.run_dir), "$RUN")
+        out = self.run_dir / f"{stage}s" / f"{label}-{hashlib.sha256(text.encode()).hexdigest()[:10]}"
+        where = ["--name", out.name, "--out-dir", str(out.parent)] if stage == "teacher" else ["--out", str(out)]
+        if stage == "evaluate":
+            where = ["--out", str(out / "test.json")]
+        return Step(stage, module, (*argv, *where), out)
+
+    def teacher(self, shots: int | None, mode: str) -> Step:
+        r = self.recipe
+        if mode == "frozen":  # no labels: one teacher for every shots level, only its identity flags matter
+            section = {k: v for k, v in r["teacher"].items() if k in ("backbone", "library", "weights", "size")}
+            return self.step("teacher", "train.teacher", "frozen", ["--mode", "frozen", *flags(section)])
+        argv = ["--data", r["data"], "--shots", str(shots), "--seed", str(r.get("seed", 0)), "--mode", mode,
+                "--val-fraction", str(r.get("val_fraction", 0)), *flags(r["teacher"])]
+        return self.step("teacher", "train.teacher", f"{mode}-s{shots}", argv)
+
+    def store(self, teacher: Step, transfer: str, targets: str) -> Step:
+        spec = self.recipe["transfer_sets"][transfer]
+        argv = ["--teacher", str(teacher.out), "--transfer-set", spec, "--targets", targets,
+                "--seed", str(self.recipe.get("seed", 0)), *flags(self.recipe.get("build"))]
+        return self.step("build", "reinforce.build", f"{transfer}-{teacher.out.name.rsplit('-', 1)[0]}", argv)
+
+    def distilled(self, store: Step, targets: str) -> Step:
+        student = self.recipe["student"]
+        argv = ["--store", str(store.out), "--student", student["arch"], "--size", str(student["size"]),
+                "--targets", targets, "--seed", str(self.recipe.get("seed", 0)), *flags(self.recipe.get("distill"))]
+        return self.step("distill", "train.distill", f"{store.out.name.rsplit('-', 1)[0]}-{targets}", argv)
+
+    def plan(self, cell: Cell) -> tuple[list[Step], list[Step]]:
+        """``cell``'s upstream steps (teacher, store, distilled student; none for labeled-only) and its finetunes."""
+        target = METHODS[cell.method]
+        if target is None:
+            return [], self.finetunes(cell, None)
+        teacher = self.teacher(None if cell.teacher_mode == "frozen" else cell.shots, cell.teacher_mode)
+        store = self.store(teacher, cell.transfer, self.agnostic_targets if cell.teacher_mode == "frozen" else "logits")
+        distilled = self.distilled(store, target)
+        return [teacher, store, distilled], self.finetunes(cell, distilled)
+
+    def cell_hash(self, cell: Cell) -> str:
+        """Identifies everything a cell runs: its steps' directories (themselves hashes of their inputs)."""
+        upstream, finetunes = self.plan(cell)
+        names = [step.out.name for step in upstream + finetunes] + [self.recipe["test"]]
+        return hashlib.sha256(json.dumps(names).encode()).hexdigest()[:10]
+
+    def finetunes(self, cell: Cell, init: Step | None) -> list[Step]:
+        """One finetune per learning rate of the grid, same max steps and schedule for every method."""
+        r, section = self.recipe, dict(self.recipe["finetune"])
+        lrs = section.pop("lr")
+        start = ["--init", str(init.out)] if init else ["--student", r["student"]["arch"], "--size",
+                                                          str(r["student"]["size"])]
+        label = init.out.name.rsplit("-", 1)[0] if init else "labeled-only"
+        return [self.step("finetune", "train.finetune", f"{label}-s{cell.shots}-lr{lr:g}",
+                          [*start, "--data", r["data"], "--shots", str(cell.shots), "--seed", str(r.get("seed", 0)),
+                           "--val-fraction", str(r.get("val_fraction", 0)), "--lr", str(lr), *flags(section)])
+                for lr in (lrs if isinstance(lrs, list) else [lrs])]
+
+    def evaluation(self, model: Step) -> Step:
+        argv = ["--model", str(model.out), "--data", self.recipe["test"]]
+        return self.step("evaluate", "train.evaluate", model.out.name.rsplit("-", 1)[0], argv)
+
+
+class Runner:
+    """Makes each step's artifact once: in process (or a subprocess for ``train.distill``), then marks it done."""
+
+    def __init__(self, run_dir: Path):
+        self.run_dir = run_dir
+        self.log = run_dir / "steps.jsonl"
+
+    def ensure(self, step: Step) -> dict[str, Any]:
+        """The step's completion record (``seconds``, ``command``), running it first unless already done."""
+        marker = step.out / DONE
+        if marker.exists():
+            record = json.loads(marker.read_text())
+            self._log(step, "skipped", record["seconds"])
+            return record
+        print(f"\n== {step.stage} {step.out.name}\n$ {step.command_line()}", flush=True)
+        started = time.perf_counter()
+        code = _execute(step)
+        if code:
+            raise RuntimeError(f"stage {step.stage} failed (exit status {code}): {step.command_line()}")
+        seconds = round(time.perf_counter() - started, 1)
+        record = {"stage": step.stage, "command": step.command_line(), "seconds": seconds}
+        step.out.mkdir(parents=True, exist_ok=True)
+        _atomic_write(marker, json.dumps(record, indent=1))
+        self._log(step, "ran", record["seconds"])
+        return record
+
+    def _log(self, step: Step, status: str, seconds: float) -> None:
+        entry = {"stage": step.stage, "out": str(step.out.relative_to(self.run_dir)), "status": status,
+                 "seconds": seconds, "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        with open(self.log, "a") as f:
+            f.write(json.dumps(entry) + "\n")
+
+
+def _execute(step: Step) -> int:
+    """Exit status of the step's command line, run through its module's ``main(argv)`` when in process."""
+    if step.module not in IN_PROCESS:
+        env = {**os.environ, "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu")}
+        return subprocess.run([sys.executable, "-m", step.module, *step.argv], env=env).returncode
+    try:
+        result = importlib.import_module(step.module).main(list(step.argv))
+    except SystemExit as error:  # argparse and cli_errors exit 2 with a one-line message
+        return error.code if isinstance(error.code, int) else 1
+    return result if isinstance(result, int) and not isinstance(result, bool) else 0
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text())
+
+
+def last_stage(model_dir: Path) -> dict[str, Any]:
+    """The newest ``history`` entry of a student directory."""
+    return read_json(model_dir / "student.json")["history"][-1]
+
+
+def run_cell(cell: Cell, planner: Planner, runner: Runner, flops: report.FlopsCounter) -> dict[str, Any]:
+    """Every step of ``cell`` (shared ones only once), the lr chosen on val; returns its result row."""
+    upstream, candidates = planner.plan(cell)
+    seconds = {f"{stage}_seconds": 0.0 for stage in ("teacher", "build", "distill", "finetune", "eval")}
+    for step in upstream:
+        seconds[f"{step.stage}_seconds"] += runner.ensure(step)["seconds"]
+    for step in candidates:
+        seconds["finetune_seconds"] += runner.ensure(step)["seconds"]
+    chosen = choose_on_validation(candidates)
+    evaluation = planner.evaluation(chosen)
+    seconds["eval_seconds"] += runner.ensure(evaluation)["seconds"]
+    metrics = read_json(evaluation.out / "test.json")
+    tuned = last_stage(chosen.out)
+    row = {**dataclasses.asdict(cell), "top1": metrics["top1"], "balanced_accuracy": metrics["balanced_accuracy"],
+           "val_top1": tuned.get("val_top1"), "lr": tuned["lr"], "best_step": tuned.get("best_step"),
+           "steps_run": tuned.get("steps_run"), "max_steps": tuned["steps"],
+           "lr_grid": ",".join(f"{last_stage(s.out)['lr']:g}" for s in candidates),
+           **{k: round(v, 1) for k, v in seconds.items()}, "model": str(chosen.out)}
+    teacher, store = (upstream[0].out, upstream[1].out) if upstream else (None, None)
+    return {**row, **flops.cell(teacher, store, chosen.out)}
+
+
+def choose_on_validation(candidates: list[Step]) -> Step:
+    """The finetune with the best validation top-1 (the first on ties; the only one without a val split)."""
+    scores = [last_stage(step.out).get("val_top1") for step in candidates]
+    if None in scores:
+        return candidates[0]
+    return candidates[scores.index(max(scores))]
+
+
+def teacher_row(shots: int, mode: str, planner: Planner, runner: Runner,
+                flops: report.FlopsCounter) -> dict[str, Any]:
+    """Reference row: the adapted teacher itself on the test split."""
+    teacher = planner.teacher(shots, mode)
+    record = runner.ensure(teacher)
+    evaluation = planner.evaluation(teacher)
+    eval_record = runner.ensure(evaluation)
+    metrics, card = read_json(evaluation.out / "test.json"), read_json(teacher.out / "teacher.json")
+    adapt = flops.teacher_adapt(teacher.out)
+    return {"shots": shots, "transfer": None, "method": "teacher", "teacher_mode": card["adaptation"]["mode"],
+            "top1": metrics["top1"], "balanced_accuracy": metrics["balanced_accuracy"],
+            "val_top1": card["val_accuracy"], "lr": card["adaptation"].get("lr"),
+            "teacher_seconds": record["seconds"], "eval_seconds": eval_record["seconds"], "model": str(teacher.out),
+            "teacher_adapt_flops": adapt, "teacher_pass_flops": 0, "student_flops": 0, "compute_flops": adapt}
+
+
+def run_grid(recipe: dict[str, Any], run_dir: Path) -> list[dict[str, Any]]:
+    """Every cell of the recipe's grid (finished cells are read back), then the teachers' reference rows."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    t, s = recipe["teacher"], recipe["student"]
-    labeled = ["--data", recipe["data"], "--shots", recipe["shots"]]
-    rows, teachers = [], {}
-    for mode in ("lp", "ft"):
-        name = run_dir / "teachers" / f"{mode}_{t['backbone']}"
-        seconds = _run(f"teacher-{mode}", "train.teacher", "--backbone", t["backbone"], "--library", t["library"],
-                       "--weights", t["weights"], *labeled, "--mode", mode, "--size", t["size"],
-                       "--folds", t[f"{mode}_folds"], *(("--steps", t["ft_steps"]) if mode == "ft" else ()),
-                       "--name", name.name, "--out-dir", name.parent)
-        metrics = _evaluate(str(name), recipe["test"], run_dir / f"teacher-{mode}.json")
-        teachers[mode] = (json.loads((name / "teacher.json").read_text())["val_accuracy"], name)
-        rows.append({"row": f"teacher-{mode}", **metrics, "seconds": round(seconds, 1)})
-
-    out = run_dir / "labeled-only"
-    seconds = _run("labeled-only", "train.finetune", "--student", s["arch"], "--size", s["size"], *labeled,
-                   "--steps", recipe["labeled_only"]["steps"], "--out", out)
-    rows.append({"row": "labeled-only", **_evaluate(str(out), recipe["test"], run_dir / "labeled-only.json"),
-                 "seconds": round(seconds, 1)})
-
-    best_mode = max(teachers, key=lambda m: teachers[m][0] or 0.0)  # chosen on validation, never on test
-    x, d = recipe["transfer"], recipe["distill"]
-    transfer = f"{recipe['data']}?shots={recipe['shots']}&seed={recipe['seed']}&part=unlabeled&limit={x['limit']}"
-    stages = {
-        "build": _run("build", "reinforce.build", "--teacher", teachers[best_mode][1], "--transfer-set", transfer,
-                      "--views", x["views"], "--topk", x["topk"], "--batch-size", x["batch_size"],
-                      "--seed", recipe["seed"], "--out", run_dir / "store"),
-        "distill": _run("distill", "train.distill", "--store", run_dir / "store", "--student", s["arch"],
-                        "--size", s["size"], "--epochs", d["epochs"], "--temperature", d["temperature"],
-                        "--batch-size", d["batch_size"], "--out", run_dir / "distilled"),
-        "finetune": _run("finetune", "train.finetune", "--init", run_dir / "distilled", *labeled,
-                         "--steps", recipe["finetune"]["steps"], "--out", run_dir / "task-oriented"),
-    }
-    metrics = _evaluate(str(run_dir / "task-oriented"), recipe["test"], run_dir / "task-oriented.json")
-    rows.append({"row": "task-oriented", **metrics, "seconds": round(sum(stages.values()), 1),
-                 "teacher": f"teacher-{best_mode}", **{f"{k}_seconds": round(v, 1) for k, v in stages.items()}})
+    planner, runner, flops = Planner(recipe, run_dir), Runner(run_dir), report.FlopsCounter(run_dir)
+    rows = []
+    for cell in grid_cells(recipe):
+        done = run_dir / "cells" / f"{cell.key}-{planner.cell_hash(cell)}.json"
+        if done.exists():
+            print(f"== cell {cell.key}: done, skipped", flush=True)
+            rows.append(read_json(done))
+            continue
+        row = run_cell(cell, planner, runner, flops)
+        done.parent.mkdir(parents=True, exist_ok=True)
+        _atomic_write(done, json.dumps(row, indent=1))
+        rows.append(row)
+    teachers = sorted({(c.shots, c.teacher_mode) for c in grid_cells(recipe) if METHODS[c.method] == "logits"})
+    if recipe.get("reference_teachers", True):
+        rows += [teacher_row(shots, mode, planner, runner, flops) for shots, mode in teachers]
     return rows
-
-
-def print_table(rows: list[dict[str, Any]]) -> None:
-    print(f"\n{'row':<16}{'top-1':>8}{'bal. acc':>10}{'seconds':>9}")
-    for row in rows:
-        print(f"{row['row']:<16}{row['top1']:>8.2%}{row['balanced_accuracy']:>10.2%}{row['seconds']:>9.1f}")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m train.pipeline", description=__doc__.split("\n\n")[0])
     parser.add_argument("recipe", nargs="?", default=str(DEFAULT_RECIPE), help="recipe YAML (default: embedded)")
-    parser.add_argument("--run-dir", default="runs/pipeline", help="where stores, models and results go")
+    parser.add_argument("--run-dir", default="runs/pipeline", help="where teachers, stores, models and results go")
+    parser.add_argument("--publish", help="also copy results.md and the plots into this directory (e.g. docs)")
     args = parser.parse_args(argv)
-    recipe = yaml.safe_load(Path(args.recipe).read_text())
-    run_dir = Path(args.run_dir)
     start = time.perf_counter()
     try:
-        rows = run_pipeline(recipe, run_dir)
-    except RuntimeError as error:
+        recipe = load_recipe(args.recipe)
+        rows = run_grid(recipe, Path(args.run_dir))
+    except (RuntimeError, ValueError, FileNotFoundError) as error:
         print(f"train.pipeline: error: {error}", file=sys.stderr)
         return 2
-    (run_dir / "results.json").write_text(json.dumps(rows, indent=1))
-    print_table(rows)
-    print(f"total {time.perf_counter() - start:.0f} s; results in {run_dir / 'results.json'}")
+    title = f"{Path(args.recipe).name}: top-1 on {recipe['test']}"
+    files = report.write_report(rows, Path(args.run_dir), title=title)
+    print("\n" + Path(files["markdown"]).read_text())
+    print(f"total {time.perf_counter() - start:.0f} s; results in {args.run_dir}")
+    if args.publish:
+        Path(args.publish).mkdir(parents=True, exist_ok=True)
+        for name in ("markdown", "labels_plot", "compute_plot"):
+            shutil.copy(files[name], args.publish)
     return 0
 
 

@@ -1,0 +1,288 @@
+"""What a pipeline run reports: compute per row, ``results.parquet``, a markdown table and two plots.
+
+Compute follows the paper's Fig. 3 (training compute, teacher adaptation included), in FLOPs:
+teacher adaptation + teacher pass (teacher forward FLOPs per view x views stored by the build) +
+student (3 x student forward FLOPs per image x images seen in distillation and finetuning). Forward
+FLOPs are measured once per (model, size) with ``torch.utils.flop_counter.FlopCounterMode``.
+
+``python -m train.report RUN`` redraws ``RUN/results.md`` and the plots from ``RUN/results.parquet``.
+
+Example:
+    >>> write_report(rows, Path("runs/pipeline"), title="top-1 on fashion-mnist:test")
+    {'parquet': ..., 'markdown': ..., 'labels_plot': ..., 'compute_plot': ...}
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+
+__all__ = ["COLUMNS", "FlopsCounter", "main", "write_report"]
+
+COLUMNS = {
+    "shots": pl.Int64, "transfer": pl.Utf8, "method": pl.Utf8, "teacher_mode": pl.Utf8,
+    "top1": pl.Float64, "balanced_accuracy": pl.Float64, "val_top1": pl.Float64,
+    "lr": pl.Float64, "lr_grid": pl.Utf8, "best_step": pl.Int64, "steps_run": pl.Int64, "max_steps": pl.Int64,
+    "teacher_seconds": pl.Float64, "build_seconds": pl.Float64, "distill_seconds": pl.Float64,
+    "finetune_seconds": pl.Float64, "eval_seconds": pl.Float64,
+    "teacher_adapt_flops": pl.Int64, "teacher_pass_flops": pl.Int64, "student_flops": pl.Int64,
+    "compute_flops": pl.Int64, "model": pl.Utf8,
+}
+METHOD_ORDER = ("labeled-only", "task-agnostic-embedding", "task-agnostic-patch", "task-oriented", "teacher")
+LABELS = {"task-agnostic-embedding": "task-agnostic (embedding)", "task-agnostic-patch": "task-agnostic (patch)"}
+COLORS = {"labeled-only": "tab:blue", "task-agnostic-embedding": "tab:green", "task-agnostic-patch": "tab:olive",
+          "task-oriented": "tab:red", "teacher": "black"}
+MARKERS = ("o", "^", "s", "D", "v")
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text())
+
+
+class FlopsCounter:
+    """Forward FLOPs per image, measured once per (model, size) and cached in ``RUN/flops.json``."""
+
+    def __init__(self, run_dir: Path):
+        self.path = run_dir / "flops.json"
+        self.cache = _read_json(self.path) if self.path.exists() else {}
+
+    def forward(self, key: str, build: Callable[[], tuple[Callable, int]]) -> int:
+        """FLOPs of one uint8 view through ``build()``'s model (``(callable, size)``), cached under ``key``."""
+        if key not in self.cache:
+            import torch
+            from torch.utils.flop_counter import FlopCounterMode
+
+            model, size = build()
+            with torch.no_grad(), FlopCounterMode(display=False) as counter:
+                model(torch.zeros(1, 3, size, size, dtype=torch.uint8))
+            self.cache[key] = int(counter.get_total_flops())
+            tmp = self.path.with_name(self.path.name + ".tmp")
+            tmp.write_text(json.dumps(self.cache, indent=1))
+            os.replace(tmp, self.path)
+        return self.cache[key]
+
+    def teacher_forward(self, teacher_dir: Path) -> int:
+        card = _read_json(teacher_dir / "teacher.json")
+
+        def build():
+            from reinforce.teachers import create_teacher
+
+            model, loaded = create_teacher(str(teacher_dir))
+            return model.features, loaded.input_size  # the backbone; a head adds ~nothing
+
+        return self.forward(f"teacher:{card['library']}:{card['backbone']}@{card['input_size']}", build)
+
+    def student_forward(self, arch: str, size: int) -> int:
+        def build():
+            from train.models import create_student
+
+            return create_student(arch, class_names=tuple("0123456789"), input_size=size)[0].eval(), size
+
+        return self.forward(f"student:{arch}@{size}", build)
+
+    def teacher_adapt(self, teacher_dir: Path) -> int:
+        """Teacher passes spent on adaptation: probe features (lp) or 3x per trained image (ft), CV folds included."""
+        adaptation = _read_json(teacher_dir / "teacher.json")["adaptation"]
+        images = adaptation.get("train_images", 0)
+        if adaptation["mode"] not in ("lp", "ft") or not images:
+            return 0
+        if adaptation["mode"] == "lp":
+            passes = images * (adaptation.get("lp_views", 0) + 1)
+        else:
+            passes = 3 * adaptation["steps"] * min(adaptation["batch_size"], images)
+        folds, cv_modes = adaptation.get("folds", 0), len(adaptation.get("cv_accuracy") or {})
+        return self.teacher_forward(teacher_dir) * passes * (1 + (folds - 1) * cv_modes if folds > 1 else 1)
+
+    def student_images(self, model_dir: Path) -> tuple[str, int, int]:
+        """(arch, size, images seen in every training stage of a student directory)."""
+        card = _read_json(model_dir / "student.json")
+        images = 0
+        for stage in card["history"]:
+            if stage["stage"] == "distill":
+                images += stage["steps"] * stage["batch_size"] * stage.get("world_size", 1)
+            else:
+                batch = min(stage["batch_size"], stage.get("train_images", stage["batch_size"]))
+                images += stage.get("steps_run", stage["steps"]) * batch
+        return card["arch"], card["input_size"], images
+
+    def cell(self, teacher_dir: Path | None, store_dir: Path | None, model_dir: Path) -> dict[str, int]:
+        """The compute columns of one result row (teacher and store are None for labeled-only)."""
+        arch, size, images = self.student_images(model_dir)
+        student = 3 * self.student_forward(arch, size) * images
+        adapt = passes = 0
+        if teacher_dir is not None and store_dir is not None:
+            summary = _read_json(store_dir / "manifest.json")["summary"]
+            adapt = self.teacher_adapt(teacher_dir)
+            passes = self.teacher_forward(teacher_dir) * int(summary["ok"]) * int(summary["views"])
+        return {"teacher_adapt_flops": adapt, "teacher_pass_flops": passes, "student_flops": student,
+                "compute_flops": adapt + passes + student}
+
+
+def to_frame(rows: list[dict[str, Any]]) -> pl.DataFrame:
+    """Rows -> a frame with exactly ``COLUMNS`` (missing values null), whatever subset each row has."""
+    return pl.DataFrame([{name: row.get(name) for name in COLUMNS} for row in rows], schema=COLUMNS, orient="row")
+
+
+def column_label(method: str, mode: str | None) -> str:
+    """Table column / legend entry: task-oriented and teacher carry the teacher's adaptation mode."""
+    label = LABELS.get(method, method)
+    return f"{label} ({mode})" if method in ("task-oriented", "teacher") and mode else label
+
+
+def _ordered_columns(frame: pl.DataFrame) -> list[tuple[str, str | None]]:
+    pairs = {(m, t) for m, t in frame.select("method", "teacher_mode").iter_rows()}
+    return sorted(pairs, key=lambda p: (METHOD_ORDER.index(p[0]) if p[0] in METHOD_ORDER else 99, p[1] or ""))
+
+
+def _md_table(header: list[str], body: list[list[str]], right: set[int]) -> str:
+    lines = ["| " + " | ".join(header) + " |",
+             "| " + " | ".join("---:" if i in right else "---" for i in range(len(header))) + " |"]
+    return "\n".join([*lines, *("| " + " | ".join(row) + " |" for row in body)])
+
+
+def _pct(value: float | None) -> str:
+    return "–" if value is None else f"{100 * value:.1f}"
+
+
+def summary_table(frame: pl.DataFrame) -> str:
+    """One row per shots x transfer set, one column per method (+ the teacher), top-1 in %."""
+    columns = _ordered_columns(frame)
+    cells = frame.filter(pl.col("method") != "teacher")
+    body = []
+    for shots, transfer in cells.select("shots", "transfer").unique(maintain_order=True).sort("shots").iter_rows():
+        row = [str(shots), transfer]
+        for method, mode in columns:
+            match = frame.filter((pl.col("shots") == shots) & (pl.col("method") == method)
+                                 & pl.col("teacher_mode").eq_missing(mode)
+                                 & (pl.col("transfer").eq_missing(transfer) | pl.col("transfer").is_null()))
+            row.append(_pct(match["top1"][0]) if len(match) else "–")
+        body.append(row)
+    header = ["labels / class", "transfer set", *(column_label(m, t) for m, t in columns)]
+    return _md_table(header, body, right={0, *range(2, len(header))})
+
+
+def details_table(frame: pl.DataFrame) -> str:
+    """Every row: how it was tuned (val top-1, chosen lr of the grid, best step / steps run), time and compute."""
+    body = []
+    for r in frame.sort("shots", "transfer", "method", nulls_last=True).iter_rows(named=True):
+        steps = "–" if r["best_step"] is None else f"{r['best_step']} / {r['steps_run']} (max {r['max_steps']})"
+        seconds = " + ".join(f"{r[f'{s}_seconds']:.0f}" if r[f"{s}_seconds"] is not None else "–"
+                             for s in ("teacher", "build", "distill", "finetune", "eval"))
+        lr = "–" if r["lr"] is None else f"{r['lr']:g}" + (f" of {r['lr_grid']}" if r["lr_grid"] else "")
+        body.append([str(r["shots"]), r["transfer"] or "(all)", column_label(r["method"], r["teacher_mode"]),
+                     _pct(r["top1"]), _pct(r["balanced_accuracy"]), _pct(r["val_top1"]), lr, steps, seconds,
+                     f"{(r['compute_flops'] or 0) / 1e12:.3g}"])
+    header = ["shots", "transfer", "row", "top-1", "bal. acc", "val top-1", "lr (chosen of grid)",
+              "best step / run", "seconds: teacher + build + distill + finetune + eval", "TFLOPs"]
+    return _md_table(header, body, right={0, 3, 4, 5, 9})
+
+
+def write_markdown(frame: pl.DataFrame, path: Path, title: str) -> None:
+    text = (f"# {title}\n\n{summary_table(frame)}\n\n## Every row\n\nLearning rate and step (best-val checkpoint) "
+            "chosen on the validation part of the labeled images; the test split only scores the chosen model. "
+            "Seconds of a shared stage (teacher, store, distilled student) are listed in every row that uses it; "
+            "finetune seconds cover the whole lr grid. Compute: teacher adaptation + teacher pass over the stored "
+            f"views + 3 x student forward x images seen.\n\n{details_table(frame)}\n")
+    path.write_text(text)
+
+
+def _figure(panels: int):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, panels, figsize=(5.2 * panels, 4.2), squeeze=False, sharey=True)
+    return plt, fig, axes[0]
+
+
+def plot_labels(frame: pl.DataFrame, path: Path) -> None:
+    """Top-1 vs labels per class, one panel per transfer set, one line per method (teacher dashed)."""
+    transfers = [t for t in frame["transfer"].unique(maintain_order=True).to_list() if t is not None]
+    plt, fig, axes = _figure(max(1, len(transfers)))
+    for ax, transfer in zip(axes, transfers or [None]):
+        for method, mode in _ordered_columns(frame):
+            part = frame.filter((pl.col("method") == method) & pl.col("teacher_mode").eq_missing(mode)
+                                & (pl.col("transfer").eq_missing(transfer) | pl.col("transfer").is_null()))
+            part = part.sort("shots")
+            if len(part):
+                ax.plot(part["shots"], 100 * part["top1"], marker="o", color=COLORS.get(method),
+                        linestyle="--" if method == "teacher" else "-", label=column_label(method, mode))
+        ax.set(title=f"transfer set: {transfer}", xlabel="labeled images per class", xscale="log")
+        ax.set_xticks(sorted(frame["shots"].unique()), labels=[str(s) for s in sorted(frame["shots"].unique())])
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("top-1 (%)")
+    axes[-1].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_compute(frame: pl.DataFrame, path: Path) -> None:
+    """Top-1 vs training compute (log x), one panel per labels-per-class, marker = transfer set (cf. paper Fig. 3)."""
+    shots_levels = sorted(frame["shots"].unique())
+    transfers = [t for t in frame["transfer"].unique(maintain_order=True).to_list() if t is not None]
+    plt, fig, axes = _figure(len(shots_levels))
+    for ax, shots in zip(axes, shots_levels):
+        for method, mode in _ordered_columns(frame):
+            part = frame.filter((pl.col("shots") == shots) & (pl.col("method") == method)
+                                & pl.col("teacher_mode").eq_missing(mode))
+            if method == "teacher":
+                for value in part["top1"]:
+                    ax.axhline(100 * value, color="black", linestyle="--", label=column_label(method, mode))
+                continue
+            for i, transfer in enumerate(transfers):
+                sub = part.filter(pl.col("transfer") == transfer)
+                ax.scatter(sub["compute_flops"].cast(pl.Float64), 100 * sub["top1"], color=COLORS.get(method),
+                           marker=MARKERS[i % len(MARKERS)], s=45, label=f"{column_label(method, mode)}, {transfer}")
+        ax.set(title=f"{shots} labeled images per class", xlabel="training compute (FLOPs)", xscale="log")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("top-1 (%)")
+    handles, labels = axes[-1].get_legend_handles_labels()
+    unique = dict(zip(labels, handles))
+    axes[-1].legend(unique.values(), unique.keys(), fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def render(frame: pl.DataFrame, run_dir: Path, title: str) -> dict[str, Path]:
+    """results.md and both plots from a results frame."""
+    files = {"parquet": run_dir / "results.parquet", "markdown": run_dir / "results.md",
+             "labels_plot": run_dir / "top1_vs_labels.png", "compute_plot": run_dir / "top1_vs_compute.png"}
+    write_markdown(frame, files["markdown"], title)
+    plot_labels(frame, files["labels_plot"])
+    plot_compute(frame, files["compute_plot"])
+    return files
+
+
+def write_report(rows: list[dict[str, Any]], run_dir: Path, title: str = "results") -> dict[str, Path]:
+    """``results.parquet`` (the title in its metadata-free sidecar ``results.title``), markdown and plots."""
+    frame = to_frame(rows)
+    frame.write_parquet(run_dir / "results.parquet")
+    (run_dir / "results.title").write_text(title + "\n")
+    return render(frame, run_dir, title)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m train.report", description=__doc__.split("\n\n")[0])
+    parser.add_argument("run_dir", help="a train.pipeline run directory holding results.parquet")
+    args = parser.parse_args(argv)
+    run_dir = Path(args.run_dir)
+    if not (run_dir / "results.parquet").exists():
+        parser.error(f"{run_dir / 'results.parquet'} does not exist; run python -m train.pipeline first")
+    title_file = run_dir / "results.title"
+    title = title_file.read_text().strip() if title_file.exists() else "results"
+    files = render(pl.read_parquet(run_dir / "results.parquet"), run_dir, title)
+    print(f"train.report: wrote {files['markdown']}, {files['labels_plot']}, {files['compute_plot']}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
