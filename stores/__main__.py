@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import warnings
 
 from stores.store import StoreCorruptError
 from stores.verify import describe_store, verify_store
@@ -51,8 +50,6 @@ def main(argv: list[str] | None = None) -> int:
     commands.add_parser("inspect", help="print the manifest summary and bytes per view").add_argument("store")
     commands.add_parser("verify", help="checksums, shapes and a decode of every chunk").add_argument("store")
     args = parser.parse_args(argv)
-    # zarr warns on every open that consolidated metadata is not in the v3 spec yet; it is our format
-    warnings.filterwarnings("ignore", message="Consolidated metadata")
     try:
         return _inspect(args.store) if args.command == "inspect" else _verify(args.store)
     except (FileNotFoundError, StoreCorruptError, ValueError) as error:

@@ -20,6 +20,7 @@ import hashlib
 import json
 import os
 import shutil
+import warnings
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any
@@ -43,6 +44,8 @@ from stores.manifest import (
 __all__ = ["ReinforcedStore", "StoreCorruptError", "StoreFormatError", "StoreWriter", "as_tensor", "open_store"]
 
 ARRAYS_DIR = "targets.zarr"
+# zarr warns on every consolidate/open that consolidated metadata is not in the v3 spec yet; it is our format
+warnings.filterwarnings("ignore", message="Consolidated metadata is currently not part")
 THETA = "theta"
 COMMITS_DIR = "commits"
 
