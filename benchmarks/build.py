@@ -1,5 +1,6 @@
-"""Is ``reinforce.build`` teacher-bound? Bare teacher throughput vs full build throughput, store cost
-per view, random-read cost and top-k codec fidelity, all measured in one run on this machine.
+"""Is ``reinforce.build`` teacher-bound, and what does a view cost to store? Bare teacher throughput vs full
+build throughput, store cost per view, random-read cost, and every codec setting side by side on the same
+real teacher outputs (bytes per view from real stores, KL / cosine to the exact outputs), in one run.
 
 Example:
     python benchmarks/build.py --images 2000 --views 4 --batch-size 256 --workers 1 2
@@ -8,6 +9,7 @@ Example:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import tempfile
 import time
@@ -15,17 +17,21 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import zarr
 
-from reinforce.augment import RandAugCropFlip
+from reinforce.augment import CropFlip, create_policy
 from reinforce.build import BuildConfig, build
 from reinforce.sources import open_source
-from reinforce.teachers import TeacherModel, embedded_imagenet_teacher
-from stores.codecs import TopKLogitsCodec
-from stores.store import open_store
+from reinforce.teachers import TeacherCard, TeacherModel, embedded_imagenet_teacher
+from stores.codecs import Codec, EmbeddingCodec, PatchCodec, TopKLogitsCodec
+from stores.manifest import ArraySpec, TargetRecord
+from stores.store import ARRAYS_DIR, THETA, ReinforcedStore, StoreWriter, open_store
 from stores.verify import describe_store
 
+LOGIT_SETTINGS = (("fp16", "plain"), ("fp16", "delta"), ("uint8", "plain"), ("uint8", "delta"))  # fp16/plain ~ v1
 
-def render_views(spec: str, policy: RandAugCropFlip, views: int, count: int) -> torch.Tensor:
+
+def render_views(spec: str, policy: CropFlip, views: int, count: int) -> torch.Tensor:
     """uint8 views exactly as the build renders them (same seed, sample and view keys)."""
     source = open_source(spec)
     out = []
@@ -38,16 +44,17 @@ def render_views(spec: str, policy: RandAugCropFlip, views: int, count: int) -> 
 
 
 @torch.inference_mode()
-def bare_throughput(model: TeacherModel, views: torch.Tensor, batch_size: int) -> tuple[float, float, torch.Tensor]:
-    """Teacher forward only: views/s and CPU ms/view (channels_last, after one warm-up batch), and the logits."""
+def bare_throughput(model: TeacherModel, views: torch.Tensor, batch_size: int) -> tuple[float, float]:
+    """Teacher forward only: views/s and CPU ms/view (channels_last, after one warm-up batch)."""
     model = model.to(memory_format=torch.channels_last).eval()
     batches = [views[i: i + batch_size].contiguous(memory_format=torch.channels_last)
                for i in range(0, len(views), batch_size)]
     model(batches[0])
     start, cpu = time.perf_counter(), time.process_time()
-    logits = [model(batch) for batch in batches]
+    for batch in batches:
+        model(batch)
     cpu_ms = (time.process_time() - cpu) * 1e3 / len(views)
-    return len(views) / (time.perf_counter() - start), cpu_ms, torch.cat(logits).float()
+    return len(views) / (time.perf_counter() - start), cpu_ms
 
 
 def random_read_ms(store_path: Path, batch_size: int, batches: int, cache_bytes: int) -> float:
@@ -64,13 +71,104 @@ def random_read_ms(store_path: Path, batch_size: int, batches: int, cache_bytes:
     return (time.perf_counter() - start) * 1e3 / batches
 
 
-def codec_fidelity(logits: torch.Tensor, k: int) -> tuple[float, float]:
-    """Mean KL(full softmax || decoded top-k) and top-1 agreement."""
-    codec = TopKLogitsCodec(k=k, num_classes=logits.shape[1])
-    decoded = codec.decode({name: torch.from_numpy(a) for name, a in codec.encode(logits).items()})
-    log_p = torch.log_softmax(logits, -1)
-    kl = (log_p.exp() * (log_p - decoded.clamp_min(1e-30).log())).sum(-1).mean().item()
-    return kl, (decoded.argmax(-1) == logits.argmax(-1)).float().mean().item()
+def build_recording(config: BuildConfig, model: TeacherModel, card: TeacherCard) -> dict[str, torch.Tensor]:
+    """Build ``config`` and keep the teacher's exact outputs of every view, sample-major as stored
+    (``{kind: float32 [N * K, ...]}``); make_codecs' one-view probe, the first call, is dropped."""
+    calls: list[dict[str, torch.Tensor]] = []
+    forward_targets = model.forward_targets
+
+    def recording(views: torch.Tensor, kinds: tuple[str, ...] = ("logits",)) -> dict[str, torch.Tensor]:
+        outputs = forward_targets(views, kinds)
+        calls.append({kind: value.float().cpu() for kind, value in outputs.items()})
+        return outputs
+
+    model.forward_targets = recording
+    try:
+        manifest = build(config, teacher=(model, card))
+    finally:
+        del model.forward_targets
+    outputs = {kind: torch.cat([call[kind] for call in calls[1:]]) for kind in calls[0]}
+    assert all(len(v) == manifest.num_samples * manifest.views for v in outputs.values()), "outputs went missing"
+    return outputs
+
+
+def rewrite_store(source: ReinforcedStore, out: Path, name: str, codec: Codec, values: torch.Tensor) -> dict:
+    """The store ``source`` would be with target ``name`` encoded by ``codec``: its θ, samples and layout, the
+    same teacher outputs ``values``, written through StoreWriter. Returns ``describe_store`` of it."""
+    manifest = source.manifest
+    arrays = {array: ArraySpec(shape, dtype.str) for array, (shape, dtype) in codec.arrays().items()}
+    content = dataclasses.replace(manifest.content,
+                                  targets={name: TargetRecord(kind=codec.kind, codec=codec.to_dict(), arrays=arrays)})
+    writer = StoreWriter(out, content, **manifest.layout)
+    n, k = manifest.num_samples, manifest.views
+    encoded = {f"{name}/{array}": a.reshape(n, k, *a.shape[1:]) for array, a in codec.encode(values).items()}
+    encoded[THETA] = zarr.open_group(source.path / ARRAYS_DIR, mode="r")[THETA][:]
+    rows = source.samples.to_dicts()
+    for unit in range(writer.num_units):
+        span = writer.unit_range(unit)
+        writer.write_unit(unit, {a: v[span.start: span.stop] for a, v in encoded.items()}, rows[span.start: span.stop])
+    writer.finalize("benchmark")
+    return describe_store(out)
+
+
+def chunk_bytes_per_view(info: dict, target: str) -> float:
+    """Bytes of the chunk files (no zarr.json) of ``target`` (or one of its arrays, ``target/array``), per view."""
+    store = open_store(info["path"])
+    views = store.manifest.num_samples * store.manifest.views
+    prefix = f"{ARRAYS_DIR}/{target}/"
+    return sum(f.bytes for f in store.manifest.files if f.path.startswith(prefix) and "/c/" in f.path) / views
+
+
+def compare_logit_codecs(reference: ReinforcedStore, logits: torch.Tensor, scratch: Path, built_topk: int) -> None:
+    """Every (precision, index coding) x top-5/top-10 on the same logits; bytes from real stores."""
+    num_classes = logits.shape[1]
+    print(f"(v)   logit codecs side by side on the same {len(logits)} teacher views ({num_classes} classes); "
+          "bytes per view as `stores inspect` counts them (chunks + metadata), [chunks only]:")
+    print("        k   precision index   logits B/view        θ B/view    logits+θ B/view    KL(full||decoded)  top-1")
+    kl_top5, best_top10 = {}, None
+    for k in (5, 10):
+        for precision, coding in LOGIT_SETTINGS:
+            codec = TopKLogitsCodec(k=k, num_classes=num_classes, precision=precision, index_coding=coding)
+            info = rewrite_store(reference, scratch / f"logits-{k}-{precision}-{coding}", "logits", codec, logits)
+            stored, theta = info["targets"]["logits"]["bytes_per_view"], info["theta_bytes_per_view"]
+            chunks = {t: chunk_bytes_per_view(info, t) for t in ("logits", THETA)}
+            fidelity = {m: v.mean().item() for m, v in codec.fidelity(logits).items()}
+            print(f"        {k:<3d} {precision:<9s} {coding:<7s} {stored:6.1f} [{chunks['logits']:5.1f}]"
+                  f"  {theta:6.1f} [{chunks[THETA]:4.1f}]   {stored + theta:6.1f} [{sum(chunks.values()):5.1f}]"
+                  f"      {fidelity['kl']:.4f}             {fidelity['top1_agreement']:.4f}")
+            if k == built_topk and (precision, coding) == ("uint8", "delta"):
+                same = info["targets"]["logits"]["bytes_per_view"] == describe_store(reference.path)["targets"][
+                    "logits"]["bytes_per_view"]
+                print(f"        (the uint8/delta top-{k} rewrite is byte for byte the size of the real build's logits: "
+                      f"{'yes' if same else 'NO'}; its chunks per array: " + ", ".join(
+                          f"{a} {chunk_bytes_per_view(info, f'logits/{a}'):.1f}" for a in codec.arrays())
+                      + f", θ {chunks[THETA]:.1f} B/view)")
+            if k == 5:
+                kl_top5[precision] = fidelity["kl"]
+            if k == 10 and (best_top10 is None or stored + theta < best_top10[0]):
+                best_top10 = (stored + theta, f"{precision}/{coding}")
+    cost, setting = best_top10
+    print(f"        goal top-10 of {num_classes} with θ <= 24 B/view: best {cost:.1f} B/view ({setting}) "
+          f"-> {'met' if cost <= 24 else 'NOT met'}")
+    gap = kl_top5["uint8"] - kl_top5["fp16"]
+    print(f"        goal uint8 top-5 KL - fp16 top-5 KL <= 0.01: {gap:+.4f} -> {'met' if gap <= 0.01 else 'NOT met'}")
+
+
+def compare_feature_codecs(reference: ReinforcedStore, outputs: dict[str, torch.Tensor], scratch: Path,
+                           patch_grid: int) -> None:
+    """int8 vs fp16 for the embedding and the patch map of the same views; bytes from real stores."""
+    print("(vi)  feature codecs on the same views:  target     precision  B/view [chunks]   cosine mean   min")
+    embedding, patch = outputs["embedding"], outputs["patch"]
+    for precision in ("int8", "fp16"):
+        grid = min(patch_grid, patch.shape[-1])
+        for name, codec, values in (
+                ("embedding", EmbeddingCodec(dim=embedding.shape[1], precision=precision), embedding),
+                ("patch", PatchCodec(channels=patch.shape[1], grid=grid, precision=precision), patch)):
+            info = rewrite_store(reference, scratch / f"{name}-{precision}", name, codec, values)
+            cosine = codec.fidelity(values)["cosine"]
+            shape = "[" + "x".join(map(str, codec.arrays()["values"][0])) + "]"
+            print(f"        {name:<9s} {shape:<11s} {precision:<5s} {info['targets'][name]['bytes_per_view']:8.1f} "
+                  f"[{chunk_bytes_per_view(info, name):7.1f}]   {cosine.mean().item():.6f}   {cosine.min().item():.6f}")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -91,20 +189,20 @@ def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("VFM_REINFORCE_HOME", str(Path(args.out or tempfile.gettempdir()) / "vfm_home"))
     model, card = embedded_imagenet_teacher(args.size)
     spec = f"fashion-mnist:test?limit={args.images}"
-    policy = RandAugCropFlip(size=args.size)
     print(f"machine: {os.cpu_count()} CPUs, torch {torch.__version__}, {torch.get_num_threads()} intra-op threads, "
           f"load average {os.getloadavg()[0]:.1f}")
-    views = render_views(spec, policy, args.views, args.bare_views)
-    bare, bare_cpu, logits = bare_throughput(model, views, args.batch_size)
+    views = render_views(spec, create_policy(BuildConfig.policy, size=args.size), args.views, args.bare_views)
+    bare, bare_cpu = bare_throughput(model, views, args.batch_size)
     print(f"(i)   bare teacher forward: {bare:7.1f} views/s, {bare_cpu:.2f} CPU ms/view  ({len(views)} views, "
           f"batch {args.batch_size}, {args.size}px, channels_last)")
 
     with tempfile.TemporaryDirectory(dir=args.out) as scratch:
+        scratch = Path(scratch)
         store = None
         for workers in args.workers:
-            store = Path(scratch) / f"w{workers}"
-            config = BuildConfig(teacher=card.name, transfer_set=spec, out=str(store), views=args.views,
-                                 topk=args.topk, batch_size=args.batch_size, workers=workers)
+            store = scratch / f"w{workers}"
+            config = BuildConfig(teacher=card.name, transfer_set=spec, out=str(store), targets=("logits",),
+                                 views=args.views, topk=args.topk, batch_size=args.batch_size, workers=workers)
             start, cpu = time.perf_counter(), time.process_time()
             build(config, teacher=(model, card))
             total = args.images * args.views
@@ -114,16 +212,22 @@ def main(argv: list[str] | None = None) -> None:
                   f"({args.images} images x {args.views} views)  build / bare = {rate / bare:.2f} wall, "
                   f"{bare_cpu / cpu_ms:.2f} CPU")
         info = describe_store(store)
-        print(f"(iii) store, top-{args.topk} of {card.num_classes} + θ: {info['bytes_per_view']:.1f} B/view of array "
-              f"data, {info['total_bytes_per_view']:.1f} B/view with all files ({info['total_bytes']} bytes)")
+        logits = info["targets"]["logits"]
+        print(f"(iii) store, top-{args.topk} of {card.num_classes} ({logits['codec']['precision']}, "
+              f"{logits['codec']['index_coding']}) + θ: {logits['bytes_per_view']:.1f} + "
+              f"{info['theta_bytes_per_view']:.1f} B/view, {info['total_bytes_per_view']:.1f} B/view with all files "
+              f"({info['total_bytes']} bytes)")
         cached, uncached = (random_read_ms(store, 128, 20, cache) for cache in (256 << 20, 1))
         print(f"(iv)  random batch of 128 (sample, view) reads: {cached:.2f} ms with the chunk cache, "
               f"{uncached:.2f} ms decoding every touched chunk  ({uncached / cached:.0f}x)")
 
-    print(f"(v)   codec fidelity on {len(logits)} real teacher views ({card.num_classes} classes):")
-    for k in (1, 5, 10):
-        kl, agreement = codec_fidelity(logits, k)
-        print(f"        top-{k:<2d}  KL(full || decoded) {kl:.4f}   top-1 agreement {agreement:.4f}")
+        every = BuildConfig(teacher=card.name, transfer_set=spec, out=str(scratch / "all"),
+                            targets=("logits", "embedding", "patch"), views=args.views, topk=args.topk,
+                            batch_size=args.batch_size, workers=args.workers[-1])
+        outputs = build_recording(every, model, card)
+        reference = open_store(every.out)
+        compare_logit_codecs(reference, outputs["logits"], scratch, args.topk)
+        compare_feature_codecs(reference, outputs, scratch, every.patch_grid)
 
 
 if __name__ == "__main__":

@@ -167,6 +167,7 @@ class TopKLogitsCodec(Codec):
         residual mass ``1 - sum(top-k probs)`` uniformly.
         """
         index, log_p = self.log_probs(payload)
+        log_p = log_p - torch.logsumexp(log_p, -1, keepdim=True).clamp_min(0)  # rounding can push top-k mass past 1
         tail = self.num_classes - self.k
         dense = torch.empty(log_p.shape[0], self.num_classes, device=log_p.device)
         if tail:

@@ -111,7 +111,7 @@ def assert_replay_exact(model: TeacherModel, store_path: Path, teacher_inputs: t
     keys = sorted(seen)
     for i, v in keys:
         replayed = model.normalize(seen[i, v][0][None])[0]
-        assert torch.equal(replayed, teacher_inputs[i * views + v]), f"sample {i} view {v} differs from the teacher input"
+        assert torch.equal(replayed, teacher_inputs[i * views + v]), f"sample {i} view {v} is not what the teacher saw"
 
     stored = {t: {a: torch.stack([seen[key][1][t][a] for key in keys]) for a in arrays}
               for t, arrays in seen[keys[0]][1].items()}

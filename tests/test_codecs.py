@@ -1,67 +1,170 @@
-"""Top-k logits codec fidelity on real teacher outputs (Lite0, ImageNet-1k head)."""
+"""Codecs on real teacher outputs (Lite0 with its ImageNet-1k head, real images): top-k logits at both
+precisions and index codings, int8/fp16 embeddings and feature maps, and every registered codec's contract."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
-from reinforce.augment import RandAugCropFlip
+from reinforce.augment import create_policy
 from reinforce.sources import open_source
-from stores.codecs import TopKLogitsCodec, create_codec
+from stores.codecs import EmbeddingCodec, PatchCodec, TopKLogitsCodec, create_codec, list_codecs
+
+KINDS = ("logits", "embedding", "patch")
+
+
+def views_of(spec: str, views_per_sample: int, size: int) -> list[torch.Tensor]:
+    policy = create_policy("rrc_flip_randaug", size=size)
+    source, views = open_source(spec), []
+    for i in range(len(source)):
+        image = source.load(i)
+        views.extend(policy.apply(image, policy.sample(0, i, v, *image.shape[-2:])) for v in range(views_per_sample))
+    return views
 
 
 @pytest.fixture(scope="module")
-def teacher_logits(lite0_teacher, photo_dir) -> torch.Tensor:
-    """1000-class logits of augmented views of Fashion-MNIST images and real photos."""
+def outputs(lite0_teacher, photo_dir) -> dict[str, torch.Tensor]:
+    """One forward over 144 augmented 64 px views of Fashion-MNIST images and real photos: logits ``[N, 1000]``,
+    embedding ``[N, 1280]``, patch ``[N, 1280, 2, 2]``, plus ``patch4``: 4x4 maps of the photos at 128 px."""
     model = lite0_teacher[0]
-    policy = RandAugCropFlip(size=64)
-    views = []
-    for spec, views_per_sample in (("fashion-mnist:test?limit=48", 2), (f"folder:{photo_dir}", 8)):
-        source = open_source(spec)
-        for i in range(len(source)):
-            image = source.load(i)
-            for v in range(views_per_sample):
-                views.append(policy.apply(image, policy.sample(0, i, v, *image.shape[-2:])))
+    views = views_of("fashion-mnist:test?limit=48", 2, 64) + views_of(f"folder:{photo_dir}", 8, 64)
     with torch.inference_mode():
-        return model(torch.stack(views)).float()
+        found = model.forward_targets(torch.stack(views), KINDS)
+        large = torch.stack(views_of(f"folder:{photo_dir}", 4, 128))
+        found["patch4"] = model.forward_targets(large, ("patch",))["patch"]
+    return {name: value.float() for name, value in found.items()}
 
 
-def fidelity(codec: TopKLogitsCodec, logits: torch.Tensor) -> tuple[float, float]:
-    """Mean KL(full softmax || decoded) and top-1 agreement after an encode/decode round trip."""
-    payload = {name: torch.from_numpy(array) for name, array in codec.encode(logits).items()}
-    decoded = codec.decode(payload)
-    log_p = torch.log_softmax(logits, -1)
-    kl = (log_p.exp() * (log_p - decoded.clamp_min(1e-30).log())).sum(-1).mean().item()
-    agreement = (decoded.argmax(-1) == logits.argmax(-1)).float().mean().item()
-    return kl, agreement
+EXAMPLES = {  # registered codec -> (arguments, the teacher output it encodes); a new codec needs an entry here
+    "topk_logits": ({"k": 10, "num_classes": 1000, "precision": "uint8", "index_coding": "delta"}, "logits"),
+    "embedding": ({"dim": 1280, "precision": "int8"}, "embedding"),
+    "patch": ({"channels": 1280, "grid": 2, "precision": "int8"}, "patch4"),
+}
 
 
-def test_fidelity_improves_with_k(teacher_logits):
-    assert teacher_logits.shape[1] == 1000
-    results = {k: fidelity(TopKLogitsCodec(k=k, num_classes=1000), teacher_logits) for k in (1, 5, 10)}
-    print(f"\ncodec fidelity on {len(teacher_logits)} real Lite0 views (1000 classes):")
-    for k, (kl, agreement) in results.items():
-        print(f"  top-{k:<2d}  KL {kl:.4f}  top-1 agreement {agreement:.4f}")
-    kls = [results[k][0] for k in (1, 5, 10)]
-    assert kls[0] > kls[1] > kls[2] >= 0
-    assert kls[2] < 0.5
-    assert all(agreement == 1.0 for _, agreement in results.values())
+@pytest.mark.parametrize("name", list_codecs())
+def test_every_registered_codec_keeps_its_contract(outputs, name):
+    """Rebuilt from its stored dict; encodes to exactly the arrays it declares; decodes to float32."""
+    assert name in EXAMPLES, f"codec {name!r} is registered but has no example in this test"
+    args, kind = EXAMPLES[name]
+    codec = create_codec(name, **args)
+    assert create_codec(**codec.to_dict()) == codec
+    x = outputs[kind]
+    payload = codec.encode(x)
+    declared = codec.arrays()
+    assert sorted(payload) == sorted(declared)
+    for array, (shape, dtype) in declared.items():
+        assert payload[array].shape == (len(x), *shape) and payload[array].dtype == dtype, array
+    assert codec.bytes_per_view == sum(a[0].nbytes for a in payload.values())
+    decoded = codec.decode({array: torch.from_numpy(a) for array, a in payload.items()})
+    assert decoded.dtype == torch.float32 and decoded.shape[0] == len(x)
 
 
-def test_decode_at_temperature_sums_to_one(teacher_logits):
-    codec = create_codec(**TopKLogitsCodec(k=5, num_classes=1000).to_dict())
-    payload = {name: torch.from_numpy(array) for name, array in codec.encode(teacher_logits).items()}
-    for temperature in (1.0, 2.0):
-        sums = codec.decode(payload, temperature=temperature).sum(-1)
-        torch.testing.assert_close(sums, torch.ones_like(sums), atol=1e-4, rtol=0)
+def test_codec_errors_name_what_is_valid():
+    with pytest.raises(ValueError, match="unknown codec 'topk8'; registered: embedding, patch, topk_logits"):
+        create_codec("topk8")
+    with pytest.raises(ValueError, match=r"unknown \['bits'\]"):
+        create_codec("embedding", dim=4, bits=8)
+    with pytest.raises(ValueError, match=r"precision must be one of \('fp16', 'uint8'\), got 'int4'"):
+        TopKLogitsCodec(k=5, num_classes=10, precision="int4")
+    with pytest.raises(ValueError, match="codec expects 1000 classes, teacher gave 10"):
+        TopKLogitsCodec(k=5, num_classes=1000).encode(torch.randn(2, 10))
 
 
-def test_wide_heads_get_int32_indices():
-    logits = torch.randn(4, 70_000)
-    codec = TopKLogitsCodec(k=3, num_classes=70_000)
+def mean_fidelity(codec, x: torch.Tensor) -> dict[str, float]:
+    return {metric: values.mean().item() for metric, values in codec.fidelity(x).items()}
+
+
+@pytest.mark.parametrize("precision", ["fp16", "uint8"])
+def test_topk_fidelity_improves_with_k(outputs, precision):
+    logits = outputs["logits"]
+    assert logits.shape[1] == 1000
+    results = {k: mean_fidelity(TopKLogitsCodec(k=k, num_classes=1000, precision=precision), logits)
+               for k in (1, 5, 10)}
+    print(f"\n{precision} top-k fidelity on {len(logits)} real Lite0 views (1000 classes):")
+    for k, result in results.items():
+        print(f"  top-{k:<2d}  KL {result['kl']:.4f}  top-1 agreement {result['top1_agreement']:.4f}")
+    kls = [results[k]["kl"] for k in (1, 5, 10)]
+    assert kls[0] > kls[1] > kls[2] >= 0 and kls[2] < 0.5
+    assert all(result["top1_agreement"] == 1.0 for result in results.values())
+
+
+def test_uint8_top5_is_as_faithful_as_fp16(outputs):
+    """uint8 values relative to the view's max lose at most 0.01 nats of KL against exact fp16 top-5."""
+    fp16, uint8 = (mean_fidelity(TopKLogitsCodec(k=5, num_classes=1000, precision=p), outputs["logits"])["kl"]
+                   for p in ("fp16", "uint8"))
+    assert uint8 <= fp16 + 0.01, (uint8, fp16)
+
+
+@pytest.mark.parametrize("precision", ["fp16", "uint8"])
+def test_decode_is_a_distribution_at_any_temperature(outputs, precision):
+    """Decoded log-probabilities sum to one at T=1 and the target softmax(dense / T) keeps the teacher's top-k order."""
+    logits = outputs["logits"]
+    codec = TopKLogitsCodec(k=5, num_classes=1000, precision=precision)
+    dense = codec.round_trip(logits)
+    sums = dense.exp().sum(-1)
+    torch.testing.assert_close(sums, torch.ones_like(sums), atol=1e-4, rtol=0)
+    order = logits.topk(5).indices
+    for temperature in (1.0, 2.0, 4.0):
+        target = torch.softmax(dense / temperature, -1)
+        assert torch.isfinite(target).all()
+        torch.testing.assert_close(target.sum(-1), torch.ones_like(sums), atol=1e-5, rtol=0)
+        ranked = target.gather(1, order)
+        assert (ranked[:, :-1] >= ranked[:, 1:]).all()
+
+
+@pytest.mark.parametrize("precision", ["fp16", "uint8"])
+@pytest.mark.parametrize("index_coding", ["delta", "plain"])
+def test_index_coding_round_trips_exactly(outputs, precision, index_coding):
+    """Decoded classes are torch.topk's (delta: as a sorted set) and carry their log-probabilities."""
+    logits = outputs["logits"]
+    codec = TopKLogitsCodec(k=10, num_classes=1000, precision=precision, index_coding=index_coding)
+    payload = {name: torch.from_numpy(a.astype(np.int32) if a.dtype == np.uint16 else a)
+               for name, a in codec.encode(logits).items()}
+    index, log_p = codec.log_probs(payload)
+    expected = logits.topk(10).indices
+    assert torch.equal(index, expected.sort(-1).values if index_coding == "delta" else expected)
+    exact = torch.log_softmax(logits, -1).gather(1, index)
+    if precision == "fp16":  # raw logits rounded to fp16 (half an ulp), exact fp32 log-sum-exp
+        bound = logits.gather(1, index).abs() * 2**-11
+    else:  # half a quantisation step, plus the fp16 rounding of log-sum-exp relative to the max
+        bound = payload["scale"].float()[:, None] / 2 + payload["lse"].float().abs()[:, None] * 2**-11
+    assert ((log_p - exact).abs() <= bound + 1e-5).all()
+
+
+@pytest.mark.parametrize("index_coding", ["delta", "plain"])
+def test_wide_heads_get_int32_indices(index_coding):
+    logits = torch.randn(4, 70_000, generator=torch.Generator().manual_seed(0))
+    codec = TopKLogitsCodec(k=3, num_classes=70_000, index_coding=index_coding)
     payload = codec.encode(logits)
-    assert codec.fields()["logits_idx"][1] == np.dtype(np.int32)
-    assert payload["logits_idx"].dtype == np.int32
-    np.testing.assert_array_equal(payload["logits_idx"], logits.topk(3).indices.numpy())
+    assert codec.arrays()["index"][1] == np.dtype(np.int32) and payload["index"].dtype == np.int32
+    index, _ = codec.log_probs({name: torch.from_numpy(a) for name, a in payload.items()})
+    expected = logits.topk(3).indices
+    assert torch.equal(index, expected.sort(-1).values if index_coding == "delta" else expected)
     assert TopKLogitsCodec(k=3, num_classes=65535).index_dtype == np.dtype(np.uint16)
+
+
+@pytest.mark.parametrize("precision", ["int8", "fp16"])
+def test_embedding_round_trip_cosine(outputs, precision):
+    embedding = outputs["embedding"]
+    assert embedding.shape[1] == 1280
+    cosine = EmbeddingCodec(dim=1280, precision=precision).fidelity(embedding)["cosine"]
+    assert len(cosine) == len(embedding) and cosine.mean() >= 0.999 and cosine.min() >= 0.999
+    if precision == "fp16":
+        assert cosine.min() >= 0.99999
+
+
+@pytest.mark.parametrize("precision", ["int8", "fp16"])
+@pytest.mark.parametrize(("maps", "grid"), [("patch", 2), ("patch4", 4), ("patch4", 2)])
+def test_patch_round_trip_cosine(outputs, precision, maps, grid):
+    """Feature maps as stored (4x4 maps pooled to 2x2 by definition of the target): every position vector
+    survives int8 with cosine >= 0.999 against the pooled map."""
+    x = outputs[maps]
+    codec = PatchCodec(channels=1280, grid=grid, precision=precision)
+    cosine = codec.fidelity(x)["cosine"]
+    assert len(cosine) == len(x) * grid * grid and cosine.mean() >= 0.999 and cosine.min() >= 0.999
+    decoded = codec.round_trip(x)
+    assert decoded.shape == (len(x), 1280, grid, grid)
+    torch.testing.assert_close(codec.pool(x), F.adaptive_avg_pool2d(x, grid))
