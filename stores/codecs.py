@@ -92,12 +92,13 @@ class TopKLogitsCodec(Codec):
     """Top-k logits + the log-sum-exp of all of them: exact top-k probabilities, known residual mass.
 
     ``precision="fp16"`` stores raw logits (T=1) ``values [k] float16`` and ``lse [] float32``.
-    ``precision="uint8"`` stores each value relative to the view's max, ``q = round((max - x) / scale)``,
-    with ``scale [] float16`` and ``lse [] float16`` = log-sum-exp minus the max (softmax is shift
-    invariant, so the max itself is not needed). ``index_coding="delta"`` sorts the k classes by index
-    and stores the first index then the gaps, which compress far better than raw indices.
-    Decoding spreads the residual mass uniformly over the other classes, which keeps any distillation
-    temperature available at training time.
+    ``precision="uint8"`` stores each value's gap to the view's max on ``value_bits`` bits with square-root
+    companding, ``q = round(sqrt((max - x) / scale) * (2**bits - 1))`` (fine steps near the top classes,
+    where KL is sensitive; coarse ones in the tail), with ``scale [] float16`` = the view's largest gap and
+    ``lse [] float16`` = log-sum-exp minus the max (softmax is shift invariant, so the max itself is not
+    needed). ``index_coding="delta"`` sorts the k classes by index and stores the first index then the
+    gaps, which compress better than raw indices. Decoding spreads the residual mass uniformly over the
+    other classes, which keeps any distillation temperature available at training time.
     """
 
     name: ClassVar[str] = "topk_logits"
@@ -105,12 +106,15 @@ class TopKLogitsCodec(Codec):
     k: int
     num_classes: int
     precision: str = "uint8"
+    value_bits: int = 6  # uint8 only: levels 2**bits - 1 (unused high bits cost nothing after compression)
     index_coding: str = "delta"
 
     def __post_init__(self):
         if not 1 <= self.k <= self.num_classes:
             raise ValueError(f"top-k must be in [1, num_classes={self.num_classes}], got k={self.k}")
         _check_precision(self.precision, ("fp16", "uint8"))
+        if not 2 <= self.value_bits <= 8:
+            raise ValueError(f"value_bits must be in [2, 8], got {self.value_bits}")
         if self.index_coding not in ("plain", "delta"):
             raise ValueError(f"index_coding must be 'plain' or 'delta', got {self.index_coding!r}")
 
@@ -145,8 +149,9 @@ class TopKLogitsCodec(Codec):
             return {**payload, "values": values.half().cpu().numpy(), "lse": lse.cpu().numpy()}
         top = values.max(-1).values
         gap = top[:, None] - values
-        scale = (gap.max(-1).values / 255).clamp_min(1e-8).half()  # quantise with the stored (rounded) scale
-        quantised = (gap / scale.float()[:, None]).round().clamp(0, 255).to(torch.uint8)
+        scale = gap.max(-1).values.clamp_min(1e-6).half()  # quantise with the stored (rounded) scale
+        levels = 2**self.value_bits - 1
+        quantised = (torch.sqrt(gap / scale.float()[:, None]) * levels).round().clamp(0, levels).to(torch.uint8)
         return {**payload, "values": quantised.cpu().numpy(), "scale": scale.cpu().numpy(),
                 "lse": (lse - top).half().cpu().numpy()}
 
@@ -157,7 +162,8 @@ class TopKLogitsCodec(Codec):
             index = index.cumsum(-1)
         if self.precision == "fp16":
             return index, payload["values"].float() - payload["lse"].float()[:, None]
-        relative = -payload["values"].float() * payload["scale"].float()[:, None]
+        levels = 2**self.value_bits - 1
+        relative = -(payload["values"].float() / levels) ** 2 * payload["scale"].float()[:, None]
         return index, relative - payload["lse"].float()[:, None]
 
     def decode(self, payload: dict[str, torch.Tensor]) -> torch.Tensor:

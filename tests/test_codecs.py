@@ -129,8 +129,9 @@ def test_index_coding_round_trips_exactly(outputs, precision, index_coding):
     exact = torch.log_softmax(logits, -1).gather(1, index)
     if precision == "fp16":  # raw logits rounded to fp16 (half an ulp), exact fp32 log-sum-exp
         bound = logits.gather(1, index).abs() * 2**-11
-    else:  # half a quantisation step, plus the fp16 rounding of log-sum-exp relative to the max
-        bound = payload["scale"].float()[:, None] / 2 + payload["lse"].float().abs()[:, None] * 2**-11
+    else:  # the largest square-root-companded step (at the bottom of the range), plus lse's fp16 rounding
+        step = payload["scale"].float()[:, None] / (2**codec.value_bits - 1)
+        bound = step + payload["lse"].float().abs()[:, None] * 2**-11
     assert ((log_p - exact).abs() <= bound + 1e-5).all()
 
 
