@@ -159,7 +159,7 @@ def build(config: BuildConfig, teacher: tuple[TeacherModel, TeacherCard] | None 
     writer = StoreWriter(config.out, content, unit_samples=config.unit_samples, chunk_samples=config.chunk_samples)
     pending = [u for u in range(writer.num_units) if u not in writer.committed_units()]
     _run_teacher(model, device, writer, pending, ViewDataset(source, policy, config.views, config.seed), codecs, config)
-    manifest = writer.finalize(_library_version())
+    manifest = writer.finalize(library_version())
     log.info("store %s: %s", config.out, manifest.summary)
     return manifest
 
@@ -258,7 +258,7 @@ class UnitBuffer:
         writer.write_unit(unit, arrays, rows, fidelity)
 
 
-def _library_version() -> str:
+def library_version() -> str:
     try:
         return version("vfm-reinforce")
     except PackageNotFoundError:

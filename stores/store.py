@@ -343,11 +343,14 @@ def read_manifest(manifest_path: Path) -> StoreManifest:
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise StoreFormatError(f"{manifest_path}: not valid JSON ({error})") from None
     found = read_format_version(data)
-    if found != FORMAT_VERSION:
+    if found == 1:
         raise StoreFormatError(
-            f"{manifest_path.parent} is a format-version-{found} store; this library reads version {FORMAT_VERSION}: "
-            "rebuild it with `python -m reinforce.build` (same --teacher/--transfer-set/--views, a new --out)"
+            f"{manifest_path.parent} is a format-version-1 store; this library reads version {FORMAT_VERSION}: "
+            f"upgrade it with `python -m reinforce.upgrade {manifest_path.parent} NEW_STORE` (lossless, no teacher run)"
         )
+    if found != FORMAT_VERSION:
+        raise StoreFormatError(f"{manifest_path}: format_version {found!r} is not one this library reads "
+                               f"({FORMAT_VERSION}); a newer vfm-reinforce may read it")
     try:
         return StoreManifest.from_dict(data)
     except (ManifestError, TypeError, ValueError) as error:

@@ -69,7 +69,7 @@ def test_v1_store_is_refused_in_one_line(tmp_path, capsys):
     with pytest.raises(StoreFormatError) as error:
         open_store(store)
     message = str(error.value)
-    assert "\n" not in message and "format-version-1" in message and "python -m reinforce.build" in message
+    assert "\n" not in message and "format-version-1" in message and "python -m reinforce.upgrade" in message
     result = subprocess.run([sys.executable, "-m", "stores", "inspect", str(store)], capture_output=True, text=True)
     assert result.returncode == 1 and result.stdout == ""
     assert result.stderr.splitlines() == [f"stores inspect: {message}"]
