@@ -132,7 +132,7 @@ def test_one_build_stores_every_target(fmnist_store):
     content = store.manifest.content
     assert {name: t.kind for name, t in content.targets.items()} == {t: t for t in ALL_TARGETS}
     assert content.targets["logits"].codec == {"name": "topk_logits", "k": 5, "num_classes": 1000,
-                                               "precision": "uint8", "index_coding": "delta"}
+                                               "precision": "uint8", "value_bits": 6, "index_coding": "delta"}
     assert content.targets["patch"].arrays["values"].shape == (2, 2, 1280)  # Lite0's 2x2 map at 64 px
     fidelity = store.manifest.summary["fidelity"]
     assert fidelity["logits"]["top1_agreement"]["min"] == 1.0

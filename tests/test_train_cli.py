@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -14,8 +15,9 @@ from safetensors.torch import load_file, save_file
 from reinforce.sources import open_source
 from reinforce.teachers import create_backbone, create_teacher
 from train import evaluate, finetune, teacher
-from train.data import evaluate_model
+from train.data import evaluate_model, open_labeled
 from train.models import create_student, load_student, save_student
+from train.optim import split_labeled
 
 HELD_OUT = "fashion-mnist:test?limit=300"
 
@@ -117,3 +119,58 @@ def test_unknown_student_from_the_command_line():
     assert run.returncode == 2
     assert run.stderr.strip().startswith("train.finetune: error: timm has no model named 'no_such_net'")
     assert len(run.stderr.strip().splitlines()) == 1
+
+
+def test_validation_split_is_stratified_seeded_and_disjoint():
+    source, _ = open_labeled("fashion-mnist:train", 5, 0)
+    train_part, val_part = split_labeled(source, 0.2, seed=0)
+    assert np.bincount(val_part.labels).tolist() == [1] * 10  # round(0.2 * 5) = 1 per class
+    assert np.bincount(train_part.labels).tolist() == [4] * 10
+    assert not set(train_part.keys) & set(val_part.keys)
+    assert set(train_part.keys) | set(val_part.keys) == set(source.keys)
+    again = split_labeled(source, 0.2, seed=0)[1]
+    assert again.keys.tolist() == val_part.keys.tolist()
+    assert split_labeled(source, 0.0) == (source, None)
+    with pytest.raises(ValueError, match="at least 2 labeled images per class"):
+        split_labeled(open_labeled("fashion-mnist:train", 1, 0)[0], 0.2)
+
+
+def test_finetune_keeps_the_best_validation_weights_and_stops_early():
+    card = finetune.main(["--student", "mobilenetv3_small_050", "--size", "32", "--data", "fashion-mnist:train",
+                          "--shots", "5", "--steps", "60", "--batch-size", "16", "--lr", "0.003",
+                          "--val-fraction", "0.2", "--eval-every", "1", "--patience", "1", "--out", "tuned"])
+    stage = card.history[-1]
+    curve = dict(stage["val_curve"])
+    assert stage["train_images"] == 40 and stage["val_images"] == 10
+    # 10 val images: at most 10 strict improvements after the first evaluation, then patience 1 stops the run
+    assert stage["steps_run"] == max(curve) <= 12 < stage["steps"]
+    assert stage["val_top1"] == max(curve.values()) == curve[stage["best_step"]]
+    model, _ = load_student("tuned")  # the saved weights are the best-validation ones, not the last
+    val_part = split_labeled(open_labeled("fashion-mnist:train", 5, 0)[0], 0.2, seed=0)[1]
+    assert evaluate_model(model, val_part, 32)["top1"] == pytest.approx(stage["val_top1"], abs=1e-4)
+
+
+def test_feature_distilled_student_gets_a_classifier():
+    student, card = create_student("mobilenetv3_small_050", class_names=(), input_size=32)
+    save_student(student, card, "headless")
+    tuned = finetune.main(["--init", "headless", "--data", "fashion-mnist:train", "--shots", "2", "--steps", "2",
+                           "--batch-size", "8", "--out", "with_head"])
+    assert tuned.num_classes == 10 and tuned.class_names[0] == "T-shirt/top"
+    model, _ = load_student("with_head")
+    with torch.inference_mode():
+        assert model(torch.zeros(2, 3, 32, 32, dtype=torch.uint8)).shape == (2, 10)
+    assert evaluate.main(["--model", "with_head", "--data", "fashion-mnist:test?limit=20"])["num_images"] == 20
+
+
+def test_frozen_teacher_needs_no_labels_and_task_teacher_skips_val():
+    card = teacher.main(["--backbone", "tf_efficientnet_lite0", "--mode", "frozen", "--size", "32", "--name", "vfm"])
+    assert (card.num_classes, card.class_names, card.adaptation["mode"]) == (0, (), "frozen")
+    model, loaded = create_teacher("teachers/vfm")
+    with torch.inference_mode():
+        assert model.features(torch.zeros(2, 3, 32, 32, dtype=torch.uint8)).shape == (2, 1280)
+    assert loaded.num_classes == 0
+    lp = teacher.main(["--backbone", "tf_efficientnet_lite0", "--data", "fashion-mnist:train", "--shots", "5",
+                       "--mode", "lp", "--size", "32", "--lp-views", "0", "--lp-steps", "20", "--folds", "0",
+                       "--val-fraction", "0.2", "--name", "lp"])
+    assert lp.adaptation["train_images"] == 40  # the 10 validation images are never trained on
+    assert lp.val_accuracy == lp.adaptation["val_top1"] is not None

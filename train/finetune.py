@@ -2,8 +2,9 @@
 
 With ``--val-fraction F`` a seeded, stratified part of the labeled images is held out
 (``train.optim.split_labeled``): training sees only the rest, top-1 on the held-out part is
-measured every ``--eval-every`` steps, the best-val weights are the ones saved, and ``--patience``
-evaluations without improvement stop the run early. ``student.json`` records the val top-1, the
+measured before the first step and every ``--eval-every`` steps, the best-val weights are the ones
+saved (the starting weights too, when finetuning only hurts), and ``--patience`` evaluations
+without improvement stop the run early. ``student.json`` records the val top-1, the
 best step, the steps run and the whole validation curve, so a learning rate or step count can be
 chosen without ever looking at the test split. A student distilled from features (``num_classes``
 0, no classifier) gets a freshly initialised classifier for the labeled classes.
@@ -47,6 +48,7 @@ class FinetuneConfig:
     val_fraction: float = 0.0  # labeled images held out per class for validation (0: none)
     eval_every: int = 50  # validation top-1 every N steps (and at the last step)
     patience: int = 0  # stop after this many evaluations without improvement (0: run every step)
+    workers: int = 1  # loader processes rendering augmented views while the model trains (same batches for any)
 
 
 def finetune(config: FinetuneConfig) -> StudentCard:
@@ -61,7 +63,10 @@ def finetune(config: FinetuneConfig) -> StudentCard:
     keeper = None if val_part is None else BestOnValidation(model, val_part, size, every=config.eval_every,
                                                             steps=config.steps, patience=config.patience)
     started = time.perf_counter()
-    losses = fit(model, LabeledViews(train_part, size, train=True, seed=config.seed), schedule, on_step=keeper)
+    if keeper is not None:
+        keeper(0)  # the starting point competes too: finetuning that only hurts on val is not kept
+    losses = fit(model, LabeledViews(train_part, size, train=True, seed=config.seed), schedule, on_step=keeper,
+                 workers=config.workers)
     validation = {"steps_run": len(losses)}
     if keeper is not None:
         keeper.restore()
@@ -102,7 +107,8 @@ def main(argv: list[str] | None = None) -> StudentCard:
     defaults = FinetuneConfig("", "")
     parser.add_argument("--shots", type=int, default=defaults.shots, help="labeled images per class (0: all)")
     parser.add_argument("--size", type=int, default=None, help="view size (default: the student's)")
-    for flag in ("seed", "steps", "batch_size", "lr", "weight_decay", "val_fraction", "eval_every", "patience"):
+    for flag in ("seed", "steps", "batch_size", "lr", "weight_decay", "val_fraction", "eval_every", "patience",
+                 "workers"):
         default = getattr(defaults, flag)
         parser.add_argument(f"--{flag.replace('_', '-')}", type=type(default), default=default)
     args = vars(parser.parse_args(argv))

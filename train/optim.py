@@ -67,40 +67,75 @@ def set_train_mode(model: nn.Module, freeze_bn: bool) -> None:
                 module.eval()
 
 
-def _batches(dataset: Dataset, batch_size: int, seed: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Endless shuffled batches; each epoch reseeds the order and (``set_epoch``) the augmentation."""
-    batch_size = min(batch_size, len(dataset))
-    for epoch in itertools.count():
-        if hasattr(dataset, "set_epoch"):
-            dataset.set_epoch(epoch)
-        order = torch.Generator().manual_seed(seed * 100_003 + epoch)
-        yield from DataLoader(dataset, batch_size=batch_size, shuffle=True, generator=order, drop_last=True)
+class _EpochItems(Dataset):
+    """Item ``epoch * n + i`` is item i of ``dataset`` at ``epoch`` (``set_epoch``): the augmentation epoch
+    travels with the index, so loader workers render exactly the views one process would."""
+
+    def __init__(self, dataset: Dataset):
+        self.dataset, self.size = dataset, len(dataset)
+
+    def __getitem__(self, item: int):
+        epoch, index = divmod(item, self.size)
+        if hasattr(self.dataset, "set_epoch"):
+            self.dataset.set_epoch(epoch)
+        return self.dataset[index]
+
+
+class _EpochBatches:
+    """Endless batch sampler: each epoch a fresh seeded permutation cut into whole batches (drop_last)."""
+
+    def __init__(self, size: int, batch_size: int, seed: int):
+        self.size, self.batch_size, self.seed = size, min(batch_size, size), seed
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for epoch in itertools.count():
+            generator = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+            torch.empty((), dtype=torch.int64).random_(generator=generator)  # as a shuffling DataLoader draws first
+            order = torch.randperm(self.size, generator=generator)
+            for start in range(0, self.size - self.batch_size + 1, self.batch_size):
+                yield (epoch * self.size + order[start: start + self.batch_size]).tolist()
+
+
+def _batches(dataset: Dataset, batch_size: int, seed: int, workers: int = 0) -> DataLoader:
+    """Endless shuffled batches; each epoch reseeds the order and (``set_epoch``) the augmentation.
+
+    ``workers`` > 0 renders the views in background processes while the model trains (same batches).
+    """
+    return DataLoader(_EpochItems(dataset), batch_sampler=_EpochBatches(len(dataset), batch_size, seed),
+                      num_workers=workers)
 
 
 def fit(model: nn.Module, dataset: Dataset, schedule: TrainSchedule, *, freeze_bn: bool = False,
-        params=None, on_step: Callable[[int], bool] | None = None) -> list[float]:
+        params=None, on_step: Callable[[int], bool] | None = None, workers: int = 0) -> list[float]:
     """Cross-entropy training for ``schedule.steps`` steps; returns the per-step losses.
 
     ``on_step(step)`` runs after every optimizer step (1-based) and may stop training early by
-    returning True (early stopping); the model is put back in training mode after it.
+    returning True (early stopping); the model is put back in training mode after it. ``workers``
+    loader processes augment the next batches meanwhile; the batches are the same for any number.
     """
     trainable = [p for p in (params if params is not None else model.parameters()) if p.requires_grad]
     optimizer, scheduler = cosine_optimizer(trainable, schedule)
     set_train_mode(model, freeze_bn)
     losses = []
-    for inputs, labels in itertools.islice(_batches(dataset, schedule.batch_size, schedule.seed), schedule.steps):
-        if inputs.dim() == 4:
-            inputs = inputs.contiguous(memory_format=torch.channels_last)
-        loss = nn.functional.cross_entropy(model(inputs), labels)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        scheduler.step()
-        losses.append(float(loss.detach()))
-        if on_step is not None:
-            if on_step(len(losses)):
-                break
-            set_train_mode(model, freeze_bn)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(1, threads - workers))  # the workers' cores: no oversubscription on small CPUs
+    try:
+        batches = _batches(dataset, schedule.batch_size, schedule.seed, workers)
+        for inputs, labels in itertools.islice(batches, schedule.steps):
+            if inputs.dim() == 4:
+                inputs = inputs.contiguous(memory_format=torch.channels_last)
+            loss = nn.functional.cross_entropy(model(inputs), labels)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            losses.append(float(loss.detach()))
+            if on_step is not None:
+                if on_step(len(losses)):
+                    break
+                set_train_mode(model, freeze_bn)
+    finally:
+        torch.set_num_threads(threads)
     model.eval()
     return losses
 

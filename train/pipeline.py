@@ -23,6 +23,7 @@ skipped. Writes ``RUN/results.parquet``, ``RUN/results.md`` and two plots (``tra
 Example:
     python -m train.pipeline                                   # embedded default (recipes/fashion_mnist.yaml)
     python -m train.pipeline train/recipes/comparison.yaml --run-dir runs/comparison --publish docs
+    python -m train.pipeline train/recipes/comparison.yaml --plan      # the command lines, nothing run
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ import shutil
 import subprocess
 import sys
 import time
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -46,7 +48,7 @@ import yaml
 
 from train import report
 
-__all__ = ["METHODS", "Cell", "Planner", "Runner", "Step", "load_recipe", "main", "run_grid"]
+__all__ = ["METHODS", "Cell", "Planner", "Runner", "Step", "grid_cells", "load_recipe", "main", "run_grid"]
 
 RECIPES = Path(__file__).parent / "recipes"
 DEFAULT_RECIPE = RECIPES / "fashion_mnist.yaml"
@@ -55,6 +57,8 @@ DONE = ".pipeline-done.json"
 METHODS = {"labeled-only": None, "task-agnostic-embedding": "embedding", "task-agnostic-patch": "patch",
            "task-oriented": "logits"}
 TEACHER_MODES = ("lp", "ft", "auto")
+STAGES = ("teacher", "build", "distill", "finetune")
+REQUIRED = ("data", "test", "grid", "transfer_sets", "teacher", "student", "finetune")
 IN_PROCESS = {"train.teacher", "train.finetune", "train.evaluate", "reinforce.build"}  # saves ~5 s of start each
 RESERVED = {  # flags the pipeline sets itself; a recipe section may not
     "teacher": {"data", "shots", "mode", "name", "out_dir", "val_fraction", "seed"},
@@ -96,6 +100,10 @@ class Cell:
 def load_recipe(path: str | os.PathLike) -> dict[str, Any]:
     """The YAML recipe, checked: known methods and modes, named transfer sets, no reserved flags."""
     recipe = yaml.safe_load(Path(path).read_text())
+    missing = [k for k in REQUIRED if k not in recipe] + [f"grid.{k}" for k in ("shots", "transfer", "method")
+                                                          if k not in recipe.get("grid", {})]
+    if missing or "lr" not in recipe.get("finetune", {}):
+        raise ValueError(f"{path} lacks {', '.join(missing or ['finetune.lr'])}; see {RECIPES / 'comparison.yaml'}")
     grid = recipe["grid"]
     unknown = set(grid["method"]) - set(METHODS)
     if unknown:
@@ -220,13 +228,14 @@ class Runner:
     def __init__(self, run_dir: Path):
         self.run_dir = run_dir
         self.log = run_dir / "steps.jsonl"
+        self.run_id = f"{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}"  # groups one invocation's log lines
 
     def ensure(self, step: Step) -> dict[str, Any]:
         """The step's completion record (``seconds``, ``command``), running it first unless already done."""
         marker = step.out / DONE
         if marker.exists():
             record = json.loads(marker.read_text())
-            self._log(step, "skipped", record["seconds"])
+            self.note(step.stage, step.out, "skipped", record["seconds"])
             return record
         print(f"\n== {step.stage} {step.out.name}\n$ {step.command_line()}", flush=True)
         started = time.perf_counter()
@@ -237,11 +246,12 @@ class Runner:
         record = {"stage": step.stage, "command": step.command_line(), "seconds": seconds}
         step.out.mkdir(parents=True, exist_ok=True)
         _atomic_write(marker, json.dumps(record, indent=1))
-        self._log(step, "ran", record["seconds"])
+        self.note(step.stage, step.out, "ran", record["seconds"])
         return record
 
-    def _log(self, step: Step, status: str, seconds: float) -> None:
-        entry = {"stage": step.stage, "out": str(step.out.relative_to(self.run_dir)), "status": status,
+    def note(self, stage: str, out: Path, status: str, seconds: float) -> None:
+        """One line of ``RUN/steps.jsonl``: what this invocation ran or skipped."""
+        entry = {"run": self.run_id, "stage": stage, "out": str(out.relative_to(self.run_dir)), "status": status,
                  "seconds": seconds, "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
         with open(self.log, "a") as f:
             f.write(json.dumps(entry) + "\n")
@@ -256,6 +266,9 @@ def _execute(step: Step) -> int:
         result = importlib.import_module(step.module).main(list(step.argv))
     except SystemExit as error:  # argparse and cli_errors exit 2 with a one-line message
         return error.code if isinstance(error.code, int) else 1
+    except Exception:  # what a subprocess would show: the traceback, then exit status 1
+        traceback.print_exc()
+        return 1
     return result if isinstance(result, int) and not isinstance(result, bool) else 0
 
 
@@ -313,7 +326,7 @@ def teacher_row(shots: int, mode: str, planner: Planner, runner: Runner,
     eval_record = runner.ensure(evaluation)
     metrics, card = read_json(evaluation.out / "test.json"), read_json(teacher.out / "teacher.json")
     adapt = flops.teacher_adapt(teacher.out)
-    return {"shots": shots, "transfer": None, "method": "teacher", "teacher_mode": card["adaptation"]["mode"],
+    return {"shots": shots, "transfer": None, "method": "teacher", "teacher_mode": mode,  # as its cells name it
             "top1": metrics["top1"], "balanced_accuracy": metrics["balanced_accuracy"],
             "val_top1": card["val_accuracy"], "lr": card["adaptation"].get("lr"),
             "teacher_seconds": record["seconds"], "eval_seconds": eval_record["seconds"], "model": str(teacher.out),
@@ -329,16 +342,30 @@ def run_grid(recipe: dict[str, Any], run_dir: Path) -> list[dict[str, Any]]:
         done = run_dir / "cells" / f"{cell.key}-{planner.cell_hash(cell)}.json"
         if done.exists():
             print(f"== cell {cell.key}: done, skipped", flush=True)
+            runner.note("cell", done, "skipped", 0.0)
             rows.append(read_json(done))
             continue
         row = run_cell(cell, planner, runner, flops)
         done.parent.mkdir(parents=True, exist_ok=True)
         _atomic_write(done, json.dumps(row, indent=1))
         rows.append(row)
-    teachers = sorted({(c.shots, c.teacher_mode) for c in grid_cells(recipe) if METHODS[c.method] == "logits"})
+    teachers = dict.fromkeys((c.shots, c.teacher_mode) for c in grid_cells(recipe) if METHODS[c.method] == "logits")
     if recipe.get("reference_teachers", True):
         rows += [teacher_row(shots, mode, planner, runner, flops) for shots, mode in teachers]
     return rows
+
+
+def print_plan(recipe: dict[str, Any], run_dir: Path) -> None:
+    """Every distinct step of the grid in run order, as command lines (evaluations follow the lr choice)."""
+    planner, seen = Planner(recipe, run_dir), set()
+    for cell in grid_cells(recipe):
+        upstream, finetunes = planner.plan(cell)
+        for step in upstream + finetunes:
+            if step.out not in seen:
+                seen.add(step.out)
+                print(f"# {step.stage} -> {step.out}\n{step.command_line()}")
+    counts = {stage: sum(1 for out in seen if out.parent.name == f"{stage}s") for stage in STAGES}
+    print(f"# {len(grid_cells(recipe))} cells; " + ", ".join(f"{n} {stage}" for stage, n in counts.items()))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -346,10 +373,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("recipe", nargs="?", default=str(DEFAULT_RECIPE), help="recipe YAML (default: embedded)")
     parser.add_argument("--run-dir", default="runs/pipeline", help="where teachers, stores, models and results go")
     parser.add_argument("--publish", help="also copy results.md and the plots into this directory (e.g. docs)")
+    parser.add_argument("--plan", action="store_true", help="print every step's command line; run nothing")
     args = parser.parse_args(argv)
     start = time.perf_counter()
     try:
         recipe = load_recipe(args.recipe)
+        if args.plan:
+            print_plan(recipe, Path(args.run_dir))
+            return 0
         rows = run_grid(recipe, Path(args.run_dir))
     except (RuntimeError, ValueError, FileNotFoundError) as error:
         print(f"train.pipeline: error: {error}", file=sys.stderr)

@@ -37,7 +37,8 @@ COLUMNS = {
 METHOD_ORDER = ("labeled-only", "task-agnostic-embedding", "task-agnostic-patch", "task-oriented", "teacher")
 LABELS = {"task-agnostic-embedding": "task-agnostic (embedding)", "task-agnostic-patch": "task-agnostic (patch)"}
 COLORS = {"labeled-only": "tab:blue", "task-agnostic-embedding": "tab:green", "task-agnostic-patch": "tab:olive",
-          "task-oriented": "tab:red", "teacher": "black"}
+          "task-oriented": "tab:red", "teacher": "black", ("task-oriented", "ft"): "darkred",
+          ("task-oriented", "auto"): "tab:orange", ("teacher", "ft"): "dimgray", ("teacher", "auto"): "gray"}
 MARKERS = ("o", "^", "s", "D", "v")
 
 
@@ -129,6 +130,10 @@ def to_frame(rows: list[dict[str, Any]]) -> pl.DataFrame:
     return pl.DataFrame([{name: row.get(name) for name in COLUMNS} for row in rows], schema=COLUMNS, orient="row")
 
 
+def color(method: str, mode: str | None) -> str | None:
+    return COLORS.get((method, mode), COLORS.get(method))
+
+
 def column_label(method: str, mode: str | None) -> str:
     """Table column / legend entry: task-oriented and teacher carry the teacher's adaptation mode."""
     label = LABELS.get(method, method)
@@ -136,8 +141,9 @@ def column_label(method: str, mode: str | None) -> str:
 
 
 def _ordered_columns(frame: pl.DataFrame) -> list[tuple[str, str | None]]:
-    pairs = {(m, t) for m, t in frame.select("method", "teacher_mode").iter_rows()}
-    return sorted(pairs, key=lambda p: (METHOD_ORDER.index(p[0]) if p[0] in METHOD_ORDER else 99, p[1] or ""))
+    """(method, teacher mode) pairs: methods in the paper's order, teacher modes as the grid lists them."""
+    pairs = list(dict.fromkeys(frame.select("method", "teacher_mode").iter_rows()))
+    return sorted(pairs, key=lambda p: (METHOD_ORDER.index(p[0]) if p[0] in METHOD_ORDER else 99, pairs.index(p)))
 
 
 def _md_table(header: list[str], body: list[list[str]], right: set[int]) -> str:
@@ -172,6 +178,8 @@ def details_table(frame: pl.DataFrame) -> str:
     body = []
     for r in frame.sort("shots", "transfer", "method", nulls_last=True).iter_rows(named=True):
         steps = "–" if r["best_step"] is None else f"{r['best_step']} / {r['steps_run']} (max {r['max_steps']})"
+        if r["best_step"] is not None and r["best_step"] == r["max_steps"]:
+            steps += ", still improving"  # the max-steps budget, not validation, ended this run
         seconds = " + ".join(f"{r[f'{s}_seconds']:.0f}" if r[f"{s}_seconds"] is not None else "–"
                              for s in ("teacher", "build", "distill", "finetune", "eval"))
         lr = "–" if r["lr"] is None else f"{r['lr']:g}" + (f" of {r['lr_grid']}" if r["lr_grid"] else "")
@@ -212,14 +220,25 @@ def plot_labels(frame: pl.DataFrame, path: Path) -> None:
                                 & (pl.col("transfer").eq_missing(transfer) | pl.col("transfer").is_null()))
             part = part.sort("shots")
             if len(part):
-                ax.plot(part["shots"], 100 * part["top1"], marker="o", color=COLORS.get(method),
+                ax.plot(part["shots"], 100 * part["top1"], marker="o", color=color(method, mode),
                         linestyle="--" if method == "teacher" else "-", label=column_label(method, mode))
         ax.set(title=f"transfer set: {transfer}", xlabel="labeled images per class", xscale="log")
+        ax.minorticks_off()
         ax.set_xticks(sorted(frame["shots"].unique()), labels=[str(s) for s in sorted(frame["shots"].unique())])
         ax.grid(alpha=0.3)
+    _finish(plt, fig, axes, path)
+
+
+def _finish(plt, fig, axes, path: Path) -> None:
+    """One legend below the panels (duplicates merged), then save."""
     axes[0].set_ylabel("top-1 (%)")
-    axes[-1].legend(fontsize=8)
-    fig.tight_layout()
+    entries = {}
+    for ax in axes:
+        entries.update(zip(*reversed(ax.get_legend_handles_labels())))
+    fig.legend(entries.values(), entries.keys(), loc="lower center", ncol=min(4, len(entries)), fontsize=8,
+               frameon=False)
+    rows = -(-len(entries) // 4)
+    fig.tight_layout(rect=(0, 0.05 + 0.05 * rows, 1, 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
@@ -235,21 +254,15 @@ def plot_compute(frame: pl.DataFrame, path: Path) -> None:
                                 & pl.col("teacher_mode").eq_missing(mode))
             if method == "teacher":
                 for value in part["top1"]:
-                    ax.axhline(100 * value, color="black", linestyle="--", label=column_label(method, mode))
+                    ax.axhline(100 * value, color=color(method, mode), linestyle="--", label=column_label(method, mode))
                 continue
             for i, transfer in enumerate(transfers):
                 sub = part.filter(pl.col("transfer") == transfer)
-                ax.scatter(sub["compute_flops"].cast(pl.Float64), 100 * sub["top1"], color=COLORS.get(method),
+                ax.scatter(sub["compute_flops"].cast(pl.Float64), 100 * sub["top1"], color=color(method, mode),
                            marker=MARKERS[i % len(MARKERS)], s=45, label=f"{column_label(method, mode)}, {transfer}")
         ax.set(title=f"{shots} labeled images per class", xlabel="training compute (FLOPs)", xscale="log")
         ax.grid(alpha=0.3)
-    axes[0].set_ylabel("top-1 (%)")
-    handles, labels = axes[-1].get_legend_handles_labels()
-    unique = dict(zip(labels, handles))
-    axes[-1].legend(unique.values(), unique.keys(), fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _finish(plt, fig, axes, path)
 
 
 def render(frame: pl.DataFrame, run_dir: Path, title: str) -> dict[str, Path]:

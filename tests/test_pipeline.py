@@ -1,0 +1,123 @@
+"""train.pipeline end to end through the real command lines, on a two-cell grid small enough for 2 CPU cores.
+
+The two cells are the task-agnostic methods at 3 labels per class: both distill the frozen Lite0's
+features of the same transfer set, so the grid must build one store (embedding + patch targets)
+and share it. A rerun must skip every finished cell and leave results.parquet unchanged.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import polars as pl
+import pytest
+import yaml
+
+from train import pipeline, report
+
+RECIPE = {
+    "data": "fashion-mnist:train",
+    "test": "fashion-mnist:test?limit=200",
+    "seed": 0,
+    "val_fraction": 0.2,
+    "grid": {"shots": [3], "transfer": ["task-related"],
+             "method": ["task-agnostic-embedding", "task-agnostic-patch"], "teacher_mode": ["lp"]},
+    "transfer_sets": {"task-related": "fashion-mnist:train?shots=3&seed=0&part=unlabeled&limit=256"},
+    "teacher": {"backbone": "tf_efficientnet_lite0", "library": "timm", "weights": "embedded", "size": 32},
+    "build": {"views": 1, "batch_size": 256, "workers": 0},
+    "student": {"arch": "mobilenetv3_small_050", "size": 32},
+    "distill": {"epochs": 1, "batch_size": 64, "workers": 0},
+    "finetune": {"lr": [0.001, 0.003], "steps": 6, "eval_every": 3, "batch_size": 16},
+}
+
+
+def _log(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "steps.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory, vfm_home) -> tuple[Path, Path]:
+    """(recipe file, run directory) after one pipeline run."""
+    root = tmp_path_factory.mktemp("pipeline")
+    recipe = root / "two_cells.yaml"
+    recipe.write_text(yaml.safe_dump(RECIPE))
+    assert pipeline.main([str(recipe), "--run-dir", str(root / "run")]) == 0
+    return recipe, root / "run"
+
+
+@pytest.mark.slow
+def test_two_cells_build_their_store_once(run):
+    _, run_dir = run
+    ran = Counter(entry["stage"] for entry in _log(run_dir) if entry["status"] == "ran")
+    assert ran == {"teacher": 1, "build": 1, "distill": 2, "finetune": 4, "evaluate": 2}
+    (store,) = (run_dir / "builds").iterdir()  # one store directory, embedding and patch targets in it
+    reused = [e for e in _log(run_dir) if e["stage"] == "build" and e["status"] == "skipped"]
+    assert [e["out"] for e in reused] == [f"builds/{store.name}"]  # the second cell found it done
+    manifest = json.loads((store / "manifest.json").read_text())
+    assert set(manifest["content"]["targets"]) == {"embedding", "patch"}
+    store_ids = {json.loads((d / "student.json").read_text())["history"][0]["store_id"]
+                 for d in (run_dir / "distills").iterdir()}
+    assert store_ids == {manifest["store_id"]}
+
+
+@pytest.mark.slow
+def test_results_rows_are_tuned_on_validation(run):
+    _, run_dir = run
+    frame = pl.read_parquet(run_dir / "results.parquet")
+    assert frame.columns == list(report.COLUMNS)
+    assert sorted(frame["method"]) == ["task-agnostic-embedding", "task-agnostic-patch"]
+    assert frame["teacher_mode"].to_list() == ["frozen", "frozen"]
+    for row in frame.iter_rows(named=True):
+        assert 0 <= row["top1"] <= 1 and row["val_top1"] is not None and row["lr_grid"] == "0.001,0.003"
+        finetunes = [d for d in (run_dir / "finetunes").iterdir() if f"-{row['method'].split('-')[-1]}-" in d.name]
+        scores = [json.loads((d / "student.json").read_text())["history"][-1]["val_top1"] for d in finetunes]
+        assert row["val_top1"] == max(scores)  # the lr with the best validation top-1 was chosen
+        assert row["teacher_pass_flops"] > 0 and row["student_flops"] > 0
+        assert row["compute_flops"] == row["teacher_pass_flops"] + row["student_flops"]  # frozen: no adaptation
+
+
+@pytest.mark.slow
+def test_rerun_skips_every_finished_cell(run):
+    recipe, run_dir = run
+    before = pl.read_parquet(run_dir / "results.parquet")
+    lines = len(_log(run_dir))
+    assert pipeline.main([str(recipe), "--run-dir", str(run_dir)]) == 0
+    again = _log(run_dir)[lines:]
+    assert [e["stage"] for e in again] == ["cell", "cell"]
+    assert all(e["status"] == "skipped" for e in again)
+    assert pl.read_parquet(run_dir / "results.parquet").equals(before)
+
+
+@pytest.mark.slow
+def test_report_table_and_plots(run):
+    _, run_dir = run
+    for name in ("top1_vs_labels.png", "top1_vs_compute.png"):
+        (run_dir / name).unlink(missing_ok=True)
+    assert report.main([str(run_dir)]) == 0  # redrawn from results.parquet alone
+    for name in ("top1_vs_labels.png", "top1_vs_compute.png"):
+        assert (run_dir / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    text = (run_dir / "results.md").read_text()
+    assert "| labels / class | transfer set | task-agnostic (embedding) | task-agnostic (patch) |" in text
+    assert "| 3 | task-related |" in text
+
+
+def test_recipes_plan_their_grids():
+    """The shipped recipes parse; the comparison shares stores and distillations across cells."""
+    recipe = pipeline.load_recipe(pipeline.RECIPES / "comparison.yaml")
+    planner = pipeline.Planner(recipe, Path("runs/x"))
+    cells = pipeline.grid_cells(recipe)
+    steps = Counter(stage for stage, _ in {(s.stage, s.out) for c in cells for part in planner.plan(c) for s in part})
+    assert len(cells) == 24
+    # teachers: 3 lp + 1 frozen; stores: 2 task-agnostic (one per transfer set) + 3 x 2 task-oriented
+    assert steps == {"teacher": 4, "build": 8, "distill": 10, "finetune": 42}
+    assert pipeline.load_recipe(pipeline.DEFAULT_RECIPE)["grid"]["teacher_mode"] == ["lp", "ft"]
+
+
+def test_bad_recipe_is_one_line(tmp_path, capsys):
+    recipe = tmp_path / "bad.yaml"
+    recipe.write_text(yaml.safe_dump({**RECIPE, "finetune": {**RECIPE["finetune"], "out": "x"}}))
+    assert pipeline.main([str(recipe), "--run-dir", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("train.pipeline: error:") and "['out']" in err and "\n" not in err
