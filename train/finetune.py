@@ -4,7 +4,7 @@ With ``--val-fraction F`` a seeded, stratified part of the labeled images is hel
 (``train.optim.split_labeled``): training sees only the rest, top-1 on the held-out part is
 measured before the first step and every ``--eval-every`` steps, the best-val weights are the ones
 saved (the starting weights too, when finetuning only hurts), and ``--patience`` evaluations
-without improvement stop the run early. ``student.json`` records the val top-1, the
+below the best stop the run early (a tie counts as progress). ``student.json`` records the val top-1, the
 best step, the steps run and the whole validation curve, so a learning rate or step count can be
 chosen without ever looking at the test split. A student distilled from features (``num_classes``
 0, no classifier) gets a freshly initialised classifier for the labeled classes.
@@ -47,7 +47,7 @@ class FinetuneConfig:
     weight_decay: float = 0.05
     val_fraction: float = 0.0  # labeled images held out per class for validation (0: none)
     eval_every: int = 50  # validation top-1 every N steps (and at the last step)
-    patience: int = 0  # stop after this many evaluations without improvement (0: run every step)
+    patience: int = 0  # stop after this many evaluations below the best (0: run every step)
     workers: int = 1  # loader processes rendering augmented views while the model trains (same batches for any)
 
 

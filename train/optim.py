@@ -170,7 +170,8 @@ def split_labeled(source: Source, fraction: float, seed: int = 0) -> tuple[Sourc
 class BestOnValidation:
     """``fit`` callback: top-1 on the val part every ``every`` steps (and at the last); keeps the best weights.
 
-    ``patience`` > 0 stops training after that many evaluations without improvement (early stopping).
+    ``patience`` > 0 stops training after that many evaluations below the best (early stopping); a tie
+    counts as progress and moves the kept checkpoint to the later step.
     """
 
     def __init__(self, model: nn.Module, val: Source, size: int, *, every: int, steps: int, patience: int = 0):
@@ -184,7 +185,7 @@ class BestOnValidation:
             return False
         top1 = evaluate_model(self.model, self.val, self.size)["top1"]
         self.curve.append((step, round(top1, 4)))
-        if top1 > self.best:
+        if top1 >= self.best:  # a tie moves on: with a few val images ties are common and mean "not worse yet"
             self.best, self.best_step, self.stale = top1, step, 0
             self.state = copy.deepcopy(self.model.state_dict())
         else:
