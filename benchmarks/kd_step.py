@@ -23,7 +23,6 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
-from torch.utils.flop_counter import FlopCounterMode
 
 from reinforce.augment import eval_view
 from reinforce.sources import open_source
@@ -32,6 +31,7 @@ from stores.codecs import TopKLogitsCodec
 from stores.store import as_tensor
 from train.losses import kl_divergence
 from train.models import create_student
+from train.report import forward_flops
 
 
 def time_steps(steps: dict[str, Callable[[], None]], rounds: int, warmup: int) -> dict[str, float]:
@@ -47,13 +47,6 @@ def time_steps(steps: dict[str, Callable[[], None]], rounds: int, warmup: int) -
             step()
             times[name].append(time.perf_counter() - start)
     return {name: sorted(values)[len(values) // 2] for name, values in times.items()}
-
-
-def forward_flops(model: torch.nn.Module, views: torch.Tensor) -> int:
-    """FLOPs of one forward pass (FlopCounterMode counts a multiply-add as 2)."""
-    with FlopCounterMode(display=False) as counter, torch.inference_mode():
-        model(views)
-    return counter.get_total_flops()
 
 
 def make_steps(teacher, student, views_t: torch.Tensor, views_s: torch.Tensor, labels: torch.Tensor,

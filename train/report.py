@@ -23,6 +23,10 @@ from typing import Any
 
 import polars as pl
 
+from stores.manifest import TeacherCard
+from stores.store import read_manifest
+from train.models import StudentCard
+
 __all__ = ["COLUMNS", "FlopsCounter", "main", "write_report"]
 
 COLUMNS = {
@@ -46,6 +50,16 @@ def _read_json(path: Path) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
+def forward_flops(model: Callable, views) -> int:
+    """FLOPs of one forward pass of ``views`` (FlopCounterMode counts a multiply-add as 2)."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter, torch.inference_mode():
+        model(views)
+    return int(counter.get_total_flops())
+
+
 class FlopsCounter:
     """Forward FLOPs per image, measured once per (model, size) and cached in ``RUN/flops.json``."""
 
@@ -57,19 +71,16 @@ class FlopsCounter:
         """FLOPs of one uint8 view through ``build()``'s model (``(callable, size)``), cached under ``key``."""
         if key not in self.cache:
             import torch
-            from torch.utils.flop_counter import FlopCounterMode
 
             model, size = build()
-            with torch.no_grad(), FlopCounterMode(display=False) as counter:
-                model(torch.zeros(1, 3, size, size, dtype=torch.uint8))
-            self.cache[key] = int(counter.get_total_flops())
+            self.cache[key] = forward_flops(model, torch.zeros(1, 3, size, size, dtype=torch.uint8))
             tmp = self.path.with_name(self.path.name + ".tmp")
             tmp.write_text(json.dumps(self.cache, indent=1))
             os.replace(tmp, self.path)
         return self.cache[key]
 
     def teacher_forward(self, teacher_dir: Path) -> int:
-        card = _read_json(teacher_dir / "teacher.json")
+        card = _teacher_card(teacher_dir)
 
         def build():
             from reinforce.teachers import create_teacher
@@ -77,7 +88,7 @@ class FlopsCounter:
             model, loaded = create_teacher(str(teacher_dir))
             return model.features, loaded.input_size  # the backbone; a head adds ~nothing
 
-        return self.forward(f"teacher:{card['library']}:{card['backbone']}@{card['input_size']}", build)
+        return self.forward(f"teacher:{card.library}:{card.backbone}@{card.input_size}", build)
 
     def student_forward(self, arch: str, size: int) -> int:
         def build():
@@ -89,7 +100,7 @@ class FlopsCounter:
 
     def teacher_adapt(self, teacher_dir: Path) -> int:
         """Teacher passes spent on adaptation: probe features (lp) or 3x per trained image (ft), CV folds included."""
-        adaptation = _read_json(teacher_dir / "teacher.json")["adaptation"]
+        adaptation = _teacher_card(teacher_dir).adaptation
         images = adaptation.get("train_images", 0)
         if adaptation["mode"] not in ("lp", "ft") or not images:
             return 0
@@ -102,15 +113,15 @@ class FlopsCounter:
 
     def student_images(self, model_dir: Path) -> tuple[str, int, int]:
         """(arch, size, images seen in every training stage of a student directory)."""
-        card = _read_json(model_dir / "student.json")
+        card = StudentCard.from_dict(_read_json(model_dir / "student.json"))
         images = 0
-        for stage in card["history"]:
+        for stage in card.history:
             if stage["stage"] == "distill":
                 images += stage["steps"] * stage["batch_size"] * stage.get("world_size", 1)
             else:
                 batch = min(stage["batch_size"], stage.get("train_images", stage["batch_size"]))
                 images += stage.get("steps_run", stage["steps"]) * batch
-        return card["arch"], card["input_size"], images
+        return card.arch, card.input_size, images
 
     def cell(self, teacher_dir: Path | None, store_dir: Path | None, model_dir: Path) -> dict[str, int]:
         """The compute columns of one result row (teacher and store are None for labeled-only)."""
@@ -118,11 +129,15 @@ class FlopsCounter:
         student = 3 * self.student_forward(arch, size) * images
         adapt = passes = 0
         if teacher_dir is not None and store_dir is not None:
-            summary = _read_json(store_dir / "manifest.json")["summary"]
+            manifest = read_manifest(store_dir / "manifest.json")
             adapt = self.teacher_adapt(teacher_dir)
-            passes = self.teacher_forward(teacher_dir) * int(summary["ok"]) * int(summary["views"])
+            passes = self.teacher_forward(teacher_dir) * manifest.summary["stored_views"]
         return {"teacher_adapt_flops": adapt, "teacher_pass_flops": passes, "student_flops": student,
                 "compute_flops": adapt + passes + student}
+
+
+def _teacher_card(teacher_dir: Path) -> TeacherCard:
+    return TeacherCard.from_dict(_read_json(teacher_dir / "teacher.json"), str(teacher_dir / "teacher.json"))
 
 
 def to_frame(rows: list[dict[str, Any]]) -> pl.DataFrame:
