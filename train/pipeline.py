@@ -278,13 +278,9 @@ def _atomic_write(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def read_json(path: Path) -> dict[str, Any]:
-    return json.loads(path.read_text())
-
-
 def last_stage(model_dir: Path) -> dict[str, Any]:
     """The newest ``history`` entry of a student directory."""
-    return read_json(model_dir / "student.json")["history"][-1]
+    return report.read_json(model_dir / "student.json")["history"][-1]
 
 
 def run_cell(cell: Cell, planner: Planner, runner: Runner, flops: report.FlopsCounter) -> dict[str, Any]:
@@ -298,7 +294,7 @@ def run_cell(cell: Cell, planner: Planner, runner: Runner, flops: report.FlopsCo
     chosen = choose_on_validation(candidates)
     evaluation = planner.evaluation(chosen)
     seconds["eval_seconds"] += runner.ensure(evaluation)["seconds"]
-    metrics = read_json(evaluation.out / "test.json")
+    metrics = report.read_json(evaluation.out / "test.json")
     tuned = last_stage(chosen.out)
     row = {**dataclasses.asdict(cell), "top1": metrics["top1"], "balanced_accuracy": metrics["balanced_accuracy"],
            "val_top1": tuned.get("val_top1"), "lr": tuned["lr"], "best_step": tuned.get("best_step"),
@@ -324,11 +320,11 @@ def teacher_row(shots: int, mode: str, planner: Planner, runner: Runner,
     record = runner.ensure(teacher)
     evaluation = planner.evaluation(teacher)
     eval_record = runner.ensure(evaluation)
-    metrics, card = read_json(evaluation.out / "test.json"), read_json(teacher.out / "teacher.json")
+    metrics, card = report.read_json(evaluation.out / "test.json"), report.teacher_card(teacher.out)
     adapt = flops.teacher_adapt(teacher.out)
     return {"shots": shots, "transfer": None, "method": "teacher", "teacher_mode": mode,  # as its cells name it
             "top1": metrics["top1"], "balanced_accuracy": metrics["balanced_accuracy"],
-            "val_top1": card["val_accuracy"], "lr": card["adaptation"].get("lr"),
+            "val_top1": card.val_accuracy, "lr": card.adaptation.get("lr"),
             "teacher_seconds": record["seconds"], "eval_seconds": eval_record["seconds"], "model": str(teacher.out),
             "teacher_adapt_flops": adapt, "teacher_pass_flops": 0, "student_flops": 0, "compute_flops": adapt}
 
@@ -343,7 +339,7 @@ def run_grid(recipe: dict[str, Any], run_dir: Path) -> list[dict[str, Any]]:
         if done.exists():
             print(f"== cell {cell.key}: done, skipped", flush=True)
             runner.note("cell", done, "skipped", 0.0)
-            rows.append(read_json(done))
+            rows.append(report.read_json(done))
             continue
         row = run_cell(cell, planner, runner, flops)
         done.parent.mkdir(parents=True, exist_ok=True)

@@ -46,7 +46,7 @@ COLORS = {"labeled-only": "tab:blue", "task-agnostic-embedding": "tab:green", "t
 MARKERS = ("o", "^", "s", "D", "v")
 
 
-def _read_json(path: Path) -> dict[str, Any]:
+def read_json(path: Path) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
@@ -65,7 +65,7 @@ class FlopsCounter:
 
     def __init__(self, run_dir: Path):
         self.path = run_dir / "flops.json"
-        self.cache = _read_json(self.path) if self.path.exists() else {}
+        self.cache = read_json(self.path) if self.path.exists() else {}
 
     def forward(self, key: str, build: Callable[[], tuple[Callable, int]]) -> int:
         """FLOPs of one uint8 view through ``build()``'s model (``(callable, size)``), cached under ``key``."""
@@ -80,7 +80,7 @@ class FlopsCounter:
         return self.cache[key]
 
     def teacher_forward(self, teacher_dir: Path) -> int:
-        card = _teacher_card(teacher_dir)
+        card = teacher_card(teacher_dir)
 
         def build():
             from reinforce.teachers import create_teacher
@@ -100,7 +100,7 @@ class FlopsCounter:
 
     def teacher_adapt(self, teacher_dir: Path) -> int:
         """Teacher passes spent on adaptation: probe features (lp) or 3x per trained image (ft), CV folds included."""
-        adaptation = _teacher_card(teacher_dir).adaptation
+        adaptation = teacher_card(teacher_dir).adaptation
         images = adaptation.get("train_images", 0)
         if adaptation["mode"] not in ("lp", "ft") or not images:
             return 0
@@ -113,7 +113,7 @@ class FlopsCounter:
 
     def student_images(self, model_dir: Path) -> tuple[str, int, int]:
         """(arch, size, images seen in every training stage of a student directory)."""
-        card = StudentCard.from_dict(_read_json(model_dir / "student.json"))
+        card = StudentCard.from_dict(read_json(model_dir / "student.json"))
         images = 0
         for stage in card.history:
             if stage["stage"] == "distill":
@@ -136,8 +136,9 @@ class FlopsCounter:
                 "compute_flops": adapt + passes + student}
 
 
-def _teacher_card(teacher_dir: Path) -> TeacherCard:
-    return TeacherCard.from_dict(_read_json(teacher_dir / "teacher.json"), str(teacher_dir / "teacher.json"))
+def teacher_card(teacher_dir: Path) -> TeacherCard:
+    """The typed ``teacher.json`` of a zoo entry."""
+    return TeacherCard.from_dict(read_json(teacher_dir / "teacher.json"), str(teacher_dir / "teacher.json"))
 
 
 def to_frame(rows: list[dict[str, Any]]) -> pl.DataFrame:
