@@ -109,6 +109,20 @@ def check_teacher(card: TeacherCard, model: TeacherModel, config: BuildConfig) -
         raise ValueError("teacher/argument mismatch: " + "; ".join(problems))
 
 
+def warn_if_teacher_not_ahead(card: TeacherCard) -> bool:
+    """Warn (and return True) when the teacher's val top-1 is not above the labels-only student's that
+    ``train.teacher --baseline-student`` recorded on the same validation images: distilling it cannot
+    give the student more than training on the labels does."""
+    baseline = card.adaptation.get("labels_only")
+    if not baseline or card.val_accuracy is None or card.val_accuracy > baseline["val_top1"]:
+        return False
+    log.warning("teacher %r is not ahead of the labels-only student %s on its validation images (val top-1 %.3f "
+                "vs %.3f): distilling it cannot beat training on the labels. Try --mode ft or auto, a larger "
+                "--size, more --steps (README: 'When the teacher is weak')", card.name, baseline["student"],
+                card.val_accuracy, baseline["val_top1"])
+    return True
+
+
 @torch.inference_mode()
 def make_codecs(model: TeacherModel, card: TeacherCard, config: BuildConfig, device: torch.device) -> dict[str, Codec]:
     """One codec per requested target, sized by a probe forward of one blank view."""
@@ -149,6 +163,7 @@ def build(config: BuildConfig, teacher: tuple[TeacherModel, TeacherCard] | None 
     model, card = teacher or create_teacher(config.teacher, device)
     model = model.to(device, memory_format=torch.channels_last).eval()
     check_teacher(card, model, config)
+    warn_if_teacher_not_ahead(card)
     source = open_source(config.transfer_set)
     policy = create_policy(config.policy, size=card.input_size, **config.policy_args)
     codecs = make_codecs(model, card, config, device)

@@ -27,7 +27,8 @@ from stores.manifest import TeacherCard
 
 __all__ = [
     "TeacherCard", "TeacherModel", "create_backbone", "create_teacher", "embedded_imagenet_teacher", "embedded_weights",
-    "load_backbone_weights", "pretrained_teacher", "register_backbone_library", "resolve_teacher", "save_teacher",
+    "load_backbone_weights", "native_size", "pretrained_teacher", "register_backbone_library", "resolve_teacher",
+    "save_teacher",
     "tokens_to_map",
 ]
 
@@ -74,6 +75,12 @@ def _resize_to_native(module: nn.Module, args: tuple) -> tuple:
     if tuple(images.shape[-2:]) == size:
         return args
     return (nn.functional.interpolate(images, size=size, mode="bilinear", align_corners=False, antialias=True),)
+
+
+def native_size(backbone: nn.Module) -> int:
+    """The input size the backbone's weights were pretrained at (timm ``pretrained_cfg``, open_clip ``image_size``)."""
+    size = getattr(backbone, "image_size", None) or backbone.pretrained_cfg["input_size"][-1]
+    return int(size[-1] if isinstance(size, (tuple, list)) else size)
 
 
 def create_backbone(library: str, name: str) -> nn.Module:

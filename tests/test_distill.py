@@ -158,6 +158,44 @@ def test_replay_reads_only_the_distilled_targets(store_dir):
     assert (replay.view_of == first).all()  # the view choice is a function of (seed, epoch, sample)
 
 
+@pytest.mark.slow
+def test_replay_of_the_first_views_and_fresh_online_views(store_dir):
+    """--views 1 replays only view 0 of a 2-view store; online views are drawn as the build draws, never stored."""
+    replay = open_replay(store_dir, targets=["logits"], size=32, views=1)
+    for epoch in range(3):
+        replay.set_epoch(epoch)
+        assert (replay.__getitems__(list(range(64)))["view"] == 0).all()
+    with pytest.raises(ValueError, match="holds 2 views"):
+        open_replay(store_dir, views=3)
+    online = open_replay(store_dir, targets=["logits"], size=32, online=True)
+    online.set_epoch(1)
+    batch = online.__getitems__([0, 7])
+    assert batch["targets"] == {} and batch["view"].tolist() == [3, 3]  # K + epoch: a view no build stored
+    manifest, policy = online.store.manifest, online.policy
+    image = online.source.load(7)
+    theta = policy.sample(manifest.content.seed, 7, 3, image.shape[-2], image.shape[-1])
+    assert torch.equal(batch["teacher_views"][1], policy.apply(image, theta))  # at the teacher's size
+    assert torch.equal(batch["views"][1], policy.apply(image, theta, size=32))
+
+
+@pytest.mark.slow
+def test_online_distillation_runs_the_stores_teacher(store_dir, teacher, tmp_path):
+    """--online: the teacher in the loop (one process; found in the zoo by the store's teacher name), recorded in the
+    student card; another teacher is refused."""
+    run = _distill(store_dir, tmp_path / "online", 1, "--online", nproc=1)
+    assert run.returncode == 0, run.stderr[-3000:]
+    stage = json.loads((tmp_path / "online" / "student.json").read_text())["history"][-1]
+    assert stage["online"] is True and stage["steps"] == SAMPLES // BATCH
+    from train.teacher import main as teacher_main
+
+    teacher_main(["--backbone", "tf_efficientnet_lite0", "--data", "fashion-mnist:train", "--shots", "2",
+                  "--mode", "lp", "--folds", "0", "--size", "32", "--lp-steps", "2", "--name", "other",
+                  "--out-dir", str(tmp_path / "teachers")])
+    refused = _distill(store_dir, tmp_path / "refused", 1, "--online", "--teacher", str(tmp_path / "teachers/other"),
+                       nproc=1)
+    assert refused.returncode == 2 and "is not the teacher of store" in refused.stderr
+
+
 @pytest.mark.parametrize("target", ["logits", "embedding", "patch", "logits,embedding:0.5"])
 def test_each_loss_decreases_on_a_real_store(store_dir, target):
     """The objective train.distill builds for each target kind (KL, contrastive with projections, cosine

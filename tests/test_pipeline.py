@@ -103,6 +103,60 @@ def test_report_table_and_plots(run):
     assert "| 3 | task-related |" in text
 
 
+TASK_RECIPE = {
+    **RECIPE,
+    "grid": {"shots": [3], "transfer": ["task-related"], "teacher_mode": ["lp"],
+             "method": ["labeled-only", "task-oriented", "task-oriented-online"]},
+    "transfer_sets": {"task-related": "fashion-mnist:train?shots=3&seed={seed}&part=unlabeled&limit=128"},
+    "teacher": {**RECIPE["teacher"], "lp_steps": 20, "lp_views": 0, "folds": 0},
+    "reference_teachers": ["lp"],
+    "finetune": {"lr": [0.003], "steps": 12, "eval_every": 3, "patience": 1, "cooldown": 3, "batch_size": 16},
+}
+
+
+@pytest.fixture(scope="module")
+def task_run(tmp_path_factory, vfm_home) -> Path:
+    """The default recipe's rows in miniature (labeled-only, cached and online task-oriented, teacher), seed 1."""
+    root = tmp_path_factory.mktemp("task")
+    recipe = root / "task.yaml"
+    recipe.write_text(yaml.safe_dump(TASK_RECIPE))
+    assert pipeline.main([str(recipe), "--run-dir", str(root / "run"), "--seed", "1"]) == 0
+    return root / "run"
+
+
+@pytest.mark.slow
+def test_results_json_has_every_row_with_its_stage_times(task_run):
+    results = json.loads((task_run / "results.json").read_text())
+    assert results["total_seconds"] > 0
+    rows = {r["method"]: r for r in results["rows"]}
+    assert set(rows) == {"labeled-only", "task-oriented", "task-oriented-online", "teacher"}
+    for method in ("task-oriented", "task-oriented-online"):
+        row = rows[method]
+        assert all(row[f"{s}_seconds"] > 0 for s in ("teacher", "build", "distill", "finetune", "eval"))
+        assert row["lr"] == 0.003 and row["best_step"] is not None
+        # the teacher-vs-labels check on the same validation images, recorded per row
+        assert row["teacher_val_top1"] == rows["teacher"]["val_top1"]
+        assert row["labels_only_val_top1"] == rows["labeled-only"]["val_top1"]
+        assert row["teacher_ahead"] == (row["teacher_val_top1"] > row["labels_only_val_top1"])
+    online = json.loads((Path(rows["task-oriented-online"]["model"]) / "student.json").read_text())
+    cached = json.loads((Path(rows["task-oriented"]["model"]) / "student.json").read_text())
+    distill = {"online": online["history"][0], "cached": cached["history"][0]}
+    assert distill["online"]["online"] is True and distill["cached"]["online"] is False
+    assert distill["online"]["store_id"] == distill["cached"]["store_id"]  # same teacher, transfer set, policy
+    assert distill["online"]["steps"] == distill["cached"]["steps"]
+    (store_dir,) = (task_run / "builds").iterdir()
+    store = json.loads((store_dir / "manifest.json").read_text())
+    assert "seed=1&" in store["content"]["transfer_set"]["spec"]  # --seed reached the transfer set too
+
+
+@pytest.mark.slow
+def test_spread_over_runs(task_run, tmp_path):
+    out = tmp_path / "spread.md"
+    assert report.main([str(task_run), str(task_run), "--spread", str(out)]) == 0
+    text = out.read_text()
+    assert "| 3 | task-related | task-oriented online (lp) | 2 |" in text and "± 0.0" in text
+
+
 def test_recipes_plan_their_grids():
     """The shipped recipes parse; the comparison shares stores and distillations across cells."""
     recipe = pipeline.load_recipe(pipeline.RECIPES / "comparison.yaml")
@@ -113,7 +167,13 @@ def test_recipes_plan_their_grids():
     # teachers: 2 lp + 1 frozen; stores: 2 task-agnostic (one per transfer set) + 2 x 2 task-oriented;
     # distillations: 2 x 2 task-agnostic (shared across shots) + 4 task-oriented; finetunes: 14 runs x 2 lrs
     assert steps == {"teacher": 3, "build": 6, "distill": 8, "finetune": 28}
-    assert pipeline.load_recipe(pipeline.DEFAULT_RECIPE)["grid"]["teacher_mode"] == ["lp", "ft"]
+    default = pipeline.load_recipe(pipeline.DEFAULT_RECIPE)
+    assert default["grid"]["method"] == ["labeled-only", "task-oriented", "task-oriented-online"]
+    assert default["reference_teachers"] == ["lp", "ft"]
+    planner = pipeline.Planner(default, Path("runs/x"))
+    cached, online = (planner.plan(c)[0] for c in pipeline.grid_cells(default)[1:])
+    assert cached[:2] == online[:2]  # the online row distills the cached row's teacher, over its store's views
+    assert "--online" in online[2].argv and "--online" not in cached[2].argv
 
 
 def test_bad_recipe_is_one_line(tmp_path, capsys):

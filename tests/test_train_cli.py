@@ -73,8 +73,8 @@ def test_vfm_backbones_from_local_weights(tmp_path, library, backbone, mode, siz
     model, card = create_teacher("teachers/vfm")
     assert (card.library, card.backbone) == (library, backbone)
     if mode == "auto":
-        assert set(card.adaptation["cv_accuracy"]) == {"lp", "ft"}
-        assert card.val_accuracy == card.adaptation["cv_accuracy"][card.adaptation["mode"]]
+        assert set(card.adaptation["cv_accuracy"]) == {f"lp@{size}", f"ft@{size}"}
+        assert card.val_accuracy == card.adaptation["cv_accuracy"][f"{card.adaptation['mode']}@{size}"]
     with torch.inference_mode():
         assert model(torch.zeros(2, 3, int(size), int(size), dtype=torch.uint8)).shape == (2, 10)
     if mode == "lp":  # a rerun with the same seed gives the same teacher
@@ -174,3 +174,54 @@ def test_frozen_teacher_needs_no_labels_and_task_teacher_skips_val():
                        "--val-fraction", "0.2", "--name", "lp"])
     assert lp.adaptation["train_images"] == 40  # the 10 validation images are never trained on
     assert lp.val_accuracy == lp.adaptation["val_top1"] is not None
+
+
+def test_a_plateau_starts_the_cooldown_and_the_run_ends_annealed():
+    card = finetune.main(["--student", "mobilenetv3_small_050", "--size", "32", "--data", "fashion-mnist:train",
+                          "--shots", "5", "--steps", "200", "--batch-size", "16", "--lr", "0.003",
+                          "--val-fraction", "0.2", "--eval-every", "2", "--patience", "1", "--cooldown", "5",
+                          "--out", "cooled"])
+    stage = card.history[-1]
+    best, first_drop = -1.0, None
+    for step, value in stage["val_curve"]:
+        if value < best:
+            first_drop = step
+            break
+        best = value
+    # the plateau at first_drop starts a 6-step (5 rounded up to the eval interval) decay; the run ends there
+    assert first_drop is not None and stage["cooldown"] == 6
+    assert stage["steps_run"] == first_drop + 6 == stage["val_curve"][-1][0] < 200
+
+
+def test_learning_rate_is_constant_until_the_cooldown_then_reaches_zero():
+    from train.optim import LearningRate, TrainSchedule
+
+    rate = LearningRate(TrainSchedule(steps=100, lr=1.0, warmup_fraction=0.1, cooldown=20))
+    assert [rate(s) for s in (0, 9, 10, 50, 80, 90, 100)] == [0.1, 1.0, 1.0, 1.0, 1.0, 0.5, 0.0]
+    assert rate.plateau(30) and rate.end == 50 and rate(40) == 0.5 and rate(50) == 0.0
+    assert rate.plateau(45) and rate.end == 50  # a plateau during the cooldown keeps it
+    assert not LearningRate(TrainSchedule(steps=100, lr=1.0)).plateau(30)  # cosine: a plateau stops
+
+
+def test_teacher_size_defaults_to_the_backbones_pretrained_size(tmp_path):
+    weights = _random_weights("timm", "resnet18", tmp_path / "r18.safetensors")
+    card = teacher.main(["--backbone", "resnet18", "--weights", weights, "--mode", "frozen", "--name", "native"])
+    assert card.input_size == 224  # timm pretrained_cfg input_size
+
+
+@pytest.mark.parametrize("strong", [False, True])
+def test_build_warns_when_the_teacher_is_not_ahead_of_labels_only(strong, caplog):
+    # weak: a 2-step probe at 8 px vs a student trained 300 steps; strong: a 300-step probe at 32 px vs 1 step
+    size, lp_steps, baseline_steps = ("32", "300", "1") if strong else ("8", "2", "300")
+    card = teacher.main(["--backbone", "tf_efficientnet_lite0", "--data", "fashion-mnist:train", "--shots", "5",
+                         "--mode", "lp", "--size", size, "--lp-views", "0", "--lp-steps", lp_steps, "--lp-lr", "0.01",
+                         "--folds", "0", "--val-fraction", "0.4", "--name", "t",
+                         "--baseline-student", "mobilenetv3_small_050", "--baseline-steps", baseline_steps])
+    baseline = card.adaptation["labels_only"]
+    assert (card.val_accuracy > baseline["val_top1"]) == strong
+    build_main = __import__("reinforce.build", fromlist=["main"]).main
+    with caplog.at_level("WARNING", logger="reinforce.build"):
+        assert build_main(["--teacher", "teachers/t", "--transfer-set", "fashion-mnist:test?limit=16", "--views", "1",
+                           "--out", "store", "--workers", "0"]) == 0
+    warned = [r.getMessage() for r in caplog.records if "not ahead" in r.getMessage()]
+    assert bool(warned) != strong

@@ -9,6 +9,11 @@ with weights (``--targets logits,embedding:0.5``). Training always runs in a Dee
 gloo), one process or many under ``torchrun``; a checkpoint is written every epoch and picked up
 again automatically, so a rerun with a larger ``--epochs`` continues where the last one stopped.
 
+``--views K`` trains on the first K stored views only (the views ablation: they are exactly what a
+K-view build stores). ``--online`` is the uncached ceiling the store is measured against: the
+store's teacher (``--teacher``, default its zoo entry by name) runs in the loop on a fresh view of
+every sample every epoch, drawn from the store's own policy and transfer set, with full logits.
+
 ``OUT`` holds ``deepspeed.json`` (the built-in config, when ``--deepspeed`` is not given: edit it and
 pass it back), ``checkpoints/``, ``log.jsonl`` (one line per epoch: epoch, step, loss and each
 target's loss), the final ``model.safetensors`` + ``student.json``, and ``rank{r}_samples.npy``: the
@@ -37,7 +42,8 @@ from torch.utils.data import BatchSampler, DataLoader, DistributedSampler
 from tqdm import tqdm
 
 from reinforce.replay import ReplayDataset, open_replay
-from stores.store import StoreCorruptError, StoreFormatError
+from reinforce.teachers import TeacherModel, create_teacher
+from stores.store import StoreCorruptError, StoreFormatError, describe_mismatch
 from train import deepspeed_glue
 from train.losses import DEFAULT_LOSS, DistillObjective, create_loss
 from train.models import Student, create_student, save_student
@@ -67,6 +73,9 @@ class DistillConfig:
     workers: int = 2
     seed: int = 0
     resume: bool = False  # require a checkpoint (one is always used when present)
+    views: int | None = None  # replay only the first K stored views (default: all)
+    online: bool = False  # run the teacher on fresh views every step instead of reading cached targets
+    teacher: str | None = None  # online: the store's teacher directory (default: its zoo entry by name)
 
 
 def _identity(batch: Any) -> Any:
@@ -81,7 +90,9 @@ def build_objective(student: Student, replay: ReplayDataset, config: DistillConf
     names = config.losses * len(kinds) if len(config.losses) == 1 else config.losses
     if len(names) != len(kinds):
         raise ValueError(f"--loss gives {len(names)} losses for {len(kinds)} targets {list(kinds)}")
-    sample = replay.decode(replay.__getitems__([0])["targets"])
+    first = replay.indices[:1]
+    stored = replay.store.read(first, np.zeros_like(first), targets=replay.targets)
+    sample = {name: replay.store.decode(name, stored[name]) for name in replay.targets}
     blank = torch.zeros(1, 3, replay.size, replay.size, dtype=torch.uint8)
     probe = student.eval().forward_parts(blank, {"embedding", "feature_map"})
     losses = {}
@@ -97,6 +108,18 @@ def build_objective(student: Student, replay: ReplayDataset, config: DistillConf
     if unknown:
         raise ValueError(f"weights given for {unknown}, which are not distilled targets {list(kinds)}")
     return DistillObjective(student.train(), losses, config.weights)
+
+
+def online_teacher(replay: ReplayDataset, config: DistillConfig) -> TeacherModel:
+    """The store's teacher, for ``--online``: refused unless its card is the one the store records."""
+    expected = replay.store.manifest.content.teacher
+    model, card = create_teacher(config.teacher or expected.name)
+    if card.to_dict() != expected.to_dict():
+        raise ValueError(f"--teacher {config.teacher or expected.name!r} is not the teacher of store "
+                         f"{config.store!r}: {describe_mismatch(expected.to_dict(), card.to_dict(), 'teacher.')}")
+    if replay.targets != ("logits",):
+        raise ValueError(f"--online distills the teacher's logits only; --targets gives {list(replay.targets)}")
+    return model.requires_grad_(False)
 
 
 def make_loader(dataset: ReplayDataset, config: DistillConfig, rank: int, world: int) -> DataLoader:
@@ -128,8 +151,18 @@ def resume(engine, config: DistillConfig, identity: dict[str, Any]) -> tuple[int
     return int(state["epoch"]), int(state["step"])
 
 
+def batch_targets(batch: dict[str, Any], replay: ReplayDataset, teacher: TeacherModel | None,
+                  device: torch.device) -> dict[str, torch.Tensor]:
+    """Cached targets decoded, or (online) the teacher's logits on this batch's fresh views."""
+    if teacher is None:
+        return replay.decode(batch["targets"], device)
+    views = batch["teacher_views"].to(device).contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode(), torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
+        return {"logits": teacher(views).float()}
+
+
 def train_epoch(engine, loader: DataLoader, replay: ReplayDataset, config: DistillConfig, epoch: int,
-                rank: int) -> tuple[dict[str, float], np.ndarray]:
+                rank: int, teacher: TeacherModel | None = None) -> tuple[dict[str, float], np.ndarray]:
     """One pass; returns the mean losses over all ranks (total and per target) and the samples this rank saw."""
     engine.train()
     names = list(engine.module.losses)
@@ -139,7 +172,7 @@ def train_epoch(engine, loader: DataLoader, replay: ReplayDataset, config: Disti
     for batch in progress:
         views = batch["views"].to(engine.device).contiguous(memory_format=torch.channels_last)
         seen.append(batch["index"].numpy())
-        loss, parts = engine(views, replay.decode(batch["targets"], engine.device))
+        loss, parts = engine(views, batch_targets(batch, replay, teacher, engine.device))
         engine.backward(loss)
         engine.step()
         values = [loss.item(), *(parts[name].item() for name in names)]
@@ -153,8 +186,10 @@ def train_epoch(engine, loader: DataLoader, replay: ReplayDataset, config: Disti
 
 def distill(config: DistillConfig) -> dict[str, Any]:
     """Run (or continue) distillation; returns the history stage written into ``student.json``."""
-    replay = open_replay(config.store, targets=config.targets, size=config.size, seed=config.seed)
+    replay = open_replay(config.store, targets=config.targets, size=config.size, seed=config.seed,
+                         views=config.views, online=config.online)
     content = replay.store.manifest.content
+    teacher = online_teacher(replay, config) if config.online else None
     torch.manual_seed(config.seed)  # same initial student and projections on every rank and every rerun
     class_names = content.teacher.class_names if "logits" in replay.targets else ()
     student, card = create_student(config.student, class_names=class_names, input_size=replay.size)
@@ -172,12 +207,14 @@ def distill(config: DistillConfig) -> dict[str, Any]:
     engine = deepspeed_glue.initialize(objective, ds_config)
     losses = {name: type(loss).name for name, loss in objective.losses.items()}
     identity = {"store_id": replay.store.manifest.store_id, "student": config.student, "size": replay.size,
-                "world": world, "losses": losses}
+                "world": world, "losses": losses, "views": replay.views, "online": config.online}
     start_epoch, start_step = resume(engine, config, identity)
-    seen = _run_epochs(engine, replay, loader, config, start_epoch, identity)
+    if teacher is not None:
+        teacher.to(engine.device)
+    seen = _run_epochs(engine, replay, loader, config, start_epoch, identity, teacher)
     stage = {"stage": "distill", "store_id": identity["store_id"], "targets": list(replay.targets), "losses": losses,
              "weights": objective.weights, "epochs": config.epochs, "temperature": config.temperature,
-             "steps": int(engine.global_steps), "size": replay.size,
+             "steps": int(engine.global_steps), "size": replay.size, "views": replay.views, "online": config.online,
              "resumed_from": {"epoch": start_epoch, "step": start_step} if start_epoch else None,
              "world_size": world, "batch_size": config.batch_size}
     if rank == 0:
@@ -187,7 +224,7 @@ def distill(config: DistillConfig) -> dict[str, Any]:
 
 
 def _run_epochs(engine, replay: ReplayDataset, loader: DataLoader, config: DistillConfig,
-                start_epoch: int, identity: dict[str, Any]) -> list[np.ndarray]:
+                start_epoch: int, identity: dict[str, Any], teacher: TeacherModel | None) -> list[np.ndarray]:
     """Epochs ``start_epoch..epochs-1``, a checkpoint after each (on every rank: it is collective)."""
     rank = int(torch.distributed.get_rank()) if torch.distributed.is_initialized() else 0
     seen = []
@@ -195,7 +232,7 @@ def _run_epochs(engine, replay: ReplayDataset, loader: DataLoader, config: Disti
         loader.batch_sampler.sampler.set_epoch(epoch)
         replay.set_epoch(epoch)
         started = time.perf_counter()
-        losses, indices = train_epoch(engine, loader, replay, config, epoch, rank)
+        losses, indices = train_epoch(engine, loader, replay, config, epoch, rank, teacher)
         seen.append(indices)
         step = int(engine.global_steps)
         log.info("epoch %d/%d: %s, step %d, %.1f s", epoch + 1, config.epochs,
@@ -242,6 +279,10 @@ def parse_args(argv: list[str] | None = None) -> DistillConfig:
     parser.add_argument("--workers", type=int, default=defaults.workers, help="DataLoader workers per rank")
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument("--resume", action="store_true", help="fail unless a checkpoint exists under --out")
+    parser.add_argument("--views", type=int, default=None, help="replay only the first K stored views (default: all)")
+    parser.add_argument("--online", action="store_true",
+                        help="uncached ceiling: the store's teacher runs on a fresh view of every sample every step")
+    parser.add_argument("--teacher", default=None, help="--online: the store's teacher (default: its zoo entry)")
     args = vars(parser.parse_args(argv))
     args["targets"], args["weights"] = _targets(args["targets"])
     args["losses"] = tuple(name.strip() for name in args.pop("loss").split(","))

@@ -4,15 +4,17 @@ With ``--val-fraction F`` a seeded, stratified part of the labeled images is hel
 (``train.optim.split_labeled``): training sees only the rest, top-1 on the held-out part is
 measured before the first step and every ``--eval-every`` steps, the best-val weights are the ones
 saved (the starting weights too, when finetuning only hurts), and ``--patience`` evaluations
-below the best stop the run early (a tie counts as progress). ``student.json`` records the val top-1, the
-best step, the steps run and the whole validation curve, so a learning rate or step count can be
+below the best mark a plateau (a tie counts as progress but keeps the earlier checkpoint): it stops
+the run, or with ``--cooldown N`` (constant learning rate until then) starts an N-step linear decay
+to zero, so a run that stops early still ends annealed (``train.optim``). ``student.json`` records
+the val top-1, the best step, the steps run and the whole validation curve, so a learning rate or step count can be
 chosen without ever looking at the test split. A student distilled from features (``num_classes``
 0, no classifier) gets a freshly initialised classifier for the labeled classes.
 
 Example:
     python -m train.finetune --init runs/student --data fashion-mnist:train --shots 10 --out runs/student_ft
     python -m train.finetune --student mobilenetv3_small_050 --size 32 --data fashion-mnist:train \\
-        --shots 10 --steps 600 --val-fraction 0.2 --eval-every 50 --patience 3 --out runs/baseline
+        --shots 10 --steps 3000 --val-fraction 0.2 --eval-every 100 --patience 5 --cooldown 500 --out runs/baseline
 """
 
 from __future__ import annotations
@@ -47,7 +49,8 @@ class FinetuneConfig:
     weight_decay: float = 0.05
     val_fraction: float = 0.0  # labeled images held out per class for validation (0: none)
     eval_every: int = 50  # validation top-1 every N steps (and at the last step)
-    patience: int = 0  # stop after this many evaluations below the best (0: run every step)
+    patience: int = 0  # plateau after this many evaluations below the best (0: run every step)
+    cooldown: int = 0  # 0: cosine over --steps, a plateau stops; N: constant lr, a plateau starts an N-step decay
     workers: int = 1  # loader processes rendering augmented views while the model trains (same batches for any)
 
 
@@ -59,7 +62,9 @@ def finetune(config: FinetuneConfig) -> StudentCard:
     train_part, val_part = split_labeled(source, config.val_fraction, config.seed)
     model, card = _initial_student(config, class_names)
     size = config.size or card.input_size
-    schedule = TrainSchedule(config.steps, config.lr, config.batch_size, config.weight_decay, seed=config.seed)
+    cooldown = -(-config.cooldown // config.eval_every) * config.eval_every  # ends on a validation step
+    schedule = TrainSchedule(config.steps, config.lr, config.batch_size, config.weight_decay, seed=config.seed,
+                             cooldown=cooldown)
     keeper = None if val_part is None else BestOnValidation(model, val_part, size, every=config.eval_every,
                                                             steps=config.steps, patience=config.patience)
     started = time.perf_counter()
@@ -108,7 +113,7 @@ def main(argv: list[str] | None = None) -> StudentCard:
     parser.add_argument("--shots", type=int, default=defaults.shots, help="labeled images per class (0: all)")
     parser.add_argument("--size", type=int, default=None, help="view size (default: the student's)")
     for flag in ("seed", "steps", "batch_size", "lr", "weight_decay", "val_fraction", "eval_every", "patience",
-                 "workers"):
+                 "cooldown", "workers"):
         default = getattr(defaults, flag)
         parser.add_argument(f"--{flag.replace('_', '-')}", type=type(default), default=default)
     args = vars(parser.parse_args(argv))

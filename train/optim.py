@@ -5,6 +5,12 @@ Hyper-parameters (learning rate, steps) are chosen on a validation part carved f
 images (``split_labeled``), never on the test split: ``BestOnValidation`` evaluates top-1 on it
 every few steps during ``fit`` and keeps the best weights.
 
+Why a cooldown schedule: with a cosine schedule fixed to the maximum steps, stopping early at a
+validation plateau keeps weights trained at a high learning rate, never annealed, which makes an
+early-stopped baseline look worse than it is. With ``cooldown`` > 0 the learning rate stays
+constant after warmup and a plateau (``on_step`` returning True) starts a linear decay to zero
+over ``cooldown`` steps instead of stopping: every run ends annealed, as long as it keeps improving.
+
 Example:
     >>> train_part, val_part = split_labeled(source, fraction=0.2, seed=0)
     >>> keeper = BestOnValidation(model, val_part, size=32, every=50, steps=300)
@@ -30,7 +36,8 @@ from torch.utils.data import DataLoader, Dataset
 from reinforce.sources import Source
 from train.data import evaluate_model
 
-__all__ = ["BestOnValidation", "TrainSchedule", "cosine_optimizer", "fit", "set_train_mode", "split_labeled"]
+__all__ = ["BestOnValidation", "LearningRate", "TrainSchedule", "fit", "make_optimizer", "set_train_mode",
+           "split_labeled"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,19 +50,38 @@ class TrainSchedule:
     weight_decay: float = 0.05
     warmup_fraction: float = 0.05
     seed: int = 0
+    cooldown: int = 0  # 0: cosine to zero over ``steps``; > 0: constant, then linear decay over the last N steps
 
 
-def cosine_optimizer(params, schedule: TrainSchedule) -> tuple[torch.optim.Optimizer, LambdaLR]:
-    """AdamW with linear warmup then cosine decay to zero over ``schedule.steps``."""
+class LearningRate:
+    """Warmup, then cosine decay over ``steps``, or (``cooldown``) constant until ``end`` - cooldown and
+    linear to zero at ``end``; ``plateau(step)`` moves ``end`` forward to ``step + cooldown``."""
+
+    def __init__(self, schedule: TrainSchedule):
+        self.steps, self.cooldown = schedule.steps, min(schedule.cooldown, schedule.steps)
+        self.warmup = max(1, round(schedule.warmup_fraction * schedule.steps))
+        self.end = schedule.steps
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup:
+            return (step + 1) / self.warmup
+        if self.cooldown:
+            return min(1.0, max(0.0, (self.end - step) / self.cooldown))
+        return 0.5 * (1 + math.cos(math.pi * (step - self.warmup) / max(1, self.steps - self.warmup)))
+
+    def plateau(self, step: int) -> bool:
+        """Start the cooldown now, or keep the one already running (True); without a cooldown, False: stop."""
+        if not self.cooldown:
+            return False
+        self.end = min(self.end, step + self.cooldown)
+        return True
+
+
+def make_optimizer(params, schedule: TrainSchedule) -> tuple[torch.optim.Optimizer, LambdaLR, LearningRate]:
+    """AdamW with the schedule's ``LearningRate`` (warmup, then cosine or cooldown decay to zero)."""
     optimizer = torch.optim.AdamW(params, lr=schedule.lr, weight_decay=schedule.weight_decay)
-    warmup = max(1, round(schedule.warmup_fraction * schedule.steps))
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, schedule.steps - warmup)))
-
-    return optimizer, LambdaLR(optimizer, factor)
+    rate = LearningRate(schedule)
+    return optimizer, LambdaLR(optimizer, rate), rate
 
 
 def set_train_mode(model: nn.Module, freeze_bn: bool) -> None:
@@ -106,15 +132,16 @@ def _batches(dataset: Dataset, batch_size: int, seed: int, workers: int = 0) -> 
 
 
 def fit(model: nn.Module, dataset: Dataset, schedule: TrainSchedule, *, freeze_bn: bool = False,
-        params=None, on_step: Callable[[int], bool] | None = None, workers: int = 0) -> list[float]:
-    """Cross-entropy training for ``schedule.steps`` steps; returns the per-step losses.
+        on_step: Callable[[int], bool] | None = None, workers: int = 0) -> list[float]:
+    """Cross-entropy training for at most ``schedule.steps`` steps; returns the per-step losses.
 
-    ``on_step(step)`` runs after every optimizer step (1-based) and may stop training early by
-    returning True (early stopping); the model is put back in training mode after it. ``workers``
-    loader processes augment the next batches meanwhile; the batches are the same for any number.
+    ``on_step(step)`` runs after every optimizer step (1-based) and returns True at a plateau: that
+    starts the cooldown (``schedule.cooldown`` > 0) or stops training (early stopping); the model is
+    put back in training mode after it. ``workers`` loader processes augment the next batches
+    meanwhile; the batches are the same for any number.
     """
-    trainable = [p for p in (params if params is not None else model.parameters()) if p.requires_grad]
-    optimizer, scheduler = cosine_optimizer(trainable, schedule)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer, scheduler, rate = make_optimizer(trainable, schedule)
     set_train_mode(model, freeze_bn)
     losses = []
     threads = torch.get_num_threads()
@@ -131,9 +158,11 @@ def fit(model: nn.Module, dataset: Dataset, schedule: TrainSchedule, *, freeze_b
             scheduler.step()
             losses.append(float(loss.detach()))
             if on_step is not None:
-                if on_step(len(losses)):
+                if on_step(len(losses)) and not rate.plateau(len(losses)):
                     break
                 set_train_mode(model, freeze_bn)
+            if len(losses) >= rate.end:
+                break
     finally:
         torch.set_num_threads(threads)
     model.eval()
@@ -170,8 +199,9 @@ def split_labeled(source: Source, fraction: float, seed: int = 0) -> tuple[Sourc
 class BestOnValidation:
     """``fit`` callback: top-1 on the val part every ``every`` steps (and at the last); keeps the best weights.
 
-    ``patience`` > 0 stops training after that many evaluations below the best (early stopping); a tie
-    counts as progress and moves the kept checkpoint to the later step.
+    ``patience`` > 0 marks a plateau after that many evaluations below the best (``fit`` then stops or
+    cools down). A tie counts as progress (with a few val images ties are common and mean "not worse
+    yet") but keeps the earlier checkpoint: of equally good weights, the ones trained less on few labels.
     """
 
     def __init__(self, model: nn.Module, val: Source, size: int, *, every: int, steps: int, patience: int = 0):
@@ -185,9 +215,11 @@ class BestOnValidation:
             return False
         top1 = evaluate_model(self.model, self.val, self.size)["top1"]
         self.curve.append((step, round(top1, 4)))
-        if top1 >= self.best:  # a tie moves on: with a few val images ties are common and mean "not worse yet"
+        if top1 > self.best:
             self.best, self.best_step, self.stale = top1, step, 0
             self.state = copy.deepcopy(self.model.state_dict())
+        elif top1 == self.best:
+            self.stale = 0
         else:
             self.stale += 1
         return self.patience > 0 and self.stale >= self.patience

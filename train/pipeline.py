@@ -10,7 +10,8 @@ RUN_DIR and shared by every cell that needs it::
     teacher(frozen)         train.teacher --mode frozen (no labels)             task-agnostic cells
     store(teacher, transfer)  reinforce.build: logits (task teacher); embedding,patch (frozen teacher,
                               so one store per transfer set serves both task-agnostic methods at every shots)
-    distilled(store, targets) train.distill (a subprocess: DeepSpeed sets up a process group)
+    distilled(store, targets) train.distill (a subprocess: DeepSpeed sets up a process group);
+                              task-oriented-online: train.distill --online --teacher T (no cached targets)
     finetune(cell, lr)        train.finetune --val-fraction F --eval-every N, one run per lr of the grid
     evaluate(model)           train.evaluate on the test split: the best-val finetune and the teachers
 
@@ -18,7 +19,12 @@ Labeled-only cells skip the first four. Each learning rate is chosen by validati
 part carved from the labeled images (never the test split); the task teacher is trained without
 that part too. An artifact is done when ``OUT/.pipeline-done.json`` exists, a cell when
 ``RUN/cells/KEY.json`` does: a rerun skips both, and ``RUN/steps.jsonl`` logs every step as ran or
-skipped. Writes ``RUN/results.parquet``, ``RUN/results.md`` and two plots (``train.report``).
+skipped. Writes ``RUN/results.json`` (every row, with each stage's wall time and the total),
+``RUN/results.parquet``, ``RUN/results.md`` and two plots (``train.report``).
+
+Each task-oriented row records its teacher's val top-1 and the labeled-only student's on the same
+validation images (``teacher_ahead``); a teacher that is not ahead is flagged, since distillation
+cannot give the student more than the teacher knows.
 
 Example:
     python -m train.pipeline                                   # embedded default (recipes/fashion_mnist.yaml)
@@ -55,7 +61,8 @@ DEFAULT_RECIPE = RECIPES / "fashion_mnist.yaml"
 DONE = ".pipeline-done.json"
 # method -> what the student distills (None: no distillation) and which teacher gives it
 METHODS = {"labeled-only": None, "task-agnostic-embedding": "embedding", "task-agnostic-patch": "patch",
-           "task-oriented": "logits"}
+           "task-oriented": "logits", "task-oriented-online": "logits"}
+ONLINE = {"task-oriented-online"}  # the teacher runs in the distillation loop: the uncached ceiling
 TEACHER_MODES = ("lp", "ft", "auto")
 STAGES = ("teacher", "build", "distill", "finetune")
 REQUIRED = ("data", "test", "grid", "transfer_sets", "teacher", "student", "finetune")
@@ -178,16 +185,20 @@ class Planner:
         return self.step("teacher", "train.teacher", f"{mode}-s{shots}", argv)
 
     def store(self, teacher: Step, transfer: str, targets: str) -> Step:
-        spec = self.recipe["transfer_sets"][transfer]
+        spec = self.recipe["transfer_sets"][transfer].replace("{seed}", str(self.recipe.get("seed", 0)))
         argv = ["--teacher", str(teacher.out), "--transfer-set", spec, "--targets", targets,
                 "--seed", str(self.recipe.get("seed", 0)), *flags(self.recipe.get("build"))]
         return self.step("build", "reinforce.build", f"{transfer}-{teacher.out.name.rsplit('-', 1)[0]}", argv)
 
-    def distilled(self, store: Step, targets: str) -> Step:
+    def distilled(self, store: Step, targets: str, online_teacher: Step | None = None) -> Step:
         student = self.recipe["student"]
         argv = ["--store", str(store.out), "--student", student["arch"], "--size", str(student["size"]),
                 "--targets", targets, "--seed", str(self.recipe.get("seed", 0)), *flags(self.recipe.get("distill"))]
-        return self.step("distill", "train.distill", f"{store.out.name.rsplit('-', 1)[0]}-{targets}", argv)
+        label = f"{store.out.name.rsplit('-', 1)[0]}-{targets}"
+        if online_teacher is not None:
+            argv += ["--online", "--teacher", str(online_teacher.out)]
+            label += "-online"
+        return self.step("distill", "train.distill", label, argv)
 
     def plan(self, cell: Cell) -> tuple[list[Step], list[Step]]:
         """``cell``'s upstream steps (teacher, store, distilled student; none for labeled-only) and its finetunes."""
@@ -196,7 +207,7 @@ class Planner:
             return [], self.finetunes(cell, None)
         teacher = self.teacher(None if cell.teacher_mode == "frozen" else cell.shots, cell.teacher_mode)
         store = self.store(teacher, cell.transfer, self.agnostic_targets if cell.teacher_mode == "frozen" else "logits")
-        distilled = self.distilled(store, target)
+        distilled = self.distilled(store, target, teacher if cell.method in ONLINE else None)
         return [teacher, store, distilled], self.finetunes(cell, distilled)
 
     def cell_hash(self, cell: Cell) -> str:
@@ -345,10 +356,30 @@ def run_grid(recipe: dict[str, Any], run_dir: Path) -> list[dict[str, Any]]:
         done.parent.mkdir(parents=True, exist_ok=True)
         _atomic_write(done, json.dumps(row, indent=1))
         rows.append(row)
-    teachers = dict.fromkeys((c.shots, c.teacher_mode) for c in grid_cells(recipe) if METHODS[c.method] == "logits")
-    if recipe.get("reference_teachers", True):
-        rows += [teacher_row(shots, mode, planner, runner, flops) for shots, mode in teachers]
+    mark_teacher_ahead(rows, planner)
+    task_cells = [c for c in grid_cells(recipe) if METHODS[c.method] == "logits"]
+    modes = recipe.get("reference_teachers", True)  # true: the modes the grid distills from; or a list of modes
+    modes = list(dict.fromkeys(c.teacher_mode for c in task_cells)) if modes is True else modes or []
+    shots = dict.fromkeys(c.shots for c in task_cells) if task_cells else dict.fromkeys(recipe["grid"]["shots"])
+    rows += [teacher_row(s, mode, planner, runner, flops) for s in shots for mode in modes]
     return rows
+
+
+def mark_teacher_ahead(rows: list[dict[str, Any]], planner: Planner) -> None:
+    """Task-oriented rows get their teacher's val top-1 and the labeled-only row's (same val images) and
+    ``teacher_ahead``; a teacher that is not ahead is reported, since the student cannot learn more than it."""
+    labels_only = {r["shots"]: r["val_top1"] for r in rows if r["method"] == "labeled-only"}
+    for row in rows:
+        if METHODS.get(row["method"]) != "logits":
+            continue
+        teacher = report.teacher_card(planner.teacher(row["shots"], row["teacher_mode"]).out).val_accuracy
+        baseline = labels_only.get(row["shots"])
+        row.update(teacher_val_top1=teacher, labels_only_val_top1=baseline,
+                   teacher_ahead=None if None in (teacher, baseline) else teacher > baseline)
+        if row["teacher_ahead"] is False:
+            print(f"warning: {row['teacher_mode']} teacher at {row['shots']} labels/class is not ahead of the "
+                  f"labeled-only student on validation ({teacher:.3f} vs {baseline:.3f}): distilling it cannot "
+                  "beat training on the labels; see README 'When the teacher is weak'", flush=True)
 
 
 def print_plan(recipe: dict[str, Any], run_dir: Path) -> None:
@@ -370,10 +401,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--run-dir", default="runs/pipeline", help="where teachers, stores, models and results go")
     parser.add_argument("--publish", help="also copy results.md and the plots into this directory (e.g. docs)")
     parser.add_argument("--plan", action="store_true", help="print every step's command line; run nothing")
+    parser.add_argument("--seed", type=int, default=None,
+                        help="override the recipe's seed (labeled draw, validation split, training; "
+                             "{seed} in a transfer-set spec): repeat a run to measure the spread")
     args = parser.parse_args(argv)
     start = time.perf_counter()
     try:
         recipe = load_recipe(args.recipe)
+        if args.seed is not None:
+            recipe["seed"] = args.seed
         if args.plan:
             print_plan(recipe, Path(args.run_dir))
             return 0
@@ -382,7 +418,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"train.pipeline: error: {error}", file=sys.stderr)
         return 2
     title = f"{Path(args.recipe).name}: top-1 on {recipe['test']}"
-    files = report.write_report(rows, Path(args.run_dir), title=title)
+    total = round(time.perf_counter() - start, 1)
+    files = report.write_report(rows, Path(args.run_dir), title=title,
+                                extra={"recipe": str(args.recipe), "total_seconds": total})
     print("\n" + Path(files["markdown"]).read_text())
     print(f"total {time.perf_counter() - start:.0f} s; results in {args.run_dir}")
     if args.publish:

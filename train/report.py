@@ -5,7 +5,9 @@ teacher adaptation + teacher pass (teacher forward FLOPs per view x views stored
 student (3 x student forward FLOPs per image x images seen in distillation and finetuning). Forward
 FLOPs are measured once per (model, size) with ``torch.utils.flop_counter.FlopCounterMode``.
 
-``python -m train.report RUN`` redraws ``RUN/results.md`` and the plots from ``RUN/results.parquet``.
+``python -m train.report RUN`` redraws ``RUN/results.md`` and the plots from ``RUN/results.parquet``;
+``python -m train.report RUN1 RUN2 RUN3 --spread FILE.md`` writes the mean ± std of every row over
+runs of one recipe with different ``--seed`` (a real gap vs noise).
 
 Example:
     >>> write_report(rows, Path("runs/pipeline"), title="top-1 on fashion-mnist:test")
@@ -36,12 +38,17 @@ COLUMNS = {
     "teacher_seconds": pl.Float64, "build_seconds": pl.Float64, "distill_seconds": pl.Float64,
     "finetune_seconds": pl.Float64, "eval_seconds": pl.Float64,
     "teacher_adapt_flops": pl.Int64, "teacher_pass_flops": pl.Int64, "student_flops": pl.Int64,
-    "compute_flops": pl.Int64, "model": pl.Utf8,
+    "compute_flops": pl.Int64, "teacher_val_top1": pl.Float64, "labels_only_val_top1": pl.Float64,
+    "teacher_ahead": pl.Boolean, "model": pl.Utf8,
 }
-METHOD_ORDER = ("labeled-only", "task-agnostic-embedding", "task-agnostic-patch", "task-oriented", "teacher")
-LABELS = {"task-agnostic-embedding": "task-agnostic (embedding)", "task-agnostic-patch": "task-agnostic (patch)"}
+METHOD_ORDER = ("labeled-only", "task-agnostic-embedding", "task-agnostic-patch", "task-oriented",
+                "task-oriented-online", "teacher")
+LABELS = {"task-agnostic-embedding": "task-agnostic (embedding)", "task-agnostic-patch": "task-agnostic (patch)",
+          "task-oriented-online": "task-oriented online"}
+TEACHER_MODE_COLUMNS = ("task-oriented", "task-oriented-online", "teacher")  # labelled with the teacher's mode
 COLORS = {"labeled-only": "tab:blue", "task-agnostic-embedding": "tab:green", "task-agnostic-patch": "tab:olive",
-          "task-oriented": "tab:red", "teacher": "black", ("task-oriented", "ft"): "darkred",
+          "task-oriented": "tab:red", "task-oriented-online": "tab:purple", "teacher": "black",
+          ("task-oriented", "ft"): "darkred",
           ("task-oriented", "auto"): "tab:orange", ("teacher", "ft"): "dimgray", ("teacher", "auto"): "gray"}
 MARKERS = ("o", "^", "s", "D", "v")
 
@@ -131,7 +138,13 @@ class FlopsCounter:
         if teacher_dir is not None and store_dir is not None:
             manifest = read_manifest(store_dir / "manifest.json")
             adapt = self.teacher_adapt(teacher_dir)
-            passes = self.teacher_forward(teacher_dir) * manifest.summary["stored_views"]
+            distill = next(s for s in StudentCard.from_dict(read_json(model_dir / "student.json")).history
+                           if s["stage"] == "distill")
+            if distill.get("online"):  # the teacher ran on every image the student saw
+                views = distill["steps"] * distill["batch_size"] * distill.get("world_size", 1)
+            else:  # a views ablation pays only for the views it reads (a build of that many)
+                views = manifest.summary["stored_views"] * distill.get("views", manifest.views) // manifest.views
+            passes = self.teacher_forward(teacher_dir) * views
         return {"teacher_adapt_flops": adapt, "teacher_pass_flops": passes, "student_flops": student,
                 "compute_flops": adapt + passes + student}
 
@@ -153,7 +166,7 @@ def color(method: str, mode: str | None) -> str | None:
 def column_label(method: str, mode: str | None) -> str:
     """Table column / legend entry: task-oriented and teacher carry the teacher's adaptation mode."""
     label = LABELS.get(method, method)
-    return f"{label} ({mode})" if method in ("task-oriented", "teacher") and mode else label
+    return f"{label} ({mode})" if method in TEACHER_MODE_COLUMNS and mode else label
 
 
 def _ordered_columns(frame: pl.DataFrame) -> list[tuple[str, str | None]]:
@@ -291,21 +304,52 @@ def render(frame: pl.DataFrame, run_dir: Path, title: str) -> dict[str, Path]:
     return files
 
 
-def write_report(rows: list[dict[str, Any]], run_dir: Path, title: str = "results") -> dict[str, Path]:
-    """``results.parquet`` (the title in its metadata-free sidecar ``results.title``), markdown and plots."""
+def write_report(rows: list[dict[str, Any]], run_dir: Path, title: str = "results",
+                 extra: dict[str, Any] | None = None) -> dict[str, Path]:
+    """``results.parquet`` (the title in its metadata-free sidecar ``results.title``), ``results.json`` (the
+    rows plus ``extra``, e.g. the total wall time), markdown and plots."""
     frame = to_frame(rows)
     frame.write_parquet(run_dir / "results.parquet")
+    (run_dir / "results.json").write_text(json.dumps({"title": title, **(extra or {}), "rows": frame.to_dicts()},
+                                                     indent=1) + "\n")
     (run_dir / "results.title").write_text(title + "\n")
     return render(frame, run_dir, title)
 
 
+def spread_table(frames: list[pl.DataFrame]) -> str:
+    """Mean ± std (sample std over runs) of top-1, balanced accuracy and seconds per row of the recipe."""
+    keys = ["shots", "transfer", "method", "teacher_mode"]
+    seconds = pl.sum_horizontal(pl.col(f"{s}_seconds").fill_null(0) for s in ("teacher", "build", "distill",
+                                                                               "finetune", "eval"))
+    stacked = pl.concat([f.with_columns(seconds.alias("seconds")) for f in frames])
+    stats = stacked.group_by(keys, maintain_order=True).agg(
+        pl.len().alias("runs"),
+        *(pl.col(c).mean().alias(f"{c}_mean") for c in ("top1", "balanced_accuracy", "seconds")),
+        *(pl.col(c).std().alias(f"{c}_std") for c in ("top1", "balanced_accuracy")))
+    body = [[str(r["shots"]), r["transfer"] or "(all)", column_label(r["method"], r["teacher_mode"]), str(r["runs"]),
+             f"{100 * r['top1_mean']:.1f} ± {100 * (r['top1_std'] or 0):.1f}",
+             f"{100 * r['balanced_accuracy_mean']:.1f} ± {100 * (r['balanced_accuracy_std'] or 0):.1f}",
+             f"{r['seconds_mean']:.0f}"] for r in stats.iter_rows(named=True)]
+    header = ["shots", "transfer", "row", "runs", "top-1 (%)", "balanced acc. (%)", "seconds (mean)"]
+    return _md_table(header, body, right={0, 3, 4, 5, 6})
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m train.report", description=__doc__.split("\n\n")[0])
-    parser.add_argument("run_dir", help="a train.pipeline run directory holding results.parquet")
+    parser.add_argument("run_dirs", nargs="+", help="train.pipeline run directories holding results.parquet")
+    parser.add_argument("--spread", help="write the mean ± std over the runs to this markdown file")
     args = parser.parse_args(argv)
-    run_dir = Path(args.run_dir)
-    if not (run_dir / "results.parquet").exists():
-        parser.error(f"{run_dir / 'results.parquet'} does not exist; run python -m train.pipeline first")
+    missing = [d for d in args.run_dirs if not (Path(d) / "results.parquet").exists()]
+    if missing:
+        parser.error(f"{Path(missing[0]) / 'results.parquet'} does not exist; run python -m train.pipeline first")
+    if args.spread:
+        text = spread_table([pl.read_parquet(Path(d) / "results.parquet") for d in args.run_dirs])
+        Path(args.spread).write_text(f"{text}\n\nRuns: {', '.join(args.run_dirs)}\n")
+        print(text)
+        return 0
+    if len(args.run_dirs) > 1:
+        parser.error("several run directories are only read together with --spread FILE")
+    run_dir = Path(args.run_dirs[0])
     title_file = run_dir / "results.title"
     title = title_file.read_text().strip() if title_file.exists() else "results"
     files = render(pl.read_parquet(run_dir / "results.parquet"), run_dir, title)

@@ -11,6 +11,13 @@ on all of them. ``frozen`` saves the pretrained backbone unadapted and headless 
 rest only and scored on it, so students tuned on that part stay honestly tuned. The test split is
 never looked at.
 
+Views are taught at the backbone's pretrained input size unless ``--size`` says otherwise (a ViT
+with 14-px patches at 64 px sees a 5x5 grid); several sizes (``--size 64,128``) make them
+candidates that ``--mode auto`` chooses among by cross-validation, as it chooses between lp and ft.
+``--baseline-student ARCH`` also trains that student from the labels alone on the same training
+part and scores it on the same validation part: distillation cannot give a student more than its
+teacher knows, so ``reinforce.build`` warns when the teacher is not ahead of that baseline.
+
 Example:
     python -m train.teacher --backbone tf_efficientnet_lite0 --weights embedded \\
         --data fashion-mnist:train --shots 10 --mode auto --name lite0_fmnist
@@ -37,6 +44,7 @@ from reinforce.teachers import (
     create_backbone,
     embedded_weights,
     load_backbone_weights,
+    native_size,
     save_teacher,
 )
 from train.data import LabeledViews, cli_errors, evaluate_model, labeled_classes, open_labeled
@@ -60,7 +68,7 @@ class TeacherConfig:
     shots: int | None = 10
     seed: int = 0
     mode: str = "auto"
-    size: int = 64
+    size: int | tuple[int, ...] | None = None  # None: the backbone's pretrained size; several: auto chooses
     steps: int = 300  # ft
     lr: float = 3e-4  # ft
     batch_size: int = 32
@@ -70,6 +78,10 @@ class TeacherConfig:
     folds: int = 5
     val_fraction: float = 0.0  # labeled images held out per class, never trained on (train.optim.split_labeled)
     out_dir: str = "teachers"
+    baseline_student: str | None = None  # labels-only student scored on the same validation part
+    baseline_size: int = 32
+    baseline_steps: int = 600
+    baseline_lr: float = 3e-3
 
 
 def adapt_teacher(config: TeacherConfig) -> TeacherCard:
@@ -82,12 +94,21 @@ def adapt_teacher(config: TeacherConfig) -> TeacherCard:
         return _save_frozen(config)
     if not config.data:
         raise ValueError(f"--mode {config.mode} teaches a task and needs --data (only --mode frozen does not)")
+    if config.baseline_student and not config.val_fraction:
+        raise ValueError("--baseline-student is scored on the validation part: set --val-fraction > 0")
     source, class_names = open_labeled(config.data, config.shots, config.seed)
     train_part, val_part = split_labeled(source, config.val_fraction, config.seed)
     backbone, stats = _pretrained_backbone(config)
+    sizes = _sizes(config.size, backbone)
+    if len(sizes) > 1 and config.mode != "auto":
+        raise ValueError(f"--size {','.join(map(str, sizes))} gives candidates for --mode auto to choose among; "
+                         f"--mode {config.mode} takes one size")
     modes = ("lp", "ft") if config.mode == "auto" else (config.mode,)
-    cv = {m: _cross_validate(m, config, backbone, stats, train_part) for m in modes} if config.folds > 1 else {}
-    mode = max(cv, key=cv.get) if config.mode == "auto" else config.mode
+    cv = {f"{m}@{s}": _cross_validate(m, dataclasses.replace(config, size=s), backbone, stats, train_part)
+          for m in modes for s in sizes} if config.folds > 1 else {}
+    chosen = max(cv, key=cv.get) if config.mode == "auto" else f"{config.mode}@{sizes[0]}"
+    mode, size = chosen.split("@")
+    config = dataclasses.replace(config, size=int(size))
     started = time.perf_counter()
     model = _train(mode, config, backbone, stats, train_part)
     seconds = round(time.perf_counter() - started, 1)
@@ -98,18 +119,43 @@ def adapt_teacher(config: TeacherConfig) -> TeacherCard:
         "steps": config.steps if mode == "ft" else config.lp_steps, "lr": config.lr if mode == "ft" else config.lp_lr,
         "batch_size": config.batch_size, "lp_views": config.lp_views, "cv_accuracy": cv, "folds": config.folds,
         "val_fraction": config.val_fraction, "train_images": len(train_part), "val_top1": val_top1,
-        "train_seconds": seconds,
+        "train_seconds": seconds, "size": config.size,
     }
+    if config.baseline_student:
+        adaptation["labels_only"] = _labels_only_baseline(config)
     card = TeacherCard(name=config.name, library=config.library, backbone=config.backbone,
                        num_classes=len(class_names), class_names=class_names, input_size=config.size,
                        mean=stats[0], std=stats[1], adaptation=adaptation,
-                       val_accuracy=val_top1 if val_top1 is not None else cv.get(mode))
+                       val_accuracy=val_top1 if val_top1 is not None else cv.get(chosen))
     return save_teacher(model, card, Path(config.out_dir) / config.name)
+
+
+def _sizes(size: int | tuple[int, ...] | None, backbone: nn.Module) -> tuple[int, ...]:
+    """Candidate view sizes: the given ones, or the backbone's pretrained size."""
+    sizes = (size,) if isinstance(size, int) else tuple(size or (native_size(backbone),))
+    if min(sizes) < 8:
+        raise ValueError(f"--size {sizes}: views must be at least 8 px")
+    return sizes
+
+
+def _labels_only_baseline(config: TeacherConfig) -> dict[str, object]:
+    """The student trained on the labels alone (same train part), its best top-1 on the same val part."""
+    from train.finetune import FinetuneConfig, finetune  # the labeled-only recipe, not a copy of it
+
+    out = Path(config.out_dir) / config.name / "labels_only"
+    card = finetune(FinetuneConfig(data=config.data, out=str(out), student=config.baseline_student,
+                                   shots=config.shots, seed=config.seed, size=config.baseline_size,
+                                   steps=config.baseline_steps, batch_size=32, lr=config.baseline_lr,
+                                   val_fraction=config.val_fraction, eval_every=50, patience=3))
+    stage = card.history[-1]
+    return {"student": config.baseline_student, "size": config.baseline_size, "val_top1": stage["val_top1"],
+            "steps_run": stage["steps_run"], "lr": config.baseline_lr}
 
 
 def _save_frozen(config: TeacherConfig) -> TeacherCard:
     """The pretrained backbone as it is, without a task head: features only, no labels involved."""
     backbone, stats = _pretrained_backbone(config)
+    config = dataclasses.replace(config, size=_sizes(config.size, backbone)[0])
     model = TeacherModel(backbone, 0, *stats).eval()
     adaptation = {"mode": "frozen", "weights": Path(_weights_file(config)).name, "train_images": 0}
     card = TeacherCard(name=config.name, library=config.library, backbone=config.backbone, num_classes=0,
@@ -204,16 +250,24 @@ def main(argv: list[str] | None = None) -> TeacherCard:
     parser.add_argument("--shots", type=int, default=10, help="labeled images per class (0: the whole source)")
     parser.add_argument("--mode", default="auto", choices=MODES)
     parser.add_argument("--name", required=True, help="zoo entry name (OUT_DIR/NAME)")
+    parser.add_argument("--size", type=lambda text: tuple(int(v) for v in text.split(",")), default=None,
+                        help="view size(s) in px (default: the backbone's pretrained size); several: auto chooses")
+    parser.add_argument("--baseline-student", default=None,
+                        help="also train this timm student on the labels alone and record its val top-1 "
+                             "(reinforce.build warns when the teacher is not ahead of it)")
     defaults = TeacherConfig("", "")
-    for flag in ("seed", "size", "steps", "lr", "batch_size", "lp_steps", "lp_lr", "lp_views", "folds", "val_fraction",
-                 "out_dir"):
+    for flag in ("seed", "steps", "lr", "batch_size", "lp_steps", "lp_lr", "lp_views", "folds", "val_fraction",
+                 "out_dir", "baseline_size", "baseline_steps", "baseline_lr"):
         default = getattr(defaults, flag)
         parser.add_argument(f"--{flag.replace('_', '-')}", type=type(default), default=default)
     args = vars(parser.parse_args(argv))
     with cli_errors(parser.prog):
         card = adapt_teacher(TeacherConfig(**args))
     scores = {k: card.adaptation.get(k) for k in ("cv_accuracy", "val_top1") if card.adaptation.get(k) is not None}
-    print(f"train.teacher: wrote {Path(args['out_dir']) / card.name} (mode {card.adaptation['mode']}"
+    if "labels_only" in card.adaptation:
+        scores["labels_only_val_top1"] = card.adaptation["labels_only"]["val_top1"]
+    print(f"train.teacher: wrote {Path(args['out_dir']) / card.name} (mode {card.adaptation['mode']}, "
+          f"size {card.input_size}"
           + "".join(f", {k} {v}" for k, v in scores.items()) + ")")
     return card
 

@@ -1,0 +1,133 @@
+"""How many cached views are enough, and how many logits per view: the store against online KD.
+
+Why: a reinforced store fixes K views per image, where online distillation sees a fresh view every
+step (Beyer et al. 2022: a few fixed teacher views overfit). This trains the default recipe's
+student for the same steps from the first K of one 16-view store (exactly the views a K-view build
+stores: θ is keyed by (seed, sample, view)) and, at the recipe's K, from builds that keep the top
+1, 3, 5 or 10 logits; then finetunes (the recipe's learning rate grid, chosen on validation) and
+scores each on the test split. The ceiling is the recipe's online-KD row (the teacher in the loop).
+Every step goes through the pipeline's own planner and runner, so artifacts are shared with a
+``train.pipeline`` run in the same ``--run-dir`` and a rerun only does what is missing.
+
+Writes ``OUT/views.md``, ``OUT/top1_vs_views.png`` and ``OUT/top1_vs_topk.png``.
+
+Example:
+    python benchmarks/views.py --run-dir runs/pipeline --out docs
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from stores.verify import describe_store
+from train import report
+from train.pipeline import DEFAULT_RECIPE, Cell, Planner, Runner, choose_on_validation, load_recipe
+
+
+def variant(recipe: dict[str, Any], build: dict[str, Any], distill: dict[str, Any]) -> dict[str, Any]:
+    """The recipe with some build and distill flags changed."""
+    changed = copy.deepcopy(recipe)
+    changed["build"] = {**(changed.get("build") or {}), **build}
+    changed["distill"] = {**(changed.get("distill") or {}), **distill}
+    return changed
+
+
+def run_variant(recipe: dict[str, Any], run_dir: Path, runner: Runner, cell: Cell, online: bool = False) -> dict:
+    """Teacher, store, distilled student, finetunes and test score of ``cell`` under ``recipe``."""
+    planner = Planner(recipe, run_dir)
+    teacher = planner.teacher(cell.shots, cell.teacher_mode)
+    store = planner.store(teacher, cell.transfer, "logits")
+    distilled = planner.distilled(store, "logits", teacher if online else None)
+    seconds = {}
+    for step in (teacher, store, distilled):
+        seconds[step.stage] = runner.ensure(step)["seconds"]
+    finetunes = planner.finetunes(cell, distilled)
+    seconds["finetune"] = sum(runner.ensure(step)["seconds"] for step in finetunes)
+    chosen = choose_on_validation(finetunes)
+    evaluation = planner.evaluation(chosen)
+    runner.ensure(evaluation)
+    described = describe_store(store.out)
+    stage = report.read_json(distilled.out / "student.json")["history"][-1]
+    views = stage.get("views", described["views"])
+    return {"views": views, "topk": recipe["build"].get("topk", 5), "online": online,
+            "top1": report.read_json(evaluation.out / "test.json")["top1"],
+            "store_mb": 0.0 if online else described["bytes_per_view"] * views * described["samples_ok"] / 1e6,
+            "bytes_per_view": described["bytes_per_view"], "distill_seconds": seconds["distill"],
+            "build_seconds": seconds["build"], "steps": stage["steps"]}
+
+
+def plot(rows: list[dict], online: dict, x: str, path: Path, xlabel: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = ("views", "store_mb") if x == "views" else ("topk",)
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.0), squeeze=False, sharey=True)
+    for ax, key in zip(axes[0], panels):
+        ax.plot([r[key] for r in rows], [100 * r["top1"] for r in rows], marker="o", color="tab:red",
+                label="cached (store)")
+        ax.axhline(100 * online["top1"], color="tab:purple", linestyle="--", label="online KD (teacher in the loop)")
+        ax.set(xlabel=xlabel if key != "store_mb" else "store size (MB)", xscale="log" if key != "topk" else "linear")
+        if key != "topk":
+            ax.minorticks_off()
+            ax.set_xticks([r[key] for r in rows], labels=[f"{r[key]:.3g}" for r in rows])
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("test top-1 (%)")
+    axes[0][0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--recipe", default=str(DEFAULT_RECIPE))
+    parser.add_argument("--run-dir", default="runs/pipeline", help="shared with train.pipeline runs of the recipe")
+    parser.add_argument("--views", default="1,2,4,8,16", help="stored views to train from (one build of the most)")
+    parser.add_argument("--topk", default="1,3,5,10", help="logits kept per view, one build each at the recipe's K")
+    parser.add_argument("--out", default="docs")
+    args = parser.parse_args(argv)
+    started = time.perf_counter()
+    recipe, run_dir = load_recipe(args.recipe), Path(args.run_dir)
+    runner = Runner(run_dir)
+    mode = recipe["grid"].get("teacher_mode", ["ft"])[-1]
+    cell = Cell(recipe["grid"]["shots"][0], recipe["grid"]["transfer"][0], "task-oriented", mode)
+    ks = [int(k) for k in args.views.split(",")]
+    online = run_variant(recipe, run_dir, runner, cell, online=True)
+    by_views = [run_variant(variant(recipe, {"views": max(ks)}, {"views": k}), run_dir, runner, cell) for k in ks]
+    by_topk = [run_variant(variant(recipe, {"topk": int(k)}, {}), run_dir, runner, cell) for k in args.topk.split(",")]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    plot(by_views, online, "views", out / "top1_vs_views.png", "cached views per image (K)")
+    plot(by_topk, online, "topk", out / "top1_vs_topk.png", f"logits kept per view (top-k of 10), K = "
+         f"{recipe['build'].get('views')}")
+
+    def table(rows: list[dict]) -> str:
+        lines = ["| K views | top-k | test top-1 | store MB | B/view | distill s |", "|---:|---:|---:|---:|---:|---:|"]
+        for r in rows:
+            lines.append(f"| {r['views']} | {r['topk']} | {100 * r['top1']:.1f} | {r['store_mb']:.2f} | "
+                         f"{r['bytes_per_view']:.1f} | {r['distill_seconds']:.0f} |")
+        return "\n".join(lines)
+
+    text = (f"# How many cached views are enough ({Path(args.recipe).name}, {cell.shots} labels/class, "
+            f"{mode} teacher)\n\nSame student, same {online['steps']} distillation steps, same finetune "
+            f"(lr chosen on validation), test top-1 on {recipe['test']}. Online KD (teacher on a fresh view "
+            f"every step): **{100 * online['top1']:.1f}%**, distillation {online['distill_seconds']:.0f} s.\n\n"
+            f"## Views (one {max(ks)}-view build, first K views)\n\n{table(by_views)}\n\n![top-1 vs views]"
+            f"(top1_vs_views.png)\n\n## Logits kept per view (K = {recipe['build'].get('views')})\n\n"
+            f"{table(by_topk)}\n\n![top-1 vs top-k](top1_vs_topk.png)\n\n"
+            f"Reproduce: `python benchmarks/views.py --recipe {args.recipe} --run-dir RUN --out DIR` "
+            f"({time.perf_counter() - started:.0f} s for this invocation, artifacts already made are reused).\n")
+    (out / "views.md").write_text(text)
+    (out / "views.json").write_text(json.dumps({"online": online, "views": by_views, "topk": by_topk}, indent=1))
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
