@@ -5,7 +5,7 @@ export PATH := $(abspath $(VENV))/bin:$(PATH)
 export DS_ACCELERATOR ?= cpu
 export DS_BUILD_OPS ?= 0
 
-.PHONY: install data test demo lint bench
+.PHONY: install data test demo lint bench views
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -35,3 +35,7 @@ lint: install
 bench: install data
 	$(PY) benchmarks/build.py
 	$(PY) benchmarks/kd_step.py
+
+# how many cached views / logits per view are enough (reuses the teacher and store of `make demo`)
+views: install data
+	$(PY) benchmarks/views.py --run-dir runs/pipeline --out docs
