@@ -225,3 +225,15 @@ def test_build_warns_when_the_teacher_is_not_ahead_of_labels_only(strong, caplog
                            "--out", "store", "--workers", "0"]) == 0
     warned = [r.getMessage() for r in caplog.records if "not ahead" in r.getMessage()]
     assert bool(warned) != strong
+
+
+def test_auto_chooses_among_candidate_sizes_by_cross_validation():
+    card = teacher.main(["--backbone", "tf_efficientnet_lite0", "--data", "fashion-mnist:train", "--shots", "2",
+                         "--mode", "auto", "--size", "16,24", "--steps", "2", "--batch-size", "5", "--lp-steps", "3",
+                         "--lp-views", "0", "--folds", "2", "--name", "sized"])
+    cv = card.adaptation["cv_accuracy"]
+    assert set(cv) == {"lp@16", "lp@24", "ft@16", "ft@24"}
+    assert f"{card.adaptation['mode']}@{card.input_size}" == max(cv, key=cv.get)
+    with pytest.raises(SystemExit):  # several sizes need auto to choose among them
+        teacher.main(["--backbone", "tf_efficientnet_lite0", "--data", "fashion-mnist:train", "--shots", "2",
+                      "--mode", "lp", "--size", "16,24", "--name", "fixed"])
