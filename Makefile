@@ -38,4 +38,4 @@ bench: install data
 
 # how many cached views / logits per view are enough (reuses the teacher and store of `make demo`)
 views: install data
-	$(PY) benchmarks/views.py --run-dir runs/pipeline --out docs
+	$(PY) benchmarks/views.py --run-dir runs/pipeline --views 1,2,8 --topk 1,3,5,10 --lr 0.0005 --out docs
