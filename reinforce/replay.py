@@ -84,11 +84,11 @@ class ReplayDataset(Dataset):
 
     def _fresh(self, samples: np.ndarray) -> dict[str, Any]:
         """This epoch's never-stored view of each sample, drawn as the build draws views, at both sizes."""
-        view = self.store.manifest.views + self.epoch
+        view, seed = self.store.manifest.views + self.epoch, self.store.manifest.content.seed
         student, teacher = [], []
         for i in samples.tolist():
             image = self.source.load(i)
-            theta = self.policy.sample(self.store.manifest.content.seed, i, view, image.shape[-2], image.shape[-1])
+            theta = self.policy.sample(seed, i, view, image.shape[-2], image.shape[-1])
             teacher.append(self.policy.apply(image, theta))
             student.append(self.policy.apply(image, theta, size=self.size))
         return {"views": torch.stack(student), "teacher_views": torch.stack(teacher),

@@ -112,13 +112,13 @@ def build_objective(student: Student, replay: ReplayDataset, config: DistillConf
 
 def online_teacher(replay: ReplayDataset, config: DistillConfig) -> TeacherModel:
     """The store's teacher, for ``--online``: refused unless its card is the one the store records."""
+    if replay.targets != ("logits",):  # checked before the teacher's weights are read and hashed
+        raise ValueError(f"--online distills the teacher's logits only; --targets gives {list(replay.targets)}")
     expected = replay.store.manifest.content.teacher
     model, card = create_teacher(config.teacher or expected.name)
     if card.to_dict() != expected.to_dict():
         raise ValueError(f"--teacher {config.teacher or expected.name!r} is not the teacher of store "
                          f"{config.store!r}: {describe_mismatch(expected.to_dict(), card.to_dict(), 'teacher.')}")
-    if replay.targets != ("logits",):
-        raise ValueError(f"--online distills the teacher's logits only; --targets gives {list(replay.targets)}")
     return model.requires_grad_(False)
 
 
