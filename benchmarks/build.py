@@ -17,7 +17,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import zarr
 
 from reinforce.augment import CropFlip, create_policy
 from reinforce.build import BuildConfig, build
@@ -102,9 +101,10 @@ def rewrite_store(source: ReinforcedStore, out: Path, name: str, codec: Codec, v
     content = dataclasses.replace(manifest.content,
                                   targets={name: TargetRecord(kind=codec.kind, codec=codec.to_dict(), arrays=arrays)})
     writer = StoreWriter(out, content, **manifest.layout)
+    writer.create()
     n, k = manifest.num_samples, manifest.views
     encoded = {f"{name}/{array}": a.reshape(n, k, *a.shape[1:]) for array, a in codec.encode(values).items()}
-    encoded[THETA] = zarr.open_group(source.path / ARRAYS_DIR, mode="r")[THETA][:]
+    encoded[THETA] = source.read_range(0, n)[THETA]
     rows = source.samples.to_dicts()
     for unit in range(writer.num_units):
         span = writer.unit_range(unit)

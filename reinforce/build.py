@@ -6,20 +6,32 @@ batched on the main process (bf16 autocast + channels_last on CUDA). Work is com
 unit (a shard of samples) at a time, so a killed build resumes where it stopped and produces the
 same arrays as an uninterrupted one.
 
+Under ``torchrun`` or the DeepSpeed launcher (one process per GPU, any number of nodes) the ranks
+split the store's units: rank 0 creates the partial store, each rank writes only the whole shards it
+owns, rank 0 publishes once every unit is committed. N ranks write exactly the arrays one rank would.
+
+Before any teacher compute the build looks for a published store with the same content (same store
+id) at ``--out`` and, given ``--catalog ROOT``, anywhere directly under ROOT, and returns it instead.
+``--extend STORE --add-views M`` makes a new store holding STORE's K views byte for byte plus views
+K..K+M-1 drawn from the same θ stream; the new manifest records the parent as its lineage.
+
 Example:
     python -m reinforce.build --teacher ft_lite0 --transfer-set "fashion-mnist:train?shots=10&part=unlabeled" \
         --views 4 --topk 5 --batch-size 256 --out runs/fmnist-ft_lite0
+    torchrun --nnodes 2 --nproc_per_node 8 ... -m reinforce.build ... --out s3://bucket/stores/fmnist-ft_lite0
+    python -m reinforce.build --extend runs/fmnist-ft_lite0 --add-views 4 --out runs/fmnist-ft_lite0-k8
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import datetime
 import json
 import logging
+import os
 import sys
 from importlib.metadata import PackageNotFoundError, version
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -27,12 +39,24 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from reinforce.augment import CropFlip, create_policy
+from reinforce.augment import CropFlip, create_policy, policy_from_record
 from reinforce.sources import Source, open_source
 from reinforce.teachers import TeacherCard, TeacherModel, create_teacher
-from stores.codecs import Codec, EmbeddingCodec, PatchCodec, TopKLogitsCodec
-from stores.manifest import ArraySpec, PolicyRecord, StoreContent, TargetRecord, TransferSetRecord
-from stores.store import THETA, StoreManifest, StoreWriter, describe_mismatch, fidelity_stats, open_store
+from stores.catalog import find_store
+from stores.codecs import Codec, EmbeddingCodec, PatchCodec, TopKLogitsCodec, create_codec
+from stores.location import Location
+from stores.manifest import ArraySpec, PolicyRecord, StoreContent, TargetRecord, TransferSetRecord, content_id
+from stores.store import (
+    THETA,
+    ReinforcedStore,
+    StoreCorruptError,
+    StoreFormatError,
+    StoreManifest,
+    StoreWriter,
+    describe_mismatch,
+    fidelity_stats,
+    open_store,
+)
 
 __all__ = ["BuildConfig", "ViewDataset", "build", "main"]
 
@@ -45,7 +69,7 @@ class BuildConfig:
 
     teacher: str
     transfer_set: str
-    out: str
+    out: str  # a local path or any fsspec URL (s3://bucket/prefix/store)
     targets: tuple[str, ...] = ("logits",)  # any of logits, embedding, patch: one teacher pass gives all
     views: int = 4
     topk: int = 5
@@ -62,17 +86,22 @@ class BuildConfig:
     unit_samples: int = 4096
     chunk_samples: int = 256
     device: str | None = None
+    catalog: str | None = None  # a folder/URL of published stores: an identical one there is returned, not rebuilt
+    extend: str | None = None  # parent store for add_views
+    add_views: int = 0
 
 
 class ViewDataset(Dataset):
-    """Item i -> sample i's K views (uint8 ``[K, 3, S, S]``), packed θ (uint8 ``[K, P]``), size, error.
+    """Item i -> sample i's views ``first_view..first_view+views-1`` (uint8 ``[V, 3, S, S]``), packed θ
+    (uint8 ``[V, P]``), size, error.
 
     A sample that fails to decode yields zero views and its error text instead of raising, so one
     corrupt file never stops a build.
     """
 
-    def __init__(self, source: Source, policy: CropFlip, views: int, seed: int):
+    def __init__(self, source: Source, policy: CropFlip, views: int, seed: int, first_view: int = 0):
         self.source, self.policy, self.views, self.seed = source, policy, views, seed
+        self.first_view = first_view
 
     def __len__(self) -> int:
         return len(self.source)
@@ -86,7 +115,8 @@ class ViewDataset(Dataset):
                     THETA: torch.zeros(self.views, self.policy.record_bytes, dtype=torch.uint8),
                     "height": 0, "width": 0, "error": f"{type(error).__name__}: {error}"}
         height, width = image.shape[-2:]
-        records = [self.policy.sample(self.seed, index, v, height, width) for v in range(self.views)]
+        records = [self.policy.sample(self.seed, index, v, height, width)
+                   for v in range(self.first_view, self.first_view + self.views)]
         return {"views": torch.stack([self.policy.apply(image, r) for r in records]),
                 THETA: torch.from_numpy(self.policy.pack(records)),
                 "height": height, "width": width, "error": ""}
@@ -123,20 +153,17 @@ def warn_if_teacher_not_ahead(card: TeacherCard) -> bool:
     return True
 
 
-@torch.inference_mode()
-def make_codecs(model: TeacherModel, card: TeacherCard, config: BuildConfig, device: torch.device) -> dict[str, Codec]:
-    """One codec per requested target, sized by a probe forward of one blank view."""
-    probe = model.forward_targets(torch.zeros(1, 3, card.input_size, card.input_size, dtype=torch.uint8,
-                                              device=device), tuple(config.targets))
+def make_codecs(model: TeacherModel, card: TeacherCard, config: BuildConfig) -> dict[str, Codec]:
+    """One codec per requested target, sized by the teacher's output shapes (a meta-device pass: no compute)."""
     codecs: dict[str, Codec] = {}
-    for kind, output in probe.items():
+    for kind, shape in model.target_shapes(card.input_size, tuple(config.targets)).items():
         if kind == "logits":
             codecs[kind] = TopKLogitsCodec(k=config.topk, num_classes=card.num_classes,
                                            precision=config.logit_precision, index_coding=config.index_coding)
         elif kind == "embedding":
-            codecs[kind] = EmbeddingCodec(dim=output.shape[-1], precision=config.feature_precision)
+            codecs[kind] = EmbeddingCodec(dim=shape[-1], precision=config.feature_precision)
         else:
-            codecs[kind] = PatchCodec(channels=output.shape[1], grid=min(config.patch_grid, output.shape[-1]),
+            codecs[kind] = PatchCodec(channels=shape[0], grid=min(config.patch_grid, shape[-1]),
                                       precision=config.feature_precision)
     return codecs
 
@@ -157,38 +184,94 @@ def build(config: BuildConfig, teacher: tuple[TeacherModel, TeacherCard] | None 
     """Build (or resume, or find already built) the store ``config.out``; returns its manifest.
 
     ``teacher`` lets a caller pass an already loaded ``(model, card)``; by default it is loaded
-    from the zoo with ``create_teacher(config.teacher)``.
+    from the zoo with ``create_teacher(config.teacher)``. Under torchrun / the DeepSpeed launcher every
+    rank calls this with the same arguments and returns the same manifest.
     """
-    device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    model, card = teacher or create_teacher(config.teacher, device)
+    rank, world, local_rank = _join_ranks()
+    cuda = torch.cuda.is_available() and config.device in (None, "cuda")
+    device = torch.device(f"cuda:{local_rank}" if cuda else (config.device or "cpu"))
+    parent = open_store(config.extend) if config.extend else None
+    model, card = teacher or create_teacher(config.teacher or parent.manifest.content.teacher.name, device)
     model = model.to(device, memory_format=torch.channels_last).eval()
-    check_teacher(card, model, config)
-    warn_if_teacher_not_ahead(card)
-    source = open_source(config.transfer_set)
-    policy = create_policy(config.policy, size=card.input_size, **config.policy_args)
-    codecs = make_codecs(model, card, config, device)
-    content = store_content(card, source, policy, codecs, config)
-    existing = _existing_store(Path(config.out), content)
-    if existing is not None:
-        return existing
+    if parent is None:
+        check_teacher(card, model, config)
+        warn_if_teacher_not_ahead(card)
+        source = open_source(config.transfer_set)
+        policy = create_policy(config.policy, size=card.input_size, **config.policy_args)
+        codecs = make_codecs(model, card, config)
+        content = store_content(card, source, policy, codecs, config)
+    else:
+        source, policy, codecs, content = _extension(parent, card, config)
+    found = _published_store(Location(config.out), content, config.catalog)
+    if found is not None:
+        return found
     writer = StoreWriter(config.out, content, unit_samples=config.unit_samples, chunk_samples=config.chunk_samples)
-    pending = [u for u in range(writer.num_units) if u not in writer.committed_units()]
-    _run_teacher(model, device, writer, pending, ViewDataset(source, policy, config.views, config.seed), codecs, config)
-    manifest = writer.finalize(library_version())
-    log.info("store %s: %s", config.out, manifest.summary)
-    return manifest
+    if rank == 0:
+        writer.create()
+    _barrier(world)
+    writer.check_created()
+    first_view = parent.manifest.views if parent else 0
+    dataset = ViewDataset(source, policy, content.views - first_view, config.seed if parent is None
+                          else content.seed, first_view)
+    _run_teacher(model, device, writer, writer.pending_units(rank, world), dataset, codecs, config, parent)
+    _barrier(world)
+    if rank == 0:
+        manifest = writer.finalize(library_version())
+        log.info("store %s: %s", config.out, manifest.summary)
+    _barrier(world)
+    return manifest if rank == 0 else open_store(config.out).manifest
 
 
-def _existing_store(path: Path, content: StoreContent) -> StoreManifest | None:
-    """The published store at ``path`` if it holds exactly this content; an error if it holds other."""
-    if not (path / "manifest.json").exists():
+def _join_ranks() -> tuple[int, int, int]:
+    """(rank, world, local rank) of a torchrun / DeepSpeed-launcher process group (gloo: the build only
+    needs barriers), or of a world of one."""
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if world > 1 and not torch.distributed.is_initialized():
+        # a long build leaves ranks waiting at the final barrier for the slowest one: no 30-minute default timeout
+        torch.distributed.init_process_group("gloo", timeout=datetime.timedelta(days=7))
+    return int(os.environ.get("RANK", 0)), world, int(os.environ.get("LOCAL_RANK", 0))
+
+
+def _barrier(world: int) -> None:
+    if world > 1:
+        torch.distributed.barrier()
+
+
+def _extension(parent: ReinforcedStore, card: TeacherCard,
+               config: BuildConfig) -> tuple[Source, CropFlip, dict[str, Codec], StoreContent]:
+    """``--extend PARENT --add-views M``: the parent's transfer set, policy, seed and codecs, K+M views."""
+    content = parent.manifest.content
+    if config.add_views < 1:
+        raise ValueError("--extend needs --add-views M with M >= 1")
+    if card.to_dict() != content.teacher.to_dict():
+        raise ValueError(f"--teacher is not the teacher of {parent.path}: "
+                         f"{describe_mismatch(content.teacher.to_dict(), card.to_dict(), 'teacher.')}")
+    source = open_source(content.transfer_set.spec)
+    if source.fingerprint() != content.transfer_set.fingerprint:
+        raise ValueError(f"transfer set {content.transfer_set.spec!r} changed since {parent.path} was built")
+    policy = policy_from_record(content.policy.to_dict())
+    codecs = {name: create_codec(**record.codec) for name, record in content.targets.items()}
+    extended = dataclasses.replace(content, views=content.views + config.add_views,
+                                   lineage={"parent": parent.manifest.store_id, "parent_views": content.views})
+    return source, policy, codecs, extended
+
+
+def _published_store(out: Location, content: StoreContent, catalog: str | None) -> StoreManifest | None:
+    """The published store at ``out`` if it holds exactly this content (another content: an error), else
+    one with the same store id directly under ``catalog``, else None."""
+    if out.exists("manifest.json"):
+        store = open_store(out)
+        if store.manifest.content != content:
+            difference = describe_mismatch(store.manifest.content.to_dict(), content.to_dict())
+            raise ValueError(f"{out} already holds a different store ({difference}); choose another --out")
+        log.info("store %s already built (id %s)", out, store.manifest.store_id)
+        return store.manifest
+    found = find_store(catalog, content_id(content)) if catalog else None
+    if found is None:
         return None
-    store = open_store(path)
-    if store.manifest.content != content:
-        difference = describe_mismatch(store.manifest.content.to_dict(), content.to_dict())
-        raise ValueError(f"{path} already holds a different store ({difference}); choose another --out")
-    log.info("store %s already built (id %s)", path, store.manifest.store_id)
-    return store.manifest
+    log.info("an identical store (id %s) is already published at %s: not rebuilt, use it as --store",
+             content_id(content), found)
+    return open_store(found).manifest
 
 
 def _unit_batches(writer: StoreWriter, units: list[int], samples_per_batch: int) -> list[list[int]]:
@@ -199,11 +282,14 @@ def _unit_batches(writer: StoreWriter, units: list[int], samples_per_batch: int)
 
 @torch.inference_mode()
 def _run_teacher(model: TeacherModel, device: torch.device, writer: StoreWriter, units: list[int],
-                 dataset: ViewDataset, codecs: dict[str, Codec], config: BuildConfig) -> None:
-    samples_per_batch = max(1, config.batch_size // config.views)
+                 dataset: ViewDataset, codecs: dict[str, Codec], config: BuildConfig,
+                 parent: ReinforcedStore | None = None) -> None:
+    """The teacher over ``units`` (this rank's), each committed when complete; with ``parent``, each unit's
+    parent views are copied in front of the new ones."""
+    samples_per_batch = max(1, config.batch_size // dataset.views)
     loader = DataLoader(dataset, batch_sampler=_unit_batches(writer, units, samples_per_batch),
                         num_workers=config.workers, pin_memory=device.type == "cuda", persistent_workers=False)
-    total_views = sum(len(writer.unit_range(u)) for u in units) * config.views
+    total_views = sum(len(writer.unit_range(u)) for u in units) * dataset.views
     progress = tqdm(total=total_views, unit="view", desc="teacher", dynamic_ncols=True, mininterval=1.0)
     unit_iter = iter(units)
     unit, buffer, skipped = next(unit_iter, None), UnitBuffer(), 0
@@ -212,12 +298,12 @@ def _run_teacher(model: TeacherModel, device: torch.device, writer: StoreWriter,
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             outputs = model.forward_targets(views, tuple(codecs))
         failed = np.array([bool(e) for e in batch["error"]])
-        buffer.add(batch, _encode(outputs, codecs, failed, config.views))
+        buffer.add(batch, _encode(outputs, codecs, failed, dataset.views))
         skipped += int(failed.sum())
-        progress.update(len(failed) * config.views)
+        progress.update(len(failed) * dataset.views)
         progress.set_postfix(skipped=skipped)
         if buffer.samples == len(writer.unit_range(unit)):
-            buffer.commit(writer, dataset.source, unit)
+            buffer.commit(writer, dataset.source, unit, parent)
             unit, buffer = next(unit_iter, None), UnitBuffer()
     progress.close()
 
@@ -257,8 +343,12 @@ class UnitBuffer:
                 self.fidelity.setdefault(target, {}).setdefault(metric, []).append(values.cpu())
         self.samples += len(batch["error"])
 
-    def commit(self, writer: StoreWriter, source: Source, unit: int) -> None:
+    def commit(self, writer: StoreWriter, source: Source, unit: int, parent: ReinforcedStore | None = None) -> None:
         arrays = {name: np.concatenate([part[name] for part in self.arrays]) for name in writer.arrays}
+        if parent is not None:  # the parent's views, exactly as stored, before the new ones
+            span = writer.unit_range(unit)
+            stored = parent.read_range(span.start, span.stop)
+            arrays = {name: np.concatenate([stored[name], new], axis=1) for name, new in arrays.items()}
         heights = np.concatenate([b["height"].numpy() for b in self.batches])
         widths = np.concatenate([b["width"].numpy() for b in self.batches])
         errors = [e for b in self.batches for e in b["error"]]
@@ -295,10 +385,17 @@ def parse_args(argv: list[str] | None = None) -> BuildConfig:
     parser = argparse.ArgumentParser(prog="python -m reinforce.build", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     defaults = BuildConfig(teacher="", transfer_set="", out="")
-    parser.add_argument("--teacher", required=True,
-                        help="zoo entry: a path or a name under $VFM_REINFORCE_HOME/teachers or ./teachers")
-    parser.add_argument("--transfer-set", required=True, help="source spec, see reinforce.sources")
-    parser.add_argument("--out", required=True, help="store directory to create")
+    parser.add_argument("--teacher", default="",
+                        help="zoo entry: a path or a name under $VFM_REINFORCE_HOME/teachers or ./teachers "
+                             "(required unless --extend: then the parent's teacher by name)")
+    parser.add_argument("--transfer-set", default="",
+                        help="source spec, see reinforce.sources (required unless --extend)")
+    parser.add_argument("--out", required=True, help="store to create: a directory or an fsspec URL (s3://...)")
+    parser.add_argument("--catalog", default=None,
+                        help="folder or URL of published stores: an identical one there is returned, not rebuilt")
+    parser.add_argument("--extend", default=None, metavar="STORE",
+                        help="new store = STORE's views byte for byte + --add-views more (its teacher, policy, codecs)")
+    parser.add_argument("--add-views", type=int, default=0, metavar="M", help="with --extend: views K..K+M-1")
     parser.add_argument("--targets", default=",".join(defaults.targets),
                         help="comma-separated targets from one teacher pass: logits, embedding, patch")
     parser.add_argument("--views", type=int, default=defaults.views, help="augmented views per sample (K)")
@@ -320,7 +417,13 @@ def parse_args(argv: list[str] | None = None) -> BuildConfig:
     parser.add_argument("--unit-samples", type=int, default=defaults.unit_samples, help="samples per shard / commit")
     parser.add_argument("--chunk-samples", type=int, default=defaults.chunk_samples, help="samples per read chunk")
     parser.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # DeepSpeed
     args = vars(parser.parse_args(argv))
+    args.pop("local_rank")  # the launcher also sets LOCAL_RANK, which is what the build reads
+    if not args["extend"] and not (args["teacher"] and args["transfer_set"]):
+        parser.error("--teacher and --transfer-set are required (unless --extend STORE)")
+    if args["add_views"] and not args["extend"]:
+        parser.error("--add-views needs --extend STORE")
     args["targets"] = tuple(t.strip() for t in args["targets"].split(",") if t.strip())
     args["policy_args"] = dict(args.pop("policy_arg"))
     return BuildConfig(**args)
@@ -331,12 +434,15 @@ def main(argv: list[str] | None = None) -> int:
     config = parse_args(argv)
     try:
         manifest = build(config)
-    except (ValueError, FileNotFoundError) as error:
+    except (ValueError, FileNotFoundError, StoreCorruptError, StoreFormatError) as error:
         print(f"reinforce.build: error: {error}", file=sys.stderr)
         return 2
     summary = manifest.summary
-    print(f"store {config.out} (id {manifest.store_id}): {summary['ok']} samples x {summary['views']} views stored, "
-          f"{summary['skipped']} skipped")
+    out = Location(config.out)
+    where = out if out.exists("manifest.json") else find_store(config.catalog, manifest.store_id)
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(f"store {where} (id {manifest.store_id}): {summary['ok']} samples x {summary['views']} views "
+              f"stored, {summary['skipped']} skipped")
     return 0
 
 

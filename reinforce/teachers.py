@@ -149,6 +149,26 @@ class TeacherModel(nn.Module):
             outputs["logits"] = self.head(pooled)
         return {kind: outputs[kind] for kind in kinds}
 
+    def target_shapes(self, size: int, kinds: tuple[str, ...]) -> dict[str, tuple[int, ...]]:
+        """Per-view shape of each of ``kinds`` for ``size`` px views, from a pass on the meta device: no
+        compute and no weights touched, so a build that finds its store already published runs no forward."""
+        state = {f"teacher.{name}": t.to("meta") for name, t in [*self.named_parameters(), *self.named_buffers()]}
+        view = torch.zeros(1, 3, size, size, dtype=torch.uint8, device="meta")
+        with torch.inference_mode():
+            outputs = torch.func.functional_call(_ForwardTargets(self), state, (view, kinds))
+        return {kind: tuple(output.shape[1:]) for kind, output in outputs.items()}
+
+
+class _ForwardTargets(nn.Module):
+    """``forward`` = ``teacher.forward_targets``, for ``torch.func.functional_call``."""
+
+    def __init__(self, teacher: TeacherModel):
+        super().__init__()
+        self.teacher = teacher
+
+    def forward(self, views: torch.Tensor, kinds: tuple[str, ...]) -> dict[str, torch.Tensor]:
+        return self.teacher.forward_targets(views, kinds)
+
 
 def tokens_to_map(tokens: torch.Tensor) -> torch.Tensor:
     """``[B, N, C]`` patch tokens of a square view -> ``[B, C, sqrt(N), sqrt(N)]``."""

@@ -46,9 +46,10 @@ def upgrade_v1(old: str | Path, new: str | Path) -> StoreManifest:
             raise ValueError(f"{file} is missing or damaged; run the v1 `stores verify` or rebuild the store")
     content, policy = _v2_content(manifest["content"])
     writer = StoreWriter(new, content, **manifest["layout"])
+    writer.create()
     group = zarr.open_group(old / ARRAYS_DIR, mode="r")
     rows = _v1_rows(old)
-    for unit in sorted(set(range(writer.num_units)) - writer.committed_units()):
+    for unit in writer.pending_units():
         span = slice(writer.unit_range(unit).start, writer.unit_range(unit).stop)
         arrays = {f"logits/{name}": group[v1][span] for name, v1 in V1_ARRAYS.items()}
         arrays[THETA] = _repack(group["params"][span], policy)

@@ -159,6 +159,9 @@ class StoreContent:
     views: int
     seed: int
     targets: dict[str, TargetRecord]
+    # where earlier views came from: {"parent": store id, "parent_views": K} for a store extended by
+    # ``reinforce.build --add-views``; its views 0..K-1 are the parent's bytes, not a fresh teacher pass
+    lineage: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     @property
     def num_samples(self) -> int:
@@ -167,7 +170,8 @@ class StoreContent:
     def to_dict(self) -> dict[str, Any]:
         return {"teacher": self.teacher.to_dict(), "transfer_set": self.transfer_set.to_dict(),
                 "policy": self.policy.to_dict(), "views": self.views, "seed": self.seed,
-                "targets": {name: target.to_dict() for name, target in self.targets.items()}}
+                "targets": {name: target.to_dict() for name, target in self.targets.items()},
+                **({"lineage": dict(self.lineage)} if self.lineage else {})}  # absent: ids of plain builds unchanged
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], where: str = "content") -> StoreContent:
@@ -177,7 +181,8 @@ class StoreContent:
                    policy=PolicyRecord.from_dict(data["policy"], f"{where}.policy"),
                    views=int(data["views"]), seed=int(data["seed"]),
                    targets={_safe_name(n, where): TargetRecord.from_dict(t, f"{where}.targets.{n}")
-                            for n, t in data["targets"].items()})
+                            for n, t in data["targets"].items()},
+                   lineage=_lineage(data.get("lineage", {}), f"{where}.lineage"))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -232,6 +237,12 @@ class StoreManifest:
                    content=StoreContent.from_dict(data["content"]), layout=layout, summary=dict(data["summary"]),
                    files=tuple(FileRecord.from_dict(f, "manifest.files") for f in data["files"]),
                    library_version=str(data["library_version"]), created_at=str(data["created_at"]))
+
+
+def _lineage(data: Any, where: str) -> dict[str, Any]:
+    if not isinstance(data, dict) or (data and set(data) != {"parent", "parent_views"}):
+        raise ManifestError(f"{where}: expected parent and parent_views, got {data!r}")
+    return {"parent": str(data["parent"]), "parent_views": int(data["parent_views"])} if data else {}
 
 
 def _fields_of_layout(layout: Any) -> dict[str, int]:

@@ -16,13 +16,11 @@ The store knows nothing of models: θ is an opaque byte record, targets are name
 from __future__ import annotations
 
 import datetime
-import hashlib
+import io
 import json
 import os
-import shutil
 import warnings
 from collections import OrderedDict
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -31,6 +29,7 @@ import zarr
 import zarr.codecs
 
 from stores.codecs import Codec, create_codec
+from stores.location import Location
 from stores.manifest import (
     FORMAT_VERSION,
     FileRecord,
@@ -48,6 +47,9 @@ ARRAYS_DIR = "targets.zarr"
 warnings.filterwarnings("ignore", message="Consolidated metadata is currently not part")
 THETA = "theta"
 COMMITS_DIR = "commits"
+BUILD_RECORD = "build.json"
+MANIFEST = "manifest.json"
+SAMPLES_FILE = "samples.parquet"
 
 
 class StoreCorruptError(RuntimeError):
@@ -99,18 +101,23 @@ def _compression(name: str, dtype: np.dtype) -> dict[str, Any]:
 
 
 class StoreWriter:
-    """Write a store unit by unit into ``PATH.partial``; resumable after any crash.
+    """Write a store in three steps, by one process or many: ``create`` (once, rank 0), ``write_unit`` (any
+    process, whole units only: a unit is a shard of every array, so no two writers touch one shard),
+    ``finalize`` (once, after every unit is committed). Resumable after any crash of any writer.
+
+    Everything goes into ``URL.partial`` until ``finalize`` publishes it; ``URL`` is a local path or any
+    fsspec URL.
 
     Args:
-        path: final store directory.
+        url: final store location.
         content: everything that determines the values (hashed into the store id).
         unit_samples: samples per shard = per commit unit; chunk_samples: samples per read chunk.
     """
 
-    def __init__(self, path: str | os.PathLike, content: StoreContent, *,
+    def __init__(self, url: str | os.PathLike | Location, content: StoreContent, *,
                  unit_samples: int = 4096, chunk_samples: int = 256):
-        self.path = Path(path)
-        self.partial = self.path.with_name(self.path.name + ".partial")
+        self.location = url if isinstance(url, Location) else Location(url)
+        self.partial = self.location.sibling(self.location.name + ".partial")
         self.content = content
         self.arrays = array_paths(content)
         self.num_samples, self.views = content.num_samples, content.views
@@ -118,7 +125,6 @@ class StoreWriter:
         unit_samples -= unit_samples % chunk_samples  # a shard holds whole chunks
         self.layout = {"unit_samples": unit_samples, "chunk_samples": chunk_samples}
         self.store_id = content_id(content)
-        self._prepare()
 
     @property
     def num_units(self) -> int:
@@ -129,23 +135,30 @@ class StoreWriter:
         return range(start, min(start + self.layout["unit_samples"], self.num_samples))
 
     def committed_units(self) -> set[int]:
-        return {int(p.stem) for p in (self.partial / COMMITS_DIR).glob("*.json")}
+        """Units whose data and marker are written, from one listing of the commit folder."""
+        return {int(name.removesuffix(".json")) for name in self.partial.listdir(COMMITS_DIR)
+                if name.endswith(".json") and name.removesuffix(".json").isdigit()}
 
-    def _prepare(self) -> None:
-        build_record = {"store_id": self.store_id, "content": self.content.to_dict(), "layout": self.layout}
-        record_path = self.partial / "build.json"
-        if record_path.exists():
-            previous = json.loads(record_path.read_text())
-            if previous != json.loads(json.dumps(build_record)):
-                raise ValueError(
-                    f"{self.partial} holds an interrupted build with different settings "
-                    f"({describe_mismatch(previous, build_record)}); delete it or rerun with the same arguments"
-                )
+    def pending_units(self, rank: int = 0, world: int = 1) -> list[int]:
+        """This rank's share of the uncommitted units (every ``world``-th of them, so resumed work is balanced)."""
+        return sorted(set(range(self.num_units)) - self.committed_units())[rank::world]
+
+    def _build_record(self) -> dict[str, Any]:
+        return json.loads(json.dumps({"store_id": self.store_id, "content": self.content.to_dict(),
+                                      "layout": self.layout}))
+
+    def create(self) -> None:
+        """Rank 0, before any ``write_unit``: the array metadata and ``build.json`` in ``URL.partial``.
+
+        Idempotent for the same settings (a resumed build keeps its committed units); an interrupted build
+        with other settings is refused, naming the first difference.
+        """
+        if self.partial.exists(BUILD_RECORD):
+            self.check_created()
             return
-        if self.partial.exists():  # crashed before build.json was written: nothing committed yet
-            shutil.rmtree(self.partial)
-        (self.partial / COMMITS_DIR).mkdir(parents=True)
-        group = zarr.open_group(self.partial / ARRAYS_DIR, mode="w", zarr_format=3)
+        self.partial.remove()  # crashed before build.json was written: nothing committed yet
+        self.partial.makedirs(COMMITS_DIR)
+        group = zarr.open_group(self.partial.zarr_store(ARRAYS_DIR, read_only=False), mode="w", zarr_format=3)
         for name, (shape, dtype) in self.arrays.items():
             parent, _, leaf = name.rpartition("/")
             target = group.require_group(parent) if parent else group
@@ -154,7 +167,18 @@ class StoreWriter:
                 chunks=(self.layout["chunk_samples"], self.views, *shape),
                 shards=(self.layout["unit_samples"], self.views, *shape), fill_value=0, **_compression(name, dtype),
             )
-        _atomic_write(record_path, json.dumps(build_record, indent=1, sort_keys=True))
+        self.partial.write_text(BUILD_RECORD, json.dumps(self._build_record(), indent=1, sort_keys=True))
+
+    def check_created(self) -> None:
+        """Any rank, after ``create``: the partial store is this build's (same content and layout)."""
+        if not self.partial.exists(BUILD_RECORD):
+            raise RuntimeError(f"{self.partial}: no build.json; StoreWriter.create must run first (on rank 0)")
+        previous = json.loads(self.partial.read_text(BUILD_RECORD))
+        if previous != self._build_record():
+            raise ValueError(
+                f"{self.partial} holds an interrupted build with different settings "
+                f"({describe_mismatch(previous, self._build_record())}); delete it or rerun with the same arguments"
+            )
 
     def write_unit(self, unit: int, arrays: dict[str, np.ndarray], rows: list[dict[str, Any]],
                    fidelity: dict[str, Any] | None = None) -> None:
@@ -162,11 +186,11 @@ class StoreWriter:
         span = self.unit_range(unit)
         if len(rows) != len(span):
             raise ValueError(f"unit {unit} covers {len(span)} samples, got {len(rows)} sample rows")
-        group = zarr.open_group(self.partial / ARRAYS_DIR, mode="r+")
+        group = zarr.open_group(self.partial.zarr_store(ARRAYS_DIR, read_only=False), mode="r+")
         for name in self.arrays:
             group[name][span.start: span.stop] = arrays[name]
         marker = {"rows": rows, "fidelity": fidelity or {}}
-        _atomic_write(self.partial / COMMITS_DIR / f"{unit:08d}.json", json.dumps(marker))
+        self.partial.write_text(f"{COMMITS_DIR}/{unit:08d}.json", json.dumps(marker))
 
     def finalize(self, library_version: str) -> StoreManifest:
         """Write samples.parquet + manifest.json and publish the store under its final name."""
@@ -175,27 +199,30 @@ class StoreWriter:
         missing = sorted(set(range(self.num_units)) - self.committed_units())
         if missing:
             raise RuntimeError(f"cannot finalize {self.partial}: units {missing[:10]} are not committed")
-        markers = [json.loads((self.partial / COMMITS_DIR / f"{unit:08d}.json").read_text())
+        markers = [json.loads(self.partial.read_text(f"{COMMITS_DIR}/{unit:08d}.json"))
                    for unit in range(self.num_units)]
         samples = pl.DataFrame([row for marker in markers for row in marker["rows"]],
                                schema={"index": pl.Int64, "key": pl.String, "uri": pl.String, "height": pl.Int32,
                                        "width": pl.Int32, "status": pl.String, "error": pl.String})
-        samples.write_parquet(self.partial / "samples.parquet", compression="zstd")
-        zarr.consolidate_metadata(self.partial / ARRAYS_DIR, zarr_format=3)
-        shutil.rmtree(self.partial / COMMITS_DIR)
-        (self.partial / "build.json").unlink()
+        table = io.BytesIO()
+        samples.write_parquet(table, compression="zstd")
+        self.partial.write_bytes(SAMPLES_FILE, table.getvalue())
+        zarr.consolidate_metadata(self.partial.zarr_store(ARRAYS_DIR, read_only=False), zarr_format=3)
+        self.partial.remove(COMMITS_DIR)
+        self.partial.remove(BUILD_RECORD)
         skipped = int((samples["status"] != "ok").sum())
+        sizes = self.partial.file_sizes()
         manifest = StoreManifest(
             format_version=FORMAT_VERSION, store_id=self.store_id, content=self.content, layout=self.layout,
             summary={"samples": self.num_samples, "ok": self.num_samples - skipped, "skipped": skipped,
                      "views": self.views, "stored_views": (self.num_samples - skipped) * self.views,
                      "fidelity": _merge_fidelity([marker["fidelity"] for marker in markers])},
-            files=tuple(_file_record(self.partial, p) for p in sorted(self.partial.rglob("*")) if p.is_file()),
+            files=tuple(FileRecord(rel, size, self.partial.sha256(rel)) for rel, size in sorted(sizes.items())),
             library_version=library_version,
             created_at=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         )
-        _atomic_write(self.partial / "manifest.json", json.dumps(manifest.to_dict(), indent=1))
-        os.replace(self.partial, self.path)
+        self.partial.write_text(MANIFEST, json.dumps(manifest.to_dict(), indent=1))
+        self.partial.publish_to(self.location, last=MANIFEST)
         return manifest
 
 
@@ -207,8 +234,9 @@ class ReinforcedStore:
     cache starts empty in each DataLoader worker. Arrays are opened lazily, only those read.
     """
 
-    def __init__(self, path: Path, manifest: StoreManifest, cache_bytes: int = 256 << 20):
-        self.path = path
+    def __init__(self, location: Location, manifest: StoreManifest, cache_bytes: int = 256 << 20):
+        self.location = location
+        self.path = location.url  # for messages and for reopening: a local path or a URL
         self.manifest = manifest
         self.cache_bytes = cache_bytes
         self._group: Any = None
@@ -222,7 +250,7 @@ class ReinforcedStore:
         """The per-sample table (polars DataFrame): index, key, uri, height, width, status, error."""
         import polars as pl
 
-        return pl.read_parquet(self.path / "samples.parquet")
+        return pl.read_parquet(io.BytesIO(self.location.read_bytes(SAMPLES_FILE)))
 
     @property
     def targets(self) -> list[str]:
@@ -239,7 +267,8 @@ class ReinforcedStore:
 
     def _array(self, name: str) -> Any:
         if self._pid != os.getpid():  # reopen lazily in each worker process
-            self._group = zarr.open_group(self.path / ARRAYS_DIR, mode="r", use_consolidated=True)
+            self._group = zarr.open_group(self.location.zarr_store(ARRAYS_DIR, read_only=True), mode="r",
+                                          use_consolidated=True)
             self._arrays, self._pid = {}, os.getpid()
             self._chunks.clear()
             self._cached_bytes = 0
@@ -258,7 +287,8 @@ class ReinforcedStore:
             block = self._array(name)[chunk * size: (chunk + 1) * size]
         except Exception as error:  # zarr raises codec-specific errors; name the file instead
             raise StoreCorruptError(
-                f"{self.path / ARRAYS_DIR / name}: cannot decode samples {chunk * size}..{(chunk + 1) * size - 1} "
+                f"{self.location.where(ARRAYS_DIR + '/' + name)}: cannot decode samples "
+                f"{chunk * size}..{(chunk + 1) * size - 1} "
                 f"({error}); run `python -m stores verify {self.path}`"
             ) from error
         self._chunks[key] = block
@@ -297,6 +327,10 @@ class ReinforcedStore:
                              for name, spec in arrays.items()}
         return batch
 
+    def read_range(self, start: int, stop: int) -> dict[str, np.ndarray]:
+        """Every array (``"theta"``, ``"<target>/<array>"``) for samples ``start..stop-1``, all views, as stored."""
+        return {name: self._array(name)[start:stop] for name in array_paths(self.manifest.content)}
+
     def decode(self, target: str, payload: dict[str, Any], device: str | torch.device | None = None) -> torch.Tensor:
         """One target's payload (numpy or torch arrays) -> float32 tensor on ``device``, by the store's codec."""
         tensors = {name: as_tensor(a).to(device) for name, a in payload.items()}
@@ -310,71 +344,52 @@ def as_tensor(array: Any) -> torch.Tensor:
     return torch.as_tensor(array)
 
 
-def open_store(path: str | os.PathLike, *, cache_bytes: int = 256 << 20) -> ReinforcedStore:
-    """Open a published store; checks the manifest's schema and every data file's recorded size.
+def open_store(path: str | os.PathLike | Location, *, cache_bytes: int = 256 << 20) -> ReinforcedStore:
+    """Open a published store (a local path or any fsspec URL); checks the manifest's schema and, from one
+    listing, every data file's recorded size.
 
     ``cache_bytes`` bounds the decoded chunks each process keeps for ``read``.
 
     Example:
-        >>> store = open_store("runs/fmnist-lite0")
+        >>> store = open_store("runs/fmnist-lite0")                 # or "s3://bucket/stores/fmnist-lite0"
         >>> batch = store.read(np.array([0, 5]), np.array([1, 0]), targets=["logits"])
         >>> log_probs = store.decode("logits", batch["logits"])       # [2, num_classes]
     """
-    path = Path(path)
-    manifest_path = path / "manifest.json"
-    if not manifest_path.exists():
-        interrupted = path.with_name(path.name + ".partial").exists()
+    location = path if isinstance(path, Location) else Location(path)
+    if not location.exists(MANIFEST):
+        interrupted = location.sibling(location.name + ".partial").exists(BUILD_RECORD)
         hint = " (an interrupted build: rerun reinforce.build)" if interrupted else ""
-        raise FileNotFoundError(f"no reinforced store at {str(path)!r}: {manifest_path.name} is missing{hint}")
-    manifest = read_manifest(manifest_path)
+        raise FileNotFoundError(f"no reinforced store at {location.url!r}: {MANIFEST} is missing{hint}")
+    manifest = read_manifest(location)
+    sizes = location.file_sizes()
     for record in manifest.files:
-        file = path / record.path
-        size = file.stat().st_size if file.exists() else None
+        size = sizes.get(record.path)
         if size != record.bytes:
             state = "missing" if size is None else f"{size} bytes, manifest says {record.bytes}"
-            raise StoreCorruptError(f"store file {file} is {state}; the store is damaged")
-    return ReinforcedStore(path, manifest, cache_bytes)
+            raise StoreCorruptError(f"store file {location.where(record.path)} is {state}; the store is damaged")
+    return ReinforcedStore(location, manifest, cache_bytes)
 
 
-def read_manifest(manifest_path: Path) -> StoreManifest:
+def read_manifest(location: Location) -> StoreManifest:
     """Parse and validate ``manifest.json``; another format version is refused in one line."""
+    where = location.where(MANIFEST)
     try:
-        data = json.loads(manifest_path.read_text())
+        data = json.loads(location.read_text(MANIFEST))
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise StoreFormatError(f"{manifest_path}: not valid JSON ({error})") from None
+        raise StoreFormatError(f"{where}: not valid JSON ({error})") from None
     found = read_format_version(data)
     if found == 1:
         raise StoreFormatError(
-            f"{manifest_path.parent} is a format-version-1 store; this library reads version {FORMAT_VERSION}: "
-            f"upgrade it with `python -m reinforce.upgrade {manifest_path.parent} NEW_STORE` (lossless, no teacher run)"
+            f"{location.url} is a format-version-1 store; this library reads version {FORMAT_VERSION}: "
+            f"upgrade it with `python -m reinforce.upgrade {location.url} NEW_STORE` (lossless, no teacher run)"
         )
     if found != FORMAT_VERSION:
-        raise StoreFormatError(f"{manifest_path}: format_version {found!r} is not one this library reads "
+        raise StoreFormatError(f"{where}: format_version {found!r} is not one this library reads "
                                f"({FORMAT_VERSION}); a newer vfm-reinforce may read it")
     try:
         return StoreManifest.from_dict(data)
     except (ManifestError, TypeError, ValueError) as error:
-        raise StoreFormatError(f"{manifest_path}: {error}") from None
-
-
-def _file_record(root: Path, file: Path) -> FileRecord:
-    return FileRecord(file.relative_to(root).as_posix(), file.stat().st_size, sha256_file(file))
-
-
-def sha256_file(file: Path) -> str:
-    digest = hashlib.sha256()
-    with open(file, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+        raise StoreFormatError(f"{where}: {error}") from None
 
 
 def describe_mismatch(old: Any, new: Any, prefix: str = "") -> str:

@@ -8,13 +8,13 @@ of every chunk.
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Any
 
 import zarr
 
+from stores.location import Location
 from stores.manifest import StoreManifest
-from stores.store import ARRAYS_DIR, THETA, StoreFormatError, array_paths, open_store, read_manifest, sha256_file
+from stores.store import ARRAYS_DIR, MANIFEST, THETA, StoreFormatError, array_paths, open_store, read_manifest
 
 __all__ = ["describe_store", "verify_store"]
 
@@ -58,42 +58,43 @@ def describe_store(path: str | os.PathLike) -> dict[str, Any]:
     }
 
 
-def verify_store(path: str | os.PathLike) -> list[str]:
-    """Every problem found in the store at ``path``, each naming the broken file; empty if sound."""
-    path = Path(path)
-    manifest_path = path / "manifest.json"
-    if not manifest_path.exists():
-        return [f"{manifest_path}: missing"]
+def verify_store(path: str | os.PathLike | Location) -> list[str]:
+    """Every problem found in the store at ``path`` (a local path or a URL), each naming the broken file;
+    empty if sound."""
+    location = path if isinstance(path, Location) else Location(path)
+    if not location.exists(MANIFEST):
+        return [f"{location.where(MANIFEST)}: missing (no store at {location.url})"]
     try:
-        manifest = read_manifest(manifest_path)
+        manifest = read_manifest(location)
     except StoreFormatError as error:
         return [str(error)]
-    problems = _check_files(path, manifest)
+    problems = _check_files(location, manifest)
     if problems:  # decoding damaged files only repeats what the checksums already said
         return problems
-    return _check_arrays(path, manifest)
+    return _check_arrays(location, manifest)
 
 
-def _check_files(path: Path, manifest: StoreManifest) -> list[str]:
+def _check_files(location: Location, manifest: StoreManifest) -> list[str]:
     problems = []
+    sizes = location.file_sizes()
     for record in manifest.files:
-        file = path / record.path
-        if not file.is_file():
-            problems.append(f"{file}: missing")
-        elif (size := file.stat().st_size) != record.bytes:
-            problems.append(f"{file}: {size} bytes, manifest says {record.bytes}")
-        elif sha256_file(file) != record.sha256:
-            problems.append(f"{file}: sha256 differs from the manifest")
+        where = location.where(record.path)
+        if record.path not in sizes:
+            problems.append(f"{where}: missing")
+        elif sizes[record.path] != record.bytes:
+            problems.append(f"{where}: {sizes[record.path]} bytes, manifest says {record.bytes}")
+        elif location.sha256(record.path) != record.sha256:
+            problems.append(f"{where}: sha256 differs from the manifest")
     return problems
 
 
-def _check_arrays(path: Path, manifest: StoreManifest) -> list[str]:
+def _check_arrays(location: Location, manifest: StoreManifest) -> list[str]:
     """Shapes against the manifest, then a decode of every chunk, one store unit at a time."""
     problems = []
-    group = zarr.open_group(path / ARRAYS_DIR, mode="r", use_consolidated=True)
+    group = zarr.open_group(location.zarr_store(ARRAYS_DIR, read_only=True), mode="r", use_consolidated=True)
     unit = manifest.layout["unit_samples"]
     for name, (per_view_shape, dtype) in array_paths(manifest.content).items():
-        where = path / ARRAYS_DIR / name
+        where = location.where(f"{ARRAYS_DIR}/{name}")
         try:
             array = group[name]
         except KeyError:

@@ -65,8 +65,8 @@ def build_capturing(teacher, transfer_set: str, out: Path, workers: int) -> torc
     finally:
         for hook in hooks:
             hook.remove()
-    blank = model.normalize(torch.zeros(1, 3, card.input_size, card.input_size, dtype=torch.uint8))
-    assert torch.equal(inputs[0], blank), "the first forward is make_codecs' one-view probe"
+    assert inputs[0].is_meta and len(inputs[0]) == 1, "make_codecs sizes the codecs by a meta pass: no compute"
+    assert not any(x.is_meta for x in inputs[1:])
     seen = torch.cat(inputs[1:])
     assert len(seen) == manifest.num_samples * manifest.views, "the teacher ran more or less than once per view"
     assert head_rows == [len(x) for x in inputs], "logits came from another forward than the features"

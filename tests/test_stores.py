@@ -35,6 +35,7 @@ def tiny_store(tmp_path) -> Path:
         targets={"embedding": TargetRecord(kind=codec.kind, codec=codec.to_dict(), arrays={
             name: ArraySpec(shape, dtype.str) for name, (shape, dtype) in codec.arrays().items()})})
     writer = StoreWriter(tmp_path / "store", content, unit_samples=SAMPLES, chunk_samples=2)
+    writer.create()
     records = [policy.sample(0, i, v, 8, 8) for i in range(SAMPLES) for v in range(VIEWS)]
     payload = codec.encode(torch.randn(SAMPLES * VIEWS, 8, generator=torch.Generator().manual_seed(0)))
     arrays = {"theta": policy.pack(records).reshape(SAMPLES, VIEWS, -1),

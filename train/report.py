@@ -25,6 +25,7 @@ from typing import Any
 
 import polars as pl
 
+from stores.location import Location
 from stores.manifest import TeacherCard
 from stores.store import read_manifest
 from train.models import StudentCard
@@ -136,7 +137,7 @@ class FlopsCounter:
         student = 3 * self.student_forward(arch, size) * images
         adapt = passes = 0
         if teacher_dir is not None and store_dir is not None:
-            manifest = read_manifest(store_dir / "manifest.json")
+            manifest = read_manifest(Location(store_dir))
             adapt = self.teacher_adapt(teacher_dir)
             distill = next(s for s in StudentCard.from_dict(read_json(model_dir / "student.json")).history
                            if s["stage"] == "distill")
