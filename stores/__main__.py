@@ -1,4 +1,5 @@
-"""``python -m stores inspect|verify STORE``: summarise a reinforced store or check it thoroughly."""
+"""``python -m stores inspect|verify STORE`` and ``python -m stores ls ROOT``: summarise a reinforced store,
+check it thoroughly, or list the stores published under a folder or URL (a catalog)."""
 
 from __future__ import annotations
 
@@ -6,8 +7,11 @@ import argparse
 import json
 import sys
 
+from stores.catalog import list_stores
 from stores.store import StoreCorruptError
 from stores.verify import describe_store, verify_store
+
+LS_COLUMNS = ("name", "store_id", "teacher", "transfer_set", "targets", "views", "samples", "bytes", "created_at")
 
 
 def _inspect(path: str) -> int:
@@ -44,13 +48,37 @@ def _verify(path: str) -> int:
     return 0
 
 
+def _ls(root: str, as_json: bool) -> int:
+    rows = list_stores(root)
+    if as_json:
+        print(json.dumps(rows, indent=1))
+        return 0
+    cells = [[_cell(row.get(column, row.get("error", ""))) if column != "name" else row["name"]
+              for column in LS_COLUMNS] for row in rows]
+    widths = [max(len(column), *(len(row[i]) for row in cells)) for i, column in enumerate(LS_COLUMNS)]
+    for line in [list(LS_COLUMNS), *cells]:
+        print("  ".join(cell.ljust(width) for cell, width in zip(line, widths)).rstrip())
+    if not rows:
+        print(f"(no published stores under {root})", file=sys.stderr)
+    return 0
+
+
+def _cell(value) -> str:
+    return ",".join(value) if isinstance(value, dict) else str(value)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m stores", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("inspect", help="print the manifest summary and bytes per view").add_argument("store")
     commands.add_parser("verify", help="checksums, shapes and a decode of every chunk").add_argument("store")
+    ls = commands.add_parser("ls", help="the stores published under a folder or URL")
+    ls.add_argument("root")
+    ls.add_argument("--json", action="store_true", help="one JSON list instead of a table")
     args = parser.parse_args(argv)
     try:
+        if args.command == "ls":
+            return _ls(args.root, args.json)
         return _inspect(args.store) if args.command == "inspect" else _verify(args.store)
     except (FileNotFoundError, StoreCorruptError, ValueError) as error:
         print(f"stores {args.command}: {error}", file=sys.stderr)

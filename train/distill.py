@@ -283,7 +283,9 @@ def parse_args(argv: list[str] | None = None) -> DistillConfig:
     parser.add_argument("--online", action="store_true",
                         help="uncached ceiling: the store's teacher runs on a fresh view of every sample every step")
     parser.add_argument("--teacher", default=None, help="--online: the store's teacher (default: its zoo entry)")
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # DeepSpeed
     args = vars(parser.parse_args(argv))
+    args.pop("local_rank")  # the DeepSpeed launcher passes it and sets LOCAL_RANK, which init_distributed reads
     args["targets"], args["weights"] = _targets(args["targets"])
     args["losses"] = tuple(name.strip() for name in args.pop("loss").split(","))
     return DistillConfig(**args)
