@@ -27,7 +27,9 @@ class Location:
 
     def __init__(self, url: str | os.PathLike):
         self.url = str(url).rstrip("/") if "://" in str(url) else os.path.abspath(url)
-        self.fs, self.root = fsspec.core.url_to_fs(self.url)
+        # no listings cache on remote filesystems: other ranks and machines write the same prefixes
+        options = {"use_listings_cache": False} if "://" in self.url and not self.url.startswith("file://") else {}
+        self.fs, self.root = fsspec.core.url_to_fs(self.url, **options)
         self.is_local = "file" in _protocols(self.fs)
 
     def __repr__(self) -> str:
