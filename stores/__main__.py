@@ -1,5 +1,6 @@
-"""``python -m stores inspect|verify STORE`` and ``python -m stores ls ROOT``: summarise a reinforced store,
-check it thoroughly, or list the stores published under a folder or URL (a catalog)."""
+"""``python -m stores inspect|verify STORE``, ``ls ROOT``, ``publish STORE URL``: summarise a reinforced store,
+check it thoroughly, list the stores published under a folder or URL (a catalog), copy one there.
+STORE and ROOT are local paths or fsspec URLs (``s3://bucket/stores``)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import argparse
 import json
 import sys
 
-from stores.catalog import list_stores
+from stores.catalog import list_stores, publish_store
 from stores.store import StoreCorruptError
 from stores.verify import describe_store, verify_store
 
@@ -75,10 +76,16 @@ def main(argv: list[str] | None = None) -> int:
     ls = commands.add_parser("ls", help="the stores published under a folder or URL")
     ls.add_argument("root")
     ls.add_argument("--json", action="store_true", help="one JSON list instead of a table")
+    publish = commands.add_parser("publish", help="copy a store to another folder or URL (manifest last)")
+    publish.add_argument("store")
+    publish.add_argument("destination")
     args = parser.parse_args(argv)
     try:
         if args.command == "ls":
             return _ls(args.root, args.json)
+        if args.command == "publish":
+            print(f"published {args.store} -> {publish_store(args.store, args.destination)}")
+            return 0
         return _inspect(args.store) if args.command == "inspect" else _verify(args.store)
     except (FileNotFoundError, StoreCorruptError, ValueError) as error:
         print(f"stores {args.command}: {error}", file=sys.stderr)
