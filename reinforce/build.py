@@ -211,8 +211,7 @@ def build(config: BuildConfig, teacher: tuple[TeacherModel, TeacherCard] | None 
     _barrier(world)
     writer.check_created()
     first_view = parent.manifest.views if parent else 0
-    dataset = ViewDataset(source, policy, content.views - first_view, config.seed if parent is None
-                          else content.seed, first_view)
+    dataset = ViewDataset(source, policy, content.views - first_view, content.seed, first_view)
     units = writer.pending_units(rank, world)
     log.info("rank %d of %d: %d of %d units to write", rank, world, len(units), writer.num_units)
     _run_teacher(model, device, writer, units, dataset, codecs, config, parent)
