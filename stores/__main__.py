@@ -1,5 +1,6 @@
-"""``python -m stores inspect|verify STORE`` and ``python -m stores ls ROOT``: summarise a reinforced store,
-check it thoroughly, or list the stores published under a folder or URL (a catalog)."""
+"""``python -m stores inspect|verify STORE``, ``python -m stores ls ROOT`` and ``python -m stores export-wds STORE
+--out DIR``: summarise a reinforced store, check it thoroughly, list the stores published under a folder or URL
+(a catalog), or copy a zarr store into webdataset shards that carry the images (``stores.wds``)."""
 
 from __future__ import annotations
 
@@ -8,8 +9,9 @@ import json
 import sys
 
 from stores.catalog import list_stores
-from stores.store import StoreCorruptError
+from stores.store import SHARDS_DIR, StoreCorruptError, open_store
 from stores.verify import describe_store, verify_store
+from stores.wds import export_wds
 
 LS_COLUMNS = ("name", "store_id", "teacher", "transfer_set", "targets", "views", "samples", "bytes", "created_at")
 
@@ -63,6 +65,19 @@ def _ls(root: str, as_json: bool) -> int:
     return 0
 
 
+def _export_wds(path: str, out: str, maxsize: int, maxcount: int) -> int:
+    """The images come from the store's transfer set, so this command alone reaches into ``reinforce`` (lazily:
+    ``stores`` itself knows nothing of images)."""
+    from reinforce.replay import transfer_set
+
+    store = open_store(path)
+    manifest = export_wds(store, out, transfer_set(store).encoded, maxsize=maxsize, maxcount=maxcount)
+    shards = sum(f.path.startswith(SHARDS_DIR + "/") for f in manifest.files)
+    print(f"exported {path} -> {out} (id {manifest.store_id}): {manifest.summary['ok']} samples in {shards} "
+          f"shards of {manifest.layout['unit_samples']}")
+    return 0
+
+
 def _cell(value) -> str:
     return ",".join(value) if isinstance(value, dict) else str(value)
 
@@ -75,10 +90,17 @@ def main(argv: list[str] | None = None) -> int:
     ls = commands.add_parser("ls", help="the stores published under a folder or URL")
     ls.add_argument("root")
     ls.add_argument("--json", action="store_true", help="one JSON list instead of a table")
+    export = commands.add_parser("export-wds", help="copy a zarr store into webdataset shards (images, θ, targets)")
+    export.add_argument("store")
+    export.add_argument("--out", required=True, help="the new store: a directory or an fsspec URL")
+    export.add_argument("--maxsize", type=int, default=256 << 20, help="about this many bytes per shard")
+    export.add_argument("--maxcount", type=int, default=100_000, help="at most this many samples per shard")
     args = parser.parse_args(argv)
     try:
         if args.command == "ls":
             return _ls(args.root, args.json)
+        if args.command == "export-wds":
+            return _export_wds(args.store, args.out, args.maxsize, args.maxcount)
         return _inspect(args.store) if args.command == "inspect" else _verify(args.store)
     except (FileNotFoundError, StoreCorruptError, ValueError) as error:
         print(f"stores {args.command}: {error}", file=sys.stderr)
