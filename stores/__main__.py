@@ -33,7 +33,7 @@ def _inspect(path: str) -> int:
         print(f"target       {name} [{target['kind']}] {codec}: {target['bytes_per_view']:.1f} B/view")
         print(f"  fidelity   {fidelity or 'not recorded'}")
     print(f"layout       {json.dumps(info['layout'])}")
-    print(f"bytes        {info['total_bytes']} total, {info['data_bytes']} under targets.zarr")
+    print(f"bytes        {info['total_bytes']} total, {info['data_bytes']} under {info['data_dir']}")
     print(f"per view     {info['bytes_per_view']:.1f} B data, {info['total_bytes_per_view']:.1f} B with all files")
     return 0
 

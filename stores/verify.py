@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
+import numpy as np
 import zarr
 
 from stores.location import Location
@@ -40,9 +41,15 @@ def describe_store(path: str | os.PathLike) -> dict[str, Any]:
     def bytes_under(prefix: str) -> int:
         return sum(r.bytes for r in manifest.files if r.path.startswith(prefix))
 
-    arrays_bytes = bytes_under((SHARDS_DIR if manifest.format == WDS_FORMAT else ARRAYS_DIR) + "/")
+    def raw_bytes(name: str) -> int:  # tar members are uncompressed: the arrays' own bytes, all views
+        return sum(int(np.prod(shape)) * dtype.itemsize for array, (shape, dtype) in array_paths(content).items()
+                   if array.partition("/")[0] == name) * views
+
+    data_dir = SHARDS_DIR if manifest.format == WDS_FORMAT else ARRAYS_DIR
+    arrays_bytes = bytes_under(data_dir + "/")
     total_bytes = sum(r.bytes for r in manifest.files)
-    per_target = {name: bytes_under(f"{ARRAYS_DIR}/{name}/") for name in (THETA, *content.targets)}
+    per_target = {name: raw_bytes(name) if data_dir == SHARDS_DIR else bytes_under(f"{ARRAYS_DIR}/{name}/")
+                  for name in (THETA, *content.targets)}
     return {
         "path": str(store.path),
         "store_id": manifest.store_id,
@@ -60,6 +67,7 @@ def describe_store(path: str | os.PathLike) -> dict[str, Any]:
                     for name, t in content.targets.items()},
         "theta_bytes_per_view": per_target[THETA] / views if views else 0.0,
         "layout": manifest.layout,
+        "data_dir": data_dir,
         "data_bytes": arrays_bytes,
         "total_bytes": total_bytes,
         "bytes_per_view": arrays_bytes / views if views else 0.0,

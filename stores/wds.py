@@ -33,7 +33,7 @@ from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from stores.location import Location
 from stores.manifest import WDS_FORMAT, StoreContent, StoreManifest
-from stores.store import SHARDS_DIR, THETA, ReinforcedStore, StoreCorruptError, StoreWriter, array_paths
+from stores.store import MANIFEST, SHARDS_DIR, THETA, ReinforcedStore, StoreCorruptError, StoreWriter, array_paths
 
 __all__ = ["WdsWriter", "export_wds", "read_shard", "sample_arrays"]
 
@@ -123,6 +123,9 @@ def export_wds(store: ReinforcedStore, out: str | os.PathLike | Location, load_b
     Shards hold a fixed number of samples, chosen from the first usable sample's encoded size so that a shard
     is about ``maxsize`` bytes, and at most ``maxcount`` samples.
     """
+    target = out if isinstance(out, Location) else Location(out)
+    if target.exists(MANIFEST):
+        raise ValueError(f"{target.url} already holds a published store; choose another --out")
     samples = store.samples
     rows = samples.to_dicts()
     ok = samples.filter(samples["status"] == "ok")["index"].to_list()
@@ -132,7 +135,7 @@ def export_wds(store: ReinforcedStore, out: str | os.PathLike | Location, load_b
     members = sample_members(rows[ok[0]], load_bytes(ok[0]), {name: a[0] for name, a in first.items()})
     encoded = wds.writer.encode_based_on_extension(members, wds.writer.default_handlers)
     per_sample = sum(512 + -(-len(v) // 512) * 512 for k, v in encoded.items() if not k.startswith("__"))
-    writer = WdsWriter(out, store.manifest.content, load_bytes,
+    writer = WdsWriter(target, store.manifest.content, load_bytes,
                        unit_samples=max(1, min(maxcount, maxsize // per_sample, store.manifest.num_samples)))
     writer.create()
     for unit in writer.pending_units():

@@ -22,9 +22,11 @@ from test_build import small_config
 from reinforce.build import build
 from reinforce.build import main as build_main
 from reinforce.replay import ReplayDataset, StreamReplay, open_replay
+from reinforce.sources import open_source
 from stores import StoreCorruptError, open_store
 from stores.__main__ import main as stores_main
 from stores.store import SHARDS_DIR, array_paths
+from stores.wds import read_shard
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLES = 32
@@ -92,7 +94,7 @@ def assert_same_samples(wds_path: Path, zarr_path: Path) -> None:
             assert found.dtype == stored[name].dtype and np.array_equal(found, stored[name][index]), (index, name)
 
 
-def test_export_holds_the_zarr_stores_theta_and_targets(wds_store, zarr_store):
+def test_export_holds_the_zarr_stores_theta_and_targets(wds_store, zarr_store, capsys):
     manifest, source = open_store(wds_store).manifest, open_store(zarr_store).manifest
     assert manifest.format == "wds" and source.format == "zarr"
     assert manifest.store_id == source.store_id and manifest.content == source.content
@@ -100,14 +102,17 @@ def test_export_holds_the_zarr_stores_theta_and_targets(wds_store, zarr_store):
     assert len(open_store(wds_store).shards) > 2  # --maxsize split the samples
     assert_same_samples(wds_store, zarr_store)
     assert stores_main(["verify", str(wds_store)]) == 0
+    capsys.readouterr()
+    assert stores_main(["export-wds", str(zarr_store), "--out", str(wds_store)]) == 1  # published: never rewritten
+    assert capsys.readouterr().err.strip().endswith("already holds a published store; choose another --out")
 
 
-def stream(replay: StreamReplay, epoch: int, batches: int, workers: int) -> list[dict]:
-    """``batches`` batches of 8 of epoch ``epoch`` through the loader train.distill uses."""
+def stream(replay: StreamReplay, epoch: int, batches: int, workers: int, batch_size: int = 8) -> list[dict]:
+    """``batches`` batches of epoch ``epoch`` through the loader train.distill uses."""
     import webdataset as wds
 
     replay.set_epoch(epoch)
-    loader = wds.WebLoader(replay.batches(8), batch_size=None, num_workers=workers).with_epoch(batches)
+    loader = wds.WebLoader(replay.batches(batch_size), batch_size=None, num_workers=workers).with_epoch(batches)
     return list(loader)
 
 
@@ -144,6 +149,23 @@ def test_build_format_wds_writes_the_zarr_builds_samples(lite0_teacher, zarr_sto
     assert open_store(out).samples.equals(open_store(zarr_store).samples)
     again = build(small_config(card, FMNIST, out, format="wds"), teacher=(model, card))  # published: returned
     assert again.created_at == manifest.created_at
+
+
+def test_photo_shards_carry_the_original_files(lite0_teacher, photo_dir, tmp_path):
+    """A source with files keeps their bytes in the shards, and the streamed views are the policy's rendering
+    of the decoded file, bit for bit."""
+    model, card, _ = lite0_teacher
+    out = tmp_path / "photos"
+    build(small_config(card, f"folder:{photo_dir}", out, format="wds", targets=("logits",)), teacher=(model, card))
+    store = open_store(out)
+    for sample in read_shard(store.location, store.shards[0]):
+        assert sample["image.png"] == (photo_dir / sample["header.json"]["key"]).read_bytes()
+    replay, source = open_replay(out, size=32), open_source(f"folder:{photo_dir}")
+    for batch in stream(replay, 0, 2, 0, batch_size=3):
+        for i, v, view in zip(batch["index"].tolist(), batch["view"].tolist(), batch["views"]):
+            image = source.load(i)
+            theta = replay.policy.sample(0, i, v, *image.shape[-2:])
+            assert torch.equal(view, replay.policy.apply(image, theta, size=32)), (i, v)
 
 
 def test_truncated_shard_is_named_in_one_line(wds_store, tmp_path, capsys):
