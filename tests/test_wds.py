@@ -25,6 +25,7 @@ from reinforce.replay import ReplayDataset, StreamReplay, open_replay
 from reinforce.sources import open_source
 from stores import StoreCorruptError, open_store
 from stores.__main__ import main as stores_main
+from stores.catalog import find_store
 from stores.store import SHARDS_DIR, array_paths
 from stores.wds import read_shard
 
@@ -102,6 +103,9 @@ def test_export_holds_the_zarr_stores_theta_and_targets(wds_store, zarr_store, c
     assert len(open_store(wds_store).shards) > 2  # --maxsize split the samples
     assert_same_samples(wds_store, zarr_store)
     assert stores_main(["verify", str(wds_store)]) == 0
+    root, store_id = zarr_store.parent, manifest.store_id
+    assert find_store(root, store_id, "wds").url == str(wds_store)  # one id, two formats: the catalog tells them apart
+    assert find_store(root, store_id, "zarr").url == str(zarr_store)
     capsys.readouterr()
     assert stores_main(["export-wds", str(zarr_store), "--out", str(wds_store)]) == 1  # published: never rewritten
     assert capsys.readouterr().err.strip().endswith("already holds a published store; choose another --out")
