@@ -86,15 +86,15 @@ def _identity(batch: Any) -> Any:
 
 @torch.no_grad()
 def build_objective(student: Student, replay: Replay, config: DistillConfig) -> DistillObjective:
-    """The student and one loss per target, sized from one replayed batch of targets and a probe forward."""
+    """The student and one loss per target, sized from the decoded shape of each target (a decode of zeros shaped
+    as the manifest says: no read, any store format) and a probe forward."""
     kinds = {name: replay.store.manifest.content.targets[name].kind for name in replay.targets}
     names = config.losses * len(kinds) if len(config.losses) == 1 else config.losses
     if len(names) != len(kinds):
         raise ValueError(f"--loss gives {len(names)} losses for {len(kinds)} targets {list(kinds)}")
     content = replay.store.manifest.content
-    blank = {name: {a: np.zeros((1, *spec.shape), spec.dtype) for a, spec in content.targets[name].arrays.items()}
-             for name in replay.targets}  # decoded shapes from the manifest alone: no read, any store format
-    sample = replay.decode(blank)
+    sample = replay.decode({name: {a: np.zeros((1, *spec.shape), spec.dtype)
+                                   for a, spec in content.targets[name].arrays.items()} for name in replay.targets})
     blank = torch.zeros(1, 3, replay.size, replay.size, dtype=torch.uint8)
     probe = student.eval().forward_parts(blank, {"embedding", "feature_map"})
     losses = {}
