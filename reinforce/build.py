@@ -225,7 +225,9 @@ def build(config: BuildConfig, teacher: tuple[TeacherModel, TeacherCard] | None 
     first_view = parent.manifest.views if parent else 0
     dataset = ViewDataset(source, policy, content.views - first_view, config.seed if parent is None
                           else content.seed, first_view)
-    _run_teacher(model, device, writer, writer.pending_units(rank, world), dataset, codecs, config, parent)
+    units = writer.pending_units(rank, world)
+    log.info("rank %d of %d: %d of %d units to write", rank, world, len(units), writer.num_units)
+    _run_teacher(model, device, writer, units, dataset, codecs, config, parent)
     _barrier(world)
     if rank == 0:
         manifest = writer.finalize(library_version())

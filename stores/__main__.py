@@ -1,6 +1,7 @@
-"""``python -m stores inspect|verify STORE``, ``python -m stores ls ROOT`` and ``python -m stores export-wds STORE
---out DIR``: summarise a reinforced store, check it thoroughly, list the stores published under a folder or URL
-(a catalog), or copy a zarr store into webdataset shards that carry the images (``stores.wds``)."""
+"""``python -m stores inspect|verify STORE``, ``ls ROOT``, ``publish STORE URL``, ``export-wds STORE --out DIR``:
+summarise a reinforced store, check it thoroughly, list the stores published under a folder or URL (a catalog),
+copy one there, or copy a zarr store into webdataset shards that carry the images (``stores.wds``).
+STORE and ROOT are local paths or fsspec URLs (``s3://bucket/stores``)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import argparse
 import json
 import sys
 
-from stores.catalog import list_stores
+from stores.catalog import list_stores, publish_store
 from stores.store import SHARDS_DIR, StoreCorruptError, open_store
 from stores.verify import describe_store, verify_store
 from stores.wds import export_wds
@@ -91,6 +92,9 @@ def main(argv: list[str] | None = None) -> int:
     ls = commands.add_parser("ls", help="the stores published under a folder or URL")
     ls.add_argument("root")
     ls.add_argument("--json", action="store_true", help="one JSON list instead of a table")
+    publish = commands.add_parser("publish", help="copy a store to another folder or URL (manifest last)")
+    publish.add_argument("store")
+    publish.add_argument("destination")
     export = commands.add_parser("export-wds", help="copy a zarr store into webdataset shards (images, θ, targets)")
     export.add_argument("store")
     export.add_argument("--out", required=True, help="the new store: a directory or an fsspec URL")
@@ -102,6 +106,9 @@ def main(argv: list[str] | None = None) -> int:
             return _ls(args.root, args.json)
         if args.command == "export-wds":
             return _export_wds(args.store, args.out, args.maxsize, args.maxcount)
+        if args.command == "publish":
+            print(f"published {args.store} -> {publish_store(args.store, args.destination)}")
+            return 0
         return _inspect(args.store) if args.command == "inspect" else _verify(args.store)
     except (FileNotFoundError, StoreCorruptError, ValueError) as error:
         print(f"stores {args.command}: {error}", file=sys.stderr)

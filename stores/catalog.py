@@ -11,13 +11,14 @@ Example:
 
 from __future__ import annotations
 
+import hashlib
 import os
 from typing import Any
 
 from stores.location import Location
-from stores.store import MANIFEST, StoreFormatError, read_manifest
+from stores.store import MANIFEST, StoreCorruptError, StoreFormatError, open_store, read_manifest
 
-__all__ = ["find_store", "list_stores"]
+__all__ = ["find_store", "list_stores", "publish_store"]
 
 
 def _published(root: Location) -> list[Location]:
@@ -56,3 +57,24 @@ def find_store(root: str | os.PathLike | Location, store_id: str, store_format: 
         if row.get("store_id") == store_id and store_format in (None, row.get("format")):
             return Location(row["location"])
     return None
+
+
+def publish_store(source: str | os.PathLike | Location, destination: str | os.PathLike | Location) -> Location:
+    """Copy the published store ``source`` to ``destination`` (e.g. from disk to ``s3://bucket/stores/NAME``).
+
+    Only the files its manifest lists are copied, each checked against its sha256 on the way, and
+    ``manifest.json`` last: until the copy is complete nobody can open the destination. An existing store
+    at the destination is never overwritten.
+    """
+    store = open_store(source)
+    target = destination if isinstance(destination, Location) else Location(destination)
+    if target.exists(MANIFEST):
+        raise ValueError(f"{target.url} already holds a published store; publish under another name")
+    for record in store.manifest.files:  # every file but the manifest itself
+        data = store.location.read_bytes(record.path)
+        if hashlib.sha256(data).hexdigest() != record.sha256:
+            raise StoreCorruptError(f"{store.location.where(record.path)}: sha256 differs from the manifest; "
+                                    "not published")
+        target.write_bytes(record.path, data)
+    target.write_bytes(MANIFEST, store.location.read_bytes(MANIFEST))
+    return target

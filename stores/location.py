@@ -12,6 +12,7 @@ S3-compatible servers are chosen the way botocore chooses them (``AWS_ENDPOINT_U
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import posixpath
 from pathlib import Path
@@ -21,13 +22,19 @@ import fsspec
 
 __all__ = ["Location"]
 
+# botocore logs credential and endpoint discovery at INFO in every process; the CLIs log at INFO
+for _name in ("botocore", "aiobotocore"):
+    logging.getLogger(_name).setLevel(logging.WARNING)
+
 
 class Location:
     """A directory on a (possibly remote) filesystem; ``rel`` paths below it are POSIX and never leave it."""
 
     def __init__(self, url: str | os.PathLike):
         self.url = str(url).rstrip("/") if "://" in str(url) else os.path.abspath(url)
-        self.fs, self.root = fsspec.core.url_to_fs(self.url)
+        # no listings cache on remote filesystems: other ranks and machines write the same prefixes
+        options = {"use_listings_cache": False} if "://" in self.url and not self.url.startswith("file://") else {}
+        self.fs, self.root = fsspec.core.url_to_fs(self.url, **options)
         self.is_local = "file" in _protocols(self.fs)
 
     def __repr__(self) -> str:

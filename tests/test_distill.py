@@ -57,14 +57,18 @@ def store_dir(tmp_path_factory, teacher) -> Path:
     return out
 
 
-def _distill(store: Path, out: Path, epochs: int, *extra: str, nproc: int = 2) -> subprocess.CompletedProcess:
+def _distill(store: Path, out: Path, epochs: int, *extra: str, nproc: int = 2,
+             launcher: str = "torchrun") -> subprocess.CompletedProcess:
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     args = ["--store", str(store), "--student", STUDENT, "--size", "32", "--epochs", str(epochs),
             "--temperature", "1", "--batch-size", str(BATCH), "--lr", "5e-3", "--workers", "0", "--out", str(out),
             "--targets", "logits",
             *extra]
-    launcher = ([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "-m"] if nproc > 1
-                else [sys.executable, "-m"])
+    if launcher == "deepspeed":  # passes --local_rank=N to every rank's command line
+        launcher = [str(Path(sys.executable).with_name("deepspeed")), "--num_accelerators", str(nproc), "--module"]
+    else:
+        launcher = ([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "-m"]
+                    if nproc > 1 else [sys.executable, "-m"])
     return subprocess.run([*launcher, "train.distill", *args], cwd=REPO, env=env, capture_output=True, text=True,
                           timeout=600)
 
@@ -92,6 +96,16 @@ def test_ranks_split_the_store(store_dir, distilled):
     per_rank = len(ok) // 2 // BATCH * BATCH
     assert len(rank0) == len(rank1) == per_rank  # everything but the drop_last remainder
     assert len(ok) - len(rank0 | rank1) < 2 * BATCH + 2
+
+
+@pytest.mark.slow
+def test_deepspeed_launcher_runs_distill(store_dir, tmp_path):
+    out = tmp_path / "student"
+    run = _distill(store_dir, out, 1, launcher="deepspeed")
+    assert run.returncode == 0, (run.stdout + run.stderr)[-3000:]
+    rank0, rank1 = (np.load(out / f"rank{r}_samples.npy") for r in range(2))
+    assert rank0.shape == rank1.shape == (1, SAMPLES // 2 // BATCH * BATCH) and not set(rank0[0]) & set(rank1[0])
+    assert json.loads((out / "student.json").read_text())["history"][-1]["world_size"] == 2
 
 
 @pytest.mark.slow
