@@ -14,8 +14,7 @@ from stores.store import SHARDS_DIR, StoreCorruptError, open_store
 from stores.verify import describe_store, verify_store
 from stores.wds import export_wds
 
-LS_COLUMNS = ("name", "store_id", "format", "teacher", "transfer_set", "targets", "views", "samples", "bytes",
-              "created_at")
+LS_COLUMNS = ("name", "store_id", "teacher", "transfer_set", "targets", "views", "samples", "bytes", "created_at")
 
 
 def _inspect(path: str) -> int:
