@@ -45,7 +45,15 @@ from reinforce.teachers import TeacherCard, TeacherModel, create_teacher
 from stores.catalog import find_store
 from stores.codecs import Codec, EmbeddingCodec, PatchCodec, TopKLogitsCodec, create_codec
 from stores.location import Location
-from stores.manifest import ArraySpec, PolicyRecord, StoreContent, TargetRecord, TransferSetRecord, content_id
+from stores.manifest import (
+    WDS_FORMAT,
+    ArraySpec,
+    PolicyRecord,
+    StoreContent,
+    TargetRecord,
+    TransferSetRecord,
+    content_id,
+)
 from stores.store import (
     THETA,
     ReinforcedStore,
@@ -57,6 +65,7 @@ from stores.store import (
     fidelity_stats,
     open_store,
 )
+from stores.wds import WdsWriter
 
 __all__ = ["BuildConfig", "ViewDataset", "build", "main"]
 
@@ -70,6 +79,7 @@ class BuildConfig:
     teacher: str
     transfer_set: str
     out: str  # a local path or any fsspec URL (s3://bucket/prefix/store)
+    format: str = "zarr"  # zarr (random access) | wds (tar shards with the images, streamed: stores.wds)
     targets: tuple[str, ...] = ("logits",)  # any of logits, embedding, patch: one teacher pass gives all
     views: int = 4
     topk: int = 5
@@ -202,10 +212,12 @@ def build(config: BuildConfig, teacher: tuple[TeacherModel, TeacherCard] | None 
         content = store_content(card, source, policy, codecs, config)
     else:
         source, policy, codecs, content = _extension(parent, card, config)
-    found = _published_store(Location(config.out), content, config.catalog)
+    found = _published_store(Location(config.out), content, config.catalog, config.format)
     if found is not None:
         return found
-    writer = StoreWriter(config.out, content, unit_samples=config.unit_samples, chunk_samples=config.chunk_samples)
+    writer = (WdsWriter(config.out, content, source.encoded, unit_samples=config.unit_samples)
+              if config.format == WDS_FORMAT else
+              StoreWriter(config.out, content, unit_samples=config.unit_samples, chunk_samples=config.chunk_samples))
     if rank == 0:
         writer.create()
     _barrier(world)
@@ -257,17 +269,19 @@ def _extension(parent: ReinforcedStore, card: TeacherCard,
     return source, policy, codecs, extended
 
 
-def _published_store(out: Location, content: StoreContent, catalog: str | None) -> StoreManifest | None:
-    """The published store at ``out`` if it holds exactly this content (another content: an error), else
-    one with the same store id directly under ``catalog``, else None."""
+def _published_store(out: Location, content: StoreContent, catalog: str | None,
+                     store_format: str) -> StoreManifest | None:
+    """The published store at ``out`` if it holds exactly this content in this format (another: an error),
+    else one with the same store id and format directly under ``catalog``, else None."""
     if out.exists("manifest.json"):
         store = open_store(out)
-        if store.manifest.content != content:
-            difference = describe_mismatch(store.manifest.content.to_dict(), content.to_dict())
+        if store.manifest.content != content or store.manifest.format != store_format:
+            difference = describe_mismatch({"format": store.manifest.format, **store.manifest.content.to_dict()},
+                                           {"format": store_format, **content.to_dict()})
             raise ValueError(f"{out} already holds a different store ({difference}); choose another --out")
         log.info("store %s already built (id %s)", out, store.manifest.store_id)
         return store.manifest
-    found = find_store(catalog, content_id(content)) if catalog else None
+    found = find_store(catalog, content_id(content), store_format) if catalog else None
     if found is None:
         return None
     log.info("an identical store (id %s) is already published at %s: not rebuilt, use it as --store",
@@ -392,6 +406,9 @@ def parse_args(argv: list[str] | None = None) -> BuildConfig:
     parser.add_argument("--transfer-set", default="",
                         help="source spec, see reinforce.sources (required unless --extend)")
     parser.add_argument("--out", required=True, help="store to create: a directory or an fsspec URL (s3://...)")
+    parser.add_argument("--format", choices=("zarr", WDS_FORMAT), default=defaults.format,
+                        help="zarr: random access; wds: tar shards carrying the images, streamed by train.distill "
+                             "(for transfer sets too large for random access)")
     parser.add_argument("--catalog", default=None,
                         help="folder or URL of published stores: an identical one there is returned, not rebuilt")
     parser.add_argument("--extend", default=None, metavar="STORE",
@@ -440,7 +457,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     summary = manifest.summary
     out = Location(config.out)
-    where = out if out.exists("manifest.json") else find_store(config.catalog, manifest.store_id)
+    where = out if out.exists("manifest.json") else find_store(config.catalog, manifest.store_id, config.format)
     if int(os.environ.get("RANK", 0)) == 0:
         print(f"store {where} (id {manifest.store_id}): {summary['ok']} samples x {summary['views']} views "
               f"stored, {summary['skipped']} skipped")

@@ -57,6 +57,7 @@ DEFAULT_FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 FASHION_MNIST_CLASSES = (
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
 )
+IMAGE_EXTENSIONS = {"JPEG": "jpg", "TIFF": "tif"}  # PIL format -> file extension, where not just lower case
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff"}
 # Real photographs that ship inside the scikit-image wheel (no pooch download); synthetic images (blobs,
 # checkerboard, colorwheel, horse, logo, phantom) and pooch-only ones (brain, eagle, lily, skin, ...) are left out.
@@ -90,6 +91,17 @@ class Source:
 
     def load(self, index: int) -> torch.Tensor:
         return self.loader(str(self.uris[index]))
+
+    def encoded(self, index: int) -> tuple[bytes, str]:
+        """Image i as encoded bytes + file extension, for a store that carries the images: the file's own bytes
+        where the source has a file, else a lossless PNG of ``load(i)``. ``load_image_bytes`` of the bytes
+        equals ``load(i)`` either way."""
+        uri = str(self.uris[index])
+        if self.loader is _load_file and not uri.startswith(tuple(prefix for prefix, _ in _URI_LOADERS)):
+            data = _file_bytes(uri)
+            with Image.open(io.BytesIO(data)) as image:
+                return data, IMAGE_EXTENSIONS.get(image.format, str(image.format).lower())
+        return _encode_png(self.load(index)), "png"
 
     def fingerprint(self) -> str:
         """sha256 over the ordered keys, URIs, labels and the backing content id."""
@@ -247,18 +259,32 @@ def load_image_bytes(data: bytes) -> torch.Tensor:
     return torch.from_numpy(rgb.copy()).permute(2, 0, 1).contiguous()
 
 
+def _encode_png(image: torch.Tensor) -> bytes:
+    """uint8 ``[3, H, W]`` -> PNG bytes (grey when the channels are equal); ``load_image_bytes`` inverts it exactly."""
+    grey = bool((image == image[:1]).all())
+    pixels = image[0].numpy() if grey else image.permute(1, 2, 0).numpy()
+    out = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(pixels)).save(out, format="PNG")
+    return out.getvalue()
+
+
+def _file_bytes(uri: str) -> bytes:
+    """The bytes of an image file or tar member (``SHARD::OFFSET:SIZE``)."""
+    if "::" in uri:
+        shard, _, span = uri.rpartition("::")
+        offset, size = map(int, span.split(":"))
+        with open(shard, "rb") as f:
+            f.seek(offset)
+            return f.read(size)
+    return Path(uri).read_bytes()
+
+
 def _load_file(uri: str) -> torch.Tensor:
     """Any URI a source writes (so manifests may list them too), else an image file or tar member."""
     for prefix, loader in _URI_LOADERS:
         if uri.startswith(prefix):
             return loader(uri)
-    if "::" in uri:  # tar member: SHARD::OFFSET:SIZE
-        shard, _, span = uri.rpartition("::")
-        offset, size = map(int, span.split(":"))
-        with open(shard, "rb") as f:
-            f.seek(offset)
-            return load_image_bytes(f.read(size))
-    return load_image_bytes(Path(uri).read_bytes())
+    return load_image_bytes(_file_bytes(uri))
 
 
 def _files_content_id(paths: list[Path]) -> str:
@@ -320,11 +346,14 @@ def _tar_shards(spec: str) -> Source:
     for shard in shards:
         if not Path(shard).exists():
             raise FileNotFoundError(f"webdataset shard {shard!r} does not exist (only local shards are indexable)")
-        with tarfile.open(shard) as tar:
-            for member in tar:
-                if member.isfile() and Path(member.name).suffix.lower() in IMAGE_SUFFIXES:
-                    keys.append(f"{Path(shard).name}/{member.name}")
-                    uris.append(f"{shard}::{member.offset_data}:{member.size}")
+        try:
+            with tarfile.open(shard) as tar:
+                for member in tar:
+                    if member.isfile() and Path(member.name).suffix.lower() in IMAGE_SUFFIXES:
+                        keys.append(f"{Path(shard).name}/{member.name}")
+                        uris.append(f"{shard}::{member.offset_data}:{member.size}")
+        except tarfile.TarError as error:
+            raise ValueError(f"webdataset shard {shard!r} is truncated or not a tar file ({error})") from None
     return Source(spec, np.array(keys), np.array(uris), None, (), _load_file,
                   _files_content_id([Path(s) for s in shards]))
 

@@ -39,7 +39,7 @@ def list_stores(root: str | os.PathLike | Location) -> list[dict[str, Any]]:
             continue
         content = manifest.content
         rows.append({
-            "name": store.name, "location": store.url, "store_id": manifest.store_id,
+            "name": store.name, "location": store.url, "store_id": manifest.store_id, "format": manifest.format,
             "teacher": content.teacher.name, "transfer_set": content.transfer_set.spec,
             "targets": {name: target.kind for name, target in content.targets.items()},
             "views": content.views, "samples": manifest.summary["samples"], "ok": manifest.summary["ok"],
@@ -49,11 +49,12 @@ def list_stores(root: str | os.PathLike | Location) -> list[dict[str, Any]]:
     return rows
 
 
-def find_store(root: str | os.PathLike | Location, store_id: str) -> Location | None:
-    """The published store under ``root`` whose id is ``store_id``, or None."""
+def find_store(root: str | os.PathLike | Location, store_id: str, store_format: str | None = None) -> Location | None:
+    """The published store under ``root`` whose id is ``store_id`` (and, given, whose format is ``store_format``:
+    a zarr store and its webdataset export share an id), or None."""
     root = root if isinstance(root, Location) else Location(root)
     for row in list_stores(root):
-        if row.get("store_id") == store_id:
+        if row.get("store_id") == store_id and store_format in (None, row.get("format")):
             return Location(row["location"])
     return None
 

@@ -5,7 +5,9 @@ missing keys and paths that leave the store, because a store is input from someo
 content (teacher, transfer set, policy, views, seed, targets) is hashed into the store id.
 
 Layout of ``content.targets``: ``{name: TargetRecord(kind, codec, arrays)}``, with the arrays stored
-as ``targets.zarr/<name>/<array>`` of shape ``[N, K, *shape]``; θ is ``targets.zarr/theta``.
+as ``targets.zarr/<name>/<array>`` of shape ``[N, K, *shape]``; θ is ``targets.zarr/theta``. A store of
+webdataset shards says ``layout.format == "wds"`` (a zarr store's layout has no ``format`` key, so
+manifests written before shards existed parse unchanged); its content, hence its store id, is the same.
 """
 
 from __future__ import annotations
@@ -17,11 +19,12 @@ from pathlib import PurePosixPath
 from typing import Any
 
 __all__ = [
-    "FORMAT_VERSION", "ArraySpec", "FileRecord", "ManifestError", "PolicyRecord", "StoreContent", "StoreManifest",
-    "TargetRecord", "TeacherCard", "TransferSetRecord", "content_id",
+    "FORMAT_VERSION", "WDS_FORMAT", "ArraySpec", "FileRecord", "ManifestError", "PolicyRecord", "StoreContent",
+    "StoreManifest", "TargetRecord", "TeacherCard", "TransferSetRecord", "content_id",
 ]
 
 FORMAT_VERSION = 2
+WDS_FORMAT = "wds"  # layout.format of a store of webdataset tar shards; absent: a zarr store
 
 
 class ManifestError(ValueError):
@@ -209,7 +212,8 @@ class StoreManifest:
     format_version: int
     store_id: str
     content: StoreContent
-    layout: dict[str, int]  # unit_samples (= shard = commit unit), chunk_samples (= read unit)
+    layout: dict[str, Any]  # zarr: unit_samples (= shard = commit unit), chunk_samples (= read unit);
+    # wds: format "wds", unit_samples (samples per tar shard = commit unit)
     summary: dict[str, Any]  # counts (samples, ok, skipped, views, stored_views) and codec fidelity per target
     files: tuple[FileRecord, ...]
     library_version: str
@@ -222,6 +226,11 @@ class StoreManifest:
     @property
     def views(self) -> int:
         return self.content.views
+
+    @property
+    def format(self) -> str:
+        """``"zarr"`` (random access) or ``"wds"`` (tar shards, streamed)."""
+        return self.layout.get("format", "zarr")
 
     def to_dict(self) -> dict[str, Any]:
         return {"format_version": self.format_version, "store_id": self.store_id, "content": self.content.to_dict(),
@@ -245,10 +254,12 @@ def _lineage(data: Any, where: str) -> dict[str, Any]:
     return {"parent": str(data["parent"]), "parent_views": int(data["parent_views"])} if data else {}
 
 
-def _fields_of_layout(layout: Any) -> dict[str, int]:
-    if not isinstance(layout, dict) or set(layout) != {"unit_samples", "chunk_samples"}:
-        raise ManifestError(f"manifest.layout: expected unit_samples and chunk_samples, got {layout!r}")
-    return {key: int(value) for key, value in layout.items()}
+def _fields_of_layout(layout: Any) -> dict[str, Any]:
+    wds = isinstance(layout, dict) and layout.get("format") == WDS_FORMAT
+    expected = {"format", "unit_samples"} if wds else {"unit_samples", "chunk_samples"}
+    if not isinstance(layout, dict) or set(layout) != expected:
+        raise ManifestError(f"manifest.layout: expected {' and '.join(sorted(expected))}, got {layout!r}")
+    return {key: value if key == "format" else int(value) for key, value in layout.items()}
 
 
 def _safe_name(name: str, where: str) -> str:

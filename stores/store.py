@@ -50,6 +50,7 @@ COMMITS_DIR = "commits"
 BUILD_RECORD = "build.json"
 MANIFEST = "manifest.json"
 SAMPLES_FILE = "samples.parquet"
+SHARDS_DIR = "shards"  # a webdataset store's tar shards (stores.wds)
 
 
 class StoreCorruptError(RuntimeError):
@@ -158,6 +159,11 @@ class StoreWriter:
             return
         self.partial.remove()  # crashed before build.json was written: nothing committed yet
         self.partial.makedirs(COMMITS_DIR)
+        self._create_data()
+        self.partial.write_text(BUILD_RECORD, json.dumps(self._build_record(), indent=1, sort_keys=True))
+
+    def _create_data(self) -> None:
+        """The empty sharded arrays under ``targets.zarr`` (metadata only)."""
         group = zarr.open_group(self.partial.zarr_store(ARRAYS_DIR, read_only=False), mode="w", zarr_format=3)
         for name, (shape, dtype) in self.arrays.items():
             parent, _, leaf = name.rpartition("/")
@@ -167,7 +173,6 @@ class StoreWriter:
                 chunks=(self.layout["chunk_samples"], self.views, *shape),
                 shards=(self.layout["unit_samples"], self.views, *shape), fill_value=0, **_compression(name, dtype),
             )
-        self.partial.write_text(BUILD_RECORD, json.dumps(self._build_record(), indent=1, sort_keys=True))
 
     def check_created(self) -> None:
         """Any rank, after ``create``: the partial store is this build's (same content and layout)."""
@@ -186,14 +191,25 @@ class StoreWriter:
         span = self.unit_range(unit)
         if len(rows) != len(span):
             raise ValueError(f"unit {unit} covers {len(span)} samples, got {len(rows)} sample rows")
-        group = zarr.open_group(self.partial.zarr_store(ARRAYS_DIR, read_only=False), mode="r+")
-        for name in self.arrays:
-            group[name][span.start: span.stop] = arrays[name]
+        self._write_data(unit, arrays, rows)
         marker = {"rows": rows, "fidelity": fidelity or {}}
         self.partial.write_text(f"{COMMITS_DIR}/{unit:08d}.json", json.dumps(marker))
 
-    def finalize(self, library_version: str) -> StoreManifest:
-        """Write samples.parquet + manifest.json and publish the store under its final name."""
+    def _write_data(self, unit: int, arrays: dict[str, np.ndarray], rows: list[dict[str, Any]]) -> None:
+        """One whole zarr shard of every array (``arrays[name]`` is ``[unit samples, K, ...]``)."""
+        span = self.unit_range(unit)
+        group = zarr.open_group(self.partial.zarr_store(ARRAYS_DIR, read_only=False), mode="r+")
+        for name in self.arrays:
+            group[name][span.start: span.stop] = arrays[name]
+
+    def _seal(self) -> None:
+        """After the last unit, before checksums: what readers of this format open first."""
+        zarr.consolidate_metadata(self.partial.zarr_store(ARRAYS_DIR, read_only=False), zarr_format=3)
+
+    def finalize(self, library_version: str, fidelity: dict[str, Any] | None = None) -> StoreManifest:
+        """Write samples.parquet + manifest.json and publish the store under its final name.
+
+        ``fidelity`` replaces the summary merged from the units' markers (an export copies its source's)."""
         import polars as pl
 
         missing = sorted(set(range(self.num_units)) - self.committed_units())
@@ -207,7 +223,7 @@ class StoreWriter:
         table = io.BytesIO()
         samples.write_parquet(table, compression="zstd")
         self.partial.write_bytes(SAMPLES_FILE, table.getvalue())
-        zarr.consolidate_metadata(self.partial.zarr_store(ARRAYS_DIR, read_only=False), zarr_format=3)
+        self._seal()
         self.partial.remove(COMMITS_DIR)
         self.partial.remove(BUILD_RECORD)
         skipped = int((samples["status"] != "ok").sum())
@@ -216,7 +232,8 @@ class StoreWriter:
             format_version=FORMAT_VERSION, store_id=self.store_id, content=self.content, layout=self.layout,
             summary={"samples": self.num_samples, "ok": self.num_samples - skipped, "skipped": skipped,
                      "views": self.views, "stored_views": (self.num_samples - skipped) * self.views,
-                     "fidelity": _merge_fidelity([marker["fidelity"] for marker in markers])},
+                     "fidelity": fidelity if fidelity is not None else
+                     _merge_fidelity([marker["fidelity"] for marker in markers])},
             files=tuple(FileRecord(rel, size, self.partial.sha256(rel)) for rel, size in sorted(sizes.items())),
             library_version=library_version,
             created_at=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
@@ -265,7 +282,15 @@ class ReinforcedStore:
             raise ValueError(f"store {self.path} has no target {target!r}; it holds {', '.join(self.targets)}")
         return target
 
+    @property
+    def shards(self) -> list[str]:
+        """A webdataset store's tar shards, relative to the store, in order (``[]`` for a zarr store)."""
+        return sorted(f.path for f in self.manifest.files if f.path.startswith(SHARDS_DIR + "/"))
+
     def _array(self, name: str) -> Any:
+        if self.manifest.format != "zarr":
+            raise StoreFormatError(f"store {self.path} holds webdataset shards, which have no random access: "
+                                   "stream it with reinforce.replay.open_replay")
         if self._pid != os.getpid():  # reopen lazily in each worker process
             self._group = zarr.open_group(self.location.zarr_store(ARRAYS_DIR, read_only=True), mode="r",
                                           use_consolidated=True)

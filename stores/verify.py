@@ -10,11 +10,23 @@ from __future__ import annotations
 import os
 from typing import Any
 
+import numpy as np
 import zarr
 
 from stores.location import Location
-from stores.manifest import StoreManifest
-from stores.store import ARRAYS_DIR, MANIFEST, THETA, StoreFormatError, array_paths, open_store, read_manifest
+from stores.manifest import WDS_FORMAT, StoreManifest
+from stores.store import (
+    ARRAYS_DIR,
+    MANIFEST,
+    SHARDS_DIR,
+    THETA,
+    StoreCorruptError,
+    StoreFormatError,
+    array_paths,
+    open_store,
+    read_manifest,
+)
+from stores.wds import read_shard, sample_arrays
 
 __all__ = ["describe_store", "verify_store"]
 
@@ -29,9 +41,15 @@ def describe_store(path: str | os.PathLike) -> dict[str, Any]:
     def bytes_under(prefix: str) -> int:
         return sum(r.bytes for r in manifest.files if r.path.startswith(prefix))
 
-    arrays_bytes = bytes_under(ARRAYS_DIR + "/")
+    def raw_bytes(name: str) -> int:  # tar members are uncompressed: the arrays' own bytes, all views
+        return sum(int(np.prod(shape)) * dtype.itemsize for array, (shape, dtype) in array_paths(content).items()
+                   if array.partition("/")[0] == name) * views
+
+    data_dir = SHARDS_DIR if manifest.format == WDS_FORMAT else ARRAYS_DIR
+    arrays_bytes = bytes_under(data_dir + "/")
     total_bytes = sum(r.bytes for r in manifest.files)
-    per_target = {name: bytes_under(f"{ARRAYS_DIR}/{name}/") for name in (THETA, *content.targets)}
+    per_target = {name: raw_bytes(name) if data_dir == SHARDS_DIR else bytes_under(f"{ARRAYS_DIR}/{name}/")
+                  for name in (THETA, *content.targets)}
     return {
         "path": str(store.path),
         "store_id": manifest.store_id,
@@ -49,6 +67,7 @@ def describe_store(path: str | os.PathLike) -> dict[str, Any]:
                     for name, t in content.targets.items()},
         "theta_bytes_per_view": per_target[THETA] / views if views else 0.0,
         "layout": manifest.layout,
+        "data_dir": data_dir,
         "data_bytes": arrays_bytes,
         "total_bytes": total_bytes,
         "bytes_per_view": arrays_bytes / views if views else 0.0,
@@ -71,7 +90,28 @@ def verify_store(path: str | os.PathLike | Location) -> list[str]:
     problems = _check_files(location, manifest)
     if problems:  # decoding damaged files only repeats what the checksums already said
         return problems
-    return _check_arrays(location, manifest)
+    return _check_shards(location, manifest) if manifest.format == WDS_FORMAT else _check_arrays(location, manifest)
+
+
+def _check_shards(location: Location, manifest: StoreManifest) -> list[str]:
+    """Every sample of every tar shard decodes, with θ and each array of the manifest's shape, once per sample."""
+    problems, seen = [], 0
+    shapes = {name: (manifest.views, *shape) for name, (shape, _) in array_paths(manifest.content).items()}
+    for rel in sorted(f.path for f in manifest.files if f.path.startswith(SHARDS_DIR + "/")):
+        try:
+            for sample in read_shard(location, rel):
+                seen += 1
+                arrays = sample_arrays(sample, manifest.content, list(manifest.content.targets))
+                found = {THETA: arrays[THETA].shape, **{f"{t}/{a}": v.shape for t in manifest.content.targets
+                                                        for a, v in arrays[t].items()}}
+                if found != shapes:
+                    problems.append(f"{location.where(rel)}: sample {sample['__key__']} has shapes {found}, "
+                                    f"manifest says {shapes}")
+        except (StoreCorruptError, KeyError) as error:
+            problems.append(f"{location.where(rel)}: {error}")
+    if not problems and seen != manifest.summary["ok"]:
+        problems.append(f"{location.where(SHARDS_DIR)}: {seen} samples, manifest says {manifest.summary['ok']} ok")
+    return problems
 
 
 def _check_files(location: Location, manifest: StoreManifest) -> list[str]:

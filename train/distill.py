@@ -38,10 +38,11 @@ from typing import Any
 
 import numpy as np
 import torch
+import webdataset as wds
 from torch.utils.data import BatchSampler, DataLoader, DistributedSampler
 from tqdm import tqdm
 
-from reinforce.replay import ReplayDataset, open_replay
+from reinforce.replay import Replay, ReplayDataset, StreamReplay, open_replay
 from reinforce.teachers import TeacherModel, create_teacher
 from stores.store import StoreCorruptError, StoreFormatError, describe_mismatch
 from train import deepspeed_glue
@@ -84,15 +85,16 @@ def _identity(batch: Any) -> Any:
 
 
 @torch.no_grad()
-def build_objective(student: Student, replay: ReplayDataset, config: DistillConfig) -> DistillObjective:
-    """The student and one loss per target, sized from one replayed batch of targets and a probe forward."""
+def build_objective(student: Student, replay: Replay, config: DistillConfig) -> DistillObjective:
+    """The student and one loss per target, sized from the decoded shape of each target (a decode of zeros shaped
+    as the manifest says: no read, any store format) and a probe forward."""
     kinds = {name: replay.store.manifest.content.targets[name].kind for name in replay.targets}
     names = config.losses * len(kinds) if len(config.losses) == 1 else config.losses
     if len(names) != len(kinds):
         raise ValueError(f"--loss gives {len(names)} losses for {len(kinds)} targets {list(kinds)}")
-    first = replay.indices[:1]
-    stored = replay.store.read(first, np.zeros_like(first), targets=replay.targets)
-    sample = {name: replay.store.decode(name, stored[name]) for name in replay.targets}
+    content = replay.store.manifest.content
+    sample = replay.decode({name: {a: np.zeros((1, *spec.shape), spec.dtype)
+                                   for a, spec in content.targets[name].arrays.items()} for name in replay.targets})
     blank = torch.zeros(1, 3, replay.size, replay.size, dtype=torch.uint8)
     probe = student.eval().forward_parts(blank, {"embedding", "feature_map"})
     losses = {}
@@ -122,15 +124,22 @@ def online_teacher(replay: ReplayDataset, config: DistillConfig) -> TeacherModel
     return model.requires_grad_(False)
 
 
-def make_loader(dataset: ReplayDataset, config: DistillConfig, rank: int, world: int) -> DataLoader:
-    """Equal, disjoint shards per rank (drop_last) cut into whole batches; reshuffled by ``set_epoch``."""
+def make_loader(dataset: Replay, config: DistillConfig, rank: int,
+                world: int) -> DataLoader | wds.WebLoader:
+    """``len(dataset) // (world * batch_size)`` whole batches per rank, the same on every rank (collectives never
+    wait on a rank that ran out). zarr: equal, disjoint shards per rank (drop_last), reshuffled by ``set_epoch``;
+    webdataset: each rank's endless resampled stream (``StreamReplay.batches``) cut to that many batches."""
+    batches_per_rank = len(dataset) // (world * config.batch_size)
+    if batches_per_rank == 0:
+        raise ValueError(f"{len(dataset)} samples over {world} rank(s) make no full batch of {config.batch_size}")
+    if isinstance(dataset, StreamReplay):  # with_epoch counts batches on a WebLoader
+        return wds.WebLoader(dataset.batches(config.batch_size), batch_size=None, collate_fn=_identity,
+                             num_workers=config.workers).with_epoch(batches_per_rank).with_length(batches_per_rank,
+                                                                                                   silent=True)
     sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=config.seed,
                                  drop_last=True)
-    batches = BatchSampler(sampler, config.batch_size, drop_last=True)
-    if len(batches) == 0:
-        raise ValueError(f"{len(dataset)} samples over {world} rank(s) make no full batch of {config.batch_size}")
-    return DataLoader(dataset, batch_sampler=batches, collate_fn=_identity, num_workers=config.workers,
-                      persistent_workers=False)
+    return DataLoader(dataset, batch_sampler=BatchSampler(sampler, config.batch_size, drop_last=True),
+                      collate_fn=_identity, num_workers=config.workers, persistent_workers=False)
 
 
 def resume(engine, config: DistillConfig, identity: dict[str, Any]) -> tuple[int, int]:
@@ -151,7 +160,7 @@ def resume(engine, config: DistillConfig, identity: dict[str, Any]) -> tuple[int
     return int(state["epoch"]), int(state["step"])
 
 
-def batch_targets(batch: dict[str, Any], replay: ReplayDataset, teacher: TeacherModel | None,
+def batch_targets(batch: dict[str, Any], replay: Replay, teacher: TeacherModel | None,
                   device: torch.device) -> dict[str, torch.Tensor]:
     """Cached targets decoded, or (online) the teacher's logits on this batch's fresh views."""
     if teacher is None:
@@ -161,7 +170,7 @@ def batch_targets(batch: dict[str, Any], replay: ReplayDataset, teacher: Teacher
         return {"logits": teacher(views).float()}
 
 
-def train_epoch(engine, loader: DataLoader, replay: ReplayDataset, config: DistillConfig, epoch: int,
+def train_epoch(engine, loader: DataLoader | wds.WebLoader, replay: Replay, config: DistillConfig, epoch: int,
                 rank: int, teacher: TeacherModel | None = None) -> tuple[dict[str, float], np.ndarray]:
     """One pass; returns the mean losses over all ranks (total and per target) and the samples this rank saw."""
     engine.train()
@@ -223,13 +232,14 @@ def distill(config: DistillConfig) -> dict[str, Any]:
     return stage
 
 
-def _run_epochs(engine, replay: ReplayDataset, loader: DataLoader, config: DistillConfig,
+def _run_epochs(engine, replay: Replay, loader: DataLoader | wds.WebLoader, config: DistillConfig,
                 start_epoch: int, identity: dict[str, Any], teacher: TeacherModel | None) -> list[np.ndarray]:
     """Epochs ``start_epoch..epochs-1``, a checkpoint after each (on every rank: it is collective)."""
     rank = int(torch.distributed.get_rank()) if torch.distributed.is_initialized() else 0
     seen = []
     for epoch in range(start_epoch, config.epochs):
-        loader.batch_sampler.sampler.set_epoch(epoch)
+        if isinstance(loader, DataLoader):  # a webdataset stream reseeds itself from replay.epoch
+            loader.batch_sampler.sampler.set_epoch(epoch)
         replay.set_epoch(epoch)
         started = time.perf_counter()
         losses, indices = train_epoch(engine, loader, replay, config, epoch, rank, teacher)
