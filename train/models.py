@@ -19,10 +19,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
 from reinforce.teachers import tokens_to_map
+from reinforce.tensor_files import save_tensors
 
 __all__ = ["Student", "StudentCard", "create_student", "load_classifier", "load_student", "save_student"]
 
@@ -98,8 +99,7 @@ def create_student(arch: str, *, class_names: tuple[str, ...], input_size: int) 
 def save_student(model: Student, card: StudentCard, directory: str | os.PathLike) -> None:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    save_file(state, str(directory / "model.safetensors"))
+    save_tensors(model.state_dict(), directory / "model.safetensors")
     (directory / "student.json").write_text(json.dumps(card.to_dict(), indent=1))
 
 
