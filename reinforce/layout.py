@@ -57,6 +57,7 @@ def read_task_fields(directory: str | os.PathLike) -> dict[str, Any]:
 
 
 def write_json(path: str | os.PathLike, data: dict[str, Any]) -> None:
+    """``config.json`` and the cards: indented, so a reader can diff them."""
     Path(path).write_text(json.dumps(data, indent=1) + "\n")
 
 
