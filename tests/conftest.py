@@ -36,6 +36,18 @@ def lite0_teacher(vfm_home):
 
 
 @pytest.fixture(scope="session")
+def random_weights():
+    """``fn(library, name, path) -> str``: a random backbone's state_dict as a local checkpoint (stands in for
+    real weights, which this machine cannot download)."""
+    from reinforce.teachers import create_backbone
+    from reinforce.tensor_files import save_tensors
+
+    def write(library: str, name: str, path) -> str:
+        return str(save_tensors(create_backbone(library, name).state_dict(), path))
+    return write
+
+
+@pytest.fixture(scope="session")
 def photo_dir(tmp_path_factory) -> Path:
     """Real RGB photographs from scikit-image, written as PNG files (a ``folder:`` transfer set)."""
     from skimage import data as skdata

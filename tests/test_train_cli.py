@@ -10,10 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from reinforce.sources import open_source
-from reinforce.teachers import create_backbone, create_teacher
+from reinforce.teachers import create_teacher
 from train import evaluate, finetune, teacher
 from train.data import evaluate_model, open_labeled
 from train.models import create_student, load_student, save_student
@@ -26,12 +26,6 @@ HELD_OUT = "fashion-mnist:test?limit=300"
 def _home(vfm_home, monkeypatch, tmp_path):
     """Every test runs in its own directory, with the session's private $VFM_REINFORCE_HOME."""
     monkeypatch.chdir(tmp_path)
-
-
-def _random_weights(library: str, name: str, path) -> str:
-    """A randomly initialised backbone's state_dict as a local checkpoint (stands in for real weights)."""
-    save_file({k: v.contiguous() for k, v in create_backbone(library, name).state_dict().items()}, str(path))
-    return str(path)
 
 
 def assert_same_weights(a: str, b: str) -> None:
@@ -65,8 +59,8 @@ def test_lite0_linear_probe_beats_chance():
     ("timm", "vit_small_patch14_dinov2", "auto", "28", "2"),  # auto: 2-fold CV of lp and ft, then retrain
     ("open_clip", "ViT-B-32", "lp", "32", "0"),
 ])
-def test_vfm_backbones_from_local_weights(tmp_path, library, backbone, mode, size, folds):
-    weights = _random_weights(library, backbone, tmp_path / "backbone.safetensors")
+def test_vfm_backbones_from_local_weights(tmp_path, random_weights, library, backbone, mode, size, folds):
+    weights = random_weights(library, backbone, tmp_path / "backbone.safetensors")
     teacher.main(["--library", library, "--backbone", backbone, "--weights", weights, "--data",
                   "fashion-mnist:train", "--shots", "2", "--mode", mode, "--size", size, "--steps", "2",
                   "--batch-size", "5", "--lp-steps", "3", "--lp-views", "0", "--folds", folds, "--name", "vfm"])
@@ -203,8 +197,8 @@ def test_learning_rate_is_constant_until_the_cooldown_then_reaches_zero():
     assert not LearningRate(TrainSchedule(steps=100, lr=1.0)).plateau(30)  # cosine: a plateau stops
 
 
-def test_teacher_size_defaults_to_the_backbones_pretrained_size(tmp_path):
-    weights = _random_weights("timm", "resnet18", tmp_path / "r18.safetensors")
+def test_teacher_size_defaults_to_the_backbones_pretrained_size(tmp_path, random_weights):
+    weights = random_weights("timm", "resnet18", tmp_path / "r18.safetensors")
     card = teacher.main(["--backbone", "resnet18", "--weights", weights, "--mode", "frozen", "--name", "native"])
     assert card.input_size == 224  # timm pretrained_cfg input_size
 

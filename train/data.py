@@ -23,7 +23,8 @@ from torchmetrics.classification import MulticlassAccuracy
 from reinforce.augment import RandAugCropFlip, eval_view
 from reinforce.sources import Source, open_source, with_query
 
-__all__ = ["IN_MEMORY_LIMIT", "LabeledViews", "cli_errors", "evaluate_model", "labeled_classes", "open_labeled"]
+__all__ = ["IN_MEMORY_LIMIT", "LabeledViews", "accuracy", "cli_errors", "evaluate_model", "labeled_classes",
+           "open_labeled", "predict"]
 
 IN_MEMORY_LIMIT = 60_000  # images decoded once and kept (Fashion-MNIST train: ~140 MB as uint8)
 EPOCH_STRIDE = 1_000_003  # seed offset per epoch: epochs draw disjoint Philox keys
@@ -77,20 +78,27 @@ def labeled_classes(source: Source) -> tuple[str, ...]:
 
 
 @torch.inference_mode()
-def evaluate_model(model: nn.Module, source: Source, size: int, batch_size: int = 256) -> dict[str, float]:
-    """Top-1 and balanced accuracy (mean per-class recall) on the deterministic eval views."""
+def predict(model: nn.Module, source: Source, size: int, batch_size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    """The top-1 class of every deterministic eval view of ``source``, and its label (both ``[N] int64``)."""
     dataset = LabeledViews(source, size, train=False)
-    num_classes = len(labeled_classes(source))
-    top1 = MulticlassAccuracy(num_classes, average="micro")
-    balanced = MulticlassAccuracy(num_classes, average="macro")
     was_training = model.training
     model.eval()
-    for views, labels in DataLoader(dataset, batch_size=batch_size):
-        predictions = model(views.contiguous(memory_format=torch.channels_last)).argmax(1)
-        top1.update(predictions, labels)
-        balanced.update(predictions, labels)
+    predictions = [model(views.contiguous(memory_format=torch.channels_last)).argmax(1)
+                   for views, _ in DataLoader(dataset, batch_size=batch_size)]
     model.train(was_training)
-    return {"top1": float(top1.compute()), "balanced_accuracy": float(balanced.compute())}
+    return torch.cat(predictions) if predictions else torch.zeros(0, dtype=torch.long), dataset.labels
+
+
+def evaluate_model(model: nn.Module, source: Source, size: int, batch_size: int = 256) -> dict[str, float]:
+    """Top-1 and balanced accuracy (mean per-class recall) on the deterministic eval views."""
+    return accuracy(*predict(model, source, size, batch_size), num_classes=len(labeled_classes(source)))
+
+
+def accuracy(predictions: torch.Tensor, labels: torch.Tensor, num_classes: int) -> dict[str, float]:
+    """Top-1 and balanced accuracy of ``[N]`` predicted classes against ``[N]`` labels."""
+    top1 = MulticlassAccuracy(num_classes, average="micro")(predictions, labels)
+    balanced = MulticlassAccuracy(num_classes, average="macro")(predictions, labels)
+    return {"top1": float(top1), "balanced_accuracy": float(balanced)}
 
 
 @contextlib.contextmanager

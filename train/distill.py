@@ -40,8 +40,8 @@ import numpy as np
 import torch
 import webdataset as wds
 from torch.utils.data import BatchSampler, DataLoader, DistributedSampler
-from tqdm import tqdm
 
+from reinforce.progress import progress_bar
 from reinforce.replay import Replay, ReplayDataset, StreamReplay, open_replay
 from reinforce.teachers import TeacherModel, create_teacher
 from stores.store import StoreCorruptError, StoreFormatError, describe_mismatch
@@ -176,8 +176,7 @@ def train_epoch(engine, loader: DataLoader | wds.WebLoader, replay: Replay, conf
     engine.train()
     names = list(engine.module.losses)
     totals, seen = torch.zeros(len(names) + 2, dtype=torch.float64), []
-    progress = tqdm(loader, desc=f"epoch {epoch + 1}/{config.epochs}", disable=rank != 0, dynamic_ncols=True,
-                    mininterval=1.0)
+    progress = progress_bar(loader, desc=f"epoch {epoch + 1}/{config.epochs}", unit="batch", disable=rank != 0)
     for batch in progress:
         views = batch["views"].to(engine.device).contiguous(memory_format=torch.channels_last)
         seen.append(batch["index"].numpy())

@@ -1,5 +1,8 @@
 """Evaluate a student directory or a teacher zoo entry on a labeled source; prints JSON.
 
+``--predictions FILE.npy`` also writes the predicted class of every image (``[N] int64``, in the
+source's order), e.g. to check that another runtime loading the directory predicts the same.
+
 Example:
     python -m train.evaluate --model runs/student --data fashion-mnist:test --out runs/student/test.json
 """
@@ -11,21 +14,27 @@ import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from reinforce.sources import open_source
-from train.data import cli_errors, evaluate_model, labeled_classes
+from train.data import accuracy, cli_errors, labeled_classes, predict
 from train.models import load_classifier
 
 __all__ = ["evaluate", "main"]
 
 
-def evaluate(model_name: str, data: str, batch_size: int = 256) -> dict[str, Any]:
-    """Top-1 / balanced accuracy of ``model_name`` at its own input size on ``data``."""
+def evaluate(model_name: str, data: str, batch_size: int = 256, predictions: str | None = None) -> dict[str, Any]:
+    """Top-1 / balanced accuracy of ``model_name`` at its own input size on ``data``; ``predictions``: a .npy path."""
     model, card = load_classifier(model_name)
     source = open_source(data)
     if len(labeled_classes(source)) != card.num_classes:
         raise ValueError(f"{model_name!r} has {card.num_classes} classes but {data!r} has "
                          f"{len(labeled_classes(source))}")
-    metrics = evaluate_model(model, source, card.input_size, batch_size)
+    predicted, labels = predict(model, source, card.input_size, batch_size)
+    if predictions:
+        Path(predictions).parent.mkdir(parents=True, exist_ok=True)
+        np.save(predictions, predicted.numpy())
+    metrics = accuracy(predicted, labels, card.num_classes)
     return {**metrics, "num_images": len(source), "model": model_name, "data": data}
 
 
@@ -35,9 +44,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--data", required=True, help="labeled source spec, e.g. fashion-mnist:test")
     parser.add_argument("--out", help="also write the JSON here")
     parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--predictions", help="also write every image's predicted class here (.npy, int64)")
     args = parser.parse_args(argv)
     with cli_errors(parser.prog):
-        result = evaluate(args.model, args.data, args.batch_size)
+        result = evaluate(args.model, args.data, args.batch_size, args.predictions)
     text = json.dumps(result, indent=1)
     print(text)
     if args.out:

@@ -1,8 +1,10 @@
 """Students and model directories: a timm network behind the same uint8-in interface as teachers.
 
-A student directory holds ``model.safetensors`` + ``student.json`` (``StudentCard``). Every model
-here takes uint8 views ``[B, 3, S, S]`` and normalises them itself, like ``TeacherModel``, so
-build, distillation, finetuning and evaluation feed them the same tensors.
+A student directory is in timm's own layout (``reinforce.layout``): ``config.json`` and
+``model.safetensors`` with the plain timm network's keys, which ``timm.create_model("local-dir:DIR",
+pretrained=True)`` loads, plus ``student.json``: the history of the ``StudentCard``, whose other fields
+are read from ``config.json``. Every model here takes uint8 views ``[B, 3, S, S]`` and normalises them
+itself, like ``TeacherModel``, so build, distillation, finetuning and evaluation feed them the same tensors.
 
 Example:
     >>> student, card = create_student("mobilenetv3_small_050", class_names=names, input_size=32)
@@ -13,18 +15,20 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
-from reinforce.teachers import tokens_to_map
+from reinforce.layout import TASK_FIELDS, read_card, read_task_fields, timm_config, write_card, write_json
+from reinforce.teachers import normalize_views, tokens_to_map
+from reinforce.tensor_files import save_tensors
 
-__all__ = ["Student", "StudentCard", "create_student", "load_classifier", "load_student", "save_student"]
+__all__ = ["Student", "StudentCard", "create_student", "load_classifier", "load_student", "read_student_card",
+           "save_student"]
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -59,16 +63,16 @@ class Student(nn.Module):
     def __init__(self, net: nn.Module, mean, std):
         super().__init__()
         self.net = net
-        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1) * 255, persistent=False)
-        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1) * 255, persistent=False)
+        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
 
     def forward(self, views: torch.Tensor) -> torch.Tensor:
-        return self.net((views.float() - self.mean) / self.std)
+        return self.net(normalize_views(views, self.mean, self.std))
 
     def forward_parts(self, views: torch.Tensor, outputs: set[str]) -> dict[str, torch.Tensor]:
         """The requested outputs of one forward: ``logits [B, C]``, ``embedding [B, D]`` (pooled pre-logits
         features) and ``feature_map [B, C', h, w]`` (the last map; ViT tokens laid on their grid)."""
-        features = self.net.forward_features((views.float() - self.mean) / self.std)
+        features = self.net.forward_features(normalize_views(views, self.mean, self.std))
         parts = {}
         if "feature_map" in outputs:
             prefix = getattr(self.net, "num_prefix_tokens", 0)
@@ -96,20 +100,30 @@ def create_student(arch: str, *, class_names: tuple[str, ...], input_size: int) 
 
 
 def save_student(model: Student, card: StudentCard, directory: str | os.PathLike) -> None:
+    """Write ``DIR/{config.json, model.safetensors, student.json}``: a plain timm model plus its history."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    save_file(state, str(directory / "model.safetensors"))
-    (directory / "student.json").write_text(json.dumps(card.to_dict(), indent=1))
+    save_tensors(model.net.state_dict(), directory / "model.safetensors")
+    task = {k: getattr(card, k) for k in TASK_FIELDS}
+    write_json(directory / "config.json", timm_config(card.arch, model.net, **task))
+    write_card(directory / "student.json", {"history": list(card.history)})
 
 
-def load_student(directory: str | os.PathLike) -> tuple[Student, StudentCard]:
+def read_student_card(directory: str | os.PathLike) -> StudentCard:
+    """The card of a student directory: its task fields from ``config.json``, its history from ``student.json``."""
     directory = Path(directory)
     if not (directory / "student.json").exists():
         raise FileNotFoundError(f"{str(directory)!r} is not a student directory (no student.json)")
-    card = StudentCard.from_dict(json.loads((directory / "student.json").read_text()))
+    history = read_card(directory / "student.json")["history"]
+    fields = read_task_fields(directory)
+    return StudentCard.from_dict({"arch": fields["architecture"], **{k: fields[k] for k in TASK_FIELDS},
+                                  "history": history})
+
+
+def load_student(directory: str | os.PathLike) -> tuple[Student, StudentCard]:
+    card = read_student_card(directory)
     model, _ = create_student(card.arch, class_names=card.class_names, input_size=card.input_size)
-    model.load_state_dict(load_file(str(directory / "model.safetensors")))
+    model.net.load_state_dict(load_file(str(Path(directory) / "model.safetensors")))
     return model, card
 
 

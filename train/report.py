@@ -25,10 +25,10 @@ from typing import Any
 
 import polars as pl
 
+from reinforce.teachers import TeacherCard, read_teacher_card
 from stores.location import Location
-from stores.manifest import TeacherCard
 from stores.store import read_manifest
-from train.models import StudentCard
+from train.models import read_student_card
 
 __all__ = ["COLUMNS", "FlopsCounter", "main", "write_report"]
 
@@ -121,7 +121,7 @@ class FlopsCounter:
 
     def student_images(self, model_dir: Path) -> tuple[str, int, int]:
         """(arch, size, images seen in every training stage of a student directory)."""
-        card = StudentCard.from_dict(read_json(model_dir / "student.json"))
+        card = read_student_card(model_dir)
         images = 0
         for stage in card.history:
             if stage["stage"] == "distill":
@@ -139,7 +139,7 @@ class FlopsCounter:
         if teacher_dir is not None and store_dir is not None:
             manifest = read_manifest(Location(store_dir))
             adapt = self.teacher_adapt(teacher_dir)
-            distill = next(s for s in StudentCard.from_dict(read_json(model_dir / "student.json")).history
+            distill = next(s for s in read_student_card(model_dir).history
                            if s["stage"] == "distill")
             if distill.get("online"):  # the teacher ran on every image the student saw
                 views = distill["steps"] * distill["batch_size"] * distill.get("world_size", 1)
@@ -151,8 +151,8 @@ class FlopsCounter:
 
 
 def teacher_card(teacher_dir: Path) -> TeacherCard:
-    """The typed ``teacher.json`` of a zoo entry."""
-    return TeacherCard.from_dict(read_json(teacher_dir / "teacher.json"), str(teacher_dir / "teacher.json"))
+    """The typed card of a zoo entry."""
+    return read_teacher_card(teacher_dir)
 
 
 def to_frame(rows: list[dict[str, Any]]) -> pl.DataFrame:

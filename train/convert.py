@@ -1,0 +1,67 @@
+"""Convert model directories written before timm's layout, in place: ``python -m train.convert DIR [DIR ...]``.
+
+Layout 1 kept every field in ``student.json`` / ``teacher.json`` and the weights under the wrapper's
+prefixes (``net.``; ``backbone.`` / ``head.``): exactly the state of ``Student`` / ``TeacherModel``. So
+a directory converts by loading that state into those modules and saving it with today's writers
+(``reinforce.layout``); a teacher's sha256 is checked first and recomputed for the new files.
+
+Example:
+    python -m train.convert runs/student teachers/ft_lite0
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+from pathlib import Path
+
+from safetensors.torch import load_file
+
+from reinforce.layout import LAYOUT_VERSION
+from reinforce.teachers import TeacherCard, TeacherModel, create_backbone, save_teacher
+from train.data import cli_errors
+from train.models import StudentCard, create_student, save_student
+
+__all__ = ["convert", "main"]
+
+
+def convert(directory: str | os.PathLike) -> str:
+    """Rewrite one layout-1 student or teacher directory in the current layout; returns what it was."""
+    directory = Path(directory)
+    kind = next((k for k in ("student", "teacher") if (directory / f"{k}.json").exists()), None)
+    if kind is None:
+        raise FileNotFoundError(f"{str(directory)!r} has neither student.json nor teacher.json")
+    card_path, weights = directory / f"{kind}.json", directory / "model.safetensors"
+    data = json.loads(card_path.read_text())
+    if "layout_version" in data:
+        raise ValueError(f"{str(directory)!r} already has layout {data['layout_version']} (current: {LAYOUT_VERSION})")
+    state = load_file(str(weights))
+    if kind == "student":
+        card = StudentCard.from_dict(data)
+        model, _ = create_student(card.arch, class_names=card.class_names, input_size=card.input_size)
+        model.load_state_dict(state)
+        save_student(model, card, directory)
+        return kind
+    card = TeacherCard.from_dict(data, str(card_path))
+    digest = hashlib.sha256(weights.read_bytes()).hexdigest()
+    if card.weights_sha256 and digest != card.weights_sha256:
+        raise ValueError(f"{weights} has sha256 {digest[:12]}…, {card_path.name} records {card.weights_sha256[:12]}…")
+    model = TeacherModel(create_backbone(card.library, card.backbone), card.num_classes, card.mean, card.std)
+    model.load_state_dict(state)
+    save_teacher(model, card, directory)
+    return kind
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="train.convert", description=__doc__.split("\n\n")[0])
+    parser.add_argument("directories", nargs="+", metavar="DIR", help="student or teacher directory (layout 1)")
+    args = parser.parse_args(argv)
+    with cli_errors(parser.prog):
+        for directory in args.directories:
+            print(f"train.convert: {directory}: {convert(directory)} directory now in timm's layout")
+
+
+if __name__ == "__main__":
+    main()
