@@ -119,6 +119,14 @@ class Location:
         return {path[len(prefix):]: int(info["size"]) for path, info in found.items()
                 if info.get("type", "file") == "file" and path.startswith(prefix)}
 
+    def symlinks(self) -> list[str]:
+        """Symbolic links below a local root (object stores have none), relative to it."""
+        if not self.is_local:
+            return []
+        return sorted(os.path.relpath(os.path.join(folder, name), self.root)
+                      for folder, dirs, files in os.walk(self.root) for name in [*dirs, *files]
+                      if os.path.islink(os.path.join(folder, name)))
+
     def sha256(self, rel: str) -> str:
         digest = hashlib.sha256()
         with self.open(rel) as f:

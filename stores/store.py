@@ -32,6 +32,7 @@ from stores.codecs import Codec, create_codec
 from stores.location import Location
 from stores.manifest import (
     FORMAT_VERSION,
+    ArraySpec,
     FileRecord,
     ManifestError,
     StoreContent,
@@ -51,6 +52,14 @@ BUILD_RECORD = "build.json"
 MANIFEST = "manifest.json"
 SAMPLES_FILE = "samples.parquet"
 SHARDS_DIR = "shards"  # a webdataset store's tar shards (stores.wds)
+# A store is input from someone else: sizes are capped before anything is read or allocated.
+MAX_MANIFEST_BYTES = 64 << 20
+MAX_METADATA_BYTES = 16 << 20  # any zarr.json
+MAX_SAMPLE_ROW_BYTES = 4096  # samples.parquet may hold at most this much per sample (+ 1 MiB)
+MAX_DIM = 1 << 20  # any per-view array dimension
+STORED_DTYPES = frozenset(np.dtype(t).str for t in ("u1", "i1", "<u2", "<i2", "<u4", "<i4", "<f2", "<f4", "<f8"))
+SAMPLE_SCHEMA = {"index": "Int64", "key": "String", "uri": "String", "height": "Int32", "width": "Int32",
+                 "status": "String", "error": "String"}
 
 
 class StoreCorruptError(RuntimeError):
@@ -264,10 +273,24 @@ class ReinforcedStore:
 
     @property
     def samples(self):
-        """The per-sample table (polars DataFrame): index, key, uri, height, width, status, error."""
+        """The per-sample table (polars DataFrame): index, key, uri, height, width, status, error; checked to be
+        exactly one row per sample, in order, before anyone indexes with it."""
         import polars as pl
 
-        return pl.read_parquet(io.BytesIO(self.location.read_bytes(SAMPLES_FILE)))
+        where = self.location.where(SAMPLES_FILE)
+        try:
+            table = pl.read_parquet(io.BytesIO(self.location.read_bytes(SAMPLES_FILE)))
+        except Exception as error:  # polars raises its own errors for a damaged file: name the file instead
+            raise StoreCorruptError(f"{where}: not a readable parquet table ({type(error).__name__})") from None
+        schema = {name: str(dtype) for name, dtype in table.schema.items()}
+        if schema != SAMPLE_SCHEMA:
+            raise StoreFormatError(f"{where}: columns {schema}, expected {SAMPLE_SCHEMA}")
+        n = self.manifest.num_samples
+        if len(table) != n or not table["index"].equals(pl.Series("index", np.arange(n, dtype=np.int64))):
+            raise StoreFormatError(f"{where}: expected rows for samples 0..{n - 1} in order, got {len(table)} rows")
+        if not table["status"].is_in(["ok", "skipped"]).all():
+            raise StoreFormatError(f"{where}: status must be ok or skipped")
+        return table
 
     @property
     def targets(self) -> list[str]:
@@ -292,14 +315,36 @@ class ReinforcedStore:
             raise StoreFormatError(f"store {self.path} holds webdataset shards, which have no random access: "
                                    "stream it with reinforce.replay.open_replay")
         if self._pid != os.getpid():  # reopen lazily in each worker process
-            self._group = zarr.open_group(self.location.zarr_store(ARRAYS_DIR, read_only=True), mode="r",
-                                          use_consolidated=True)
+            self._group = None
             self._arrays, self._pid = {}, os.getpid()
             self._chunks.clear()
             self._cached_bytes = 0
         if name not in self._arrays:
-            self._arrays[name] = self._group[name]
+            self._arrays[name] = self._checked_array(name)
         return self._arrays[name]
+
+    def _checked_array(self, name: str) -> Any:
+        """Array ``name`` opened from the zarr metadata, refused unless its shape, dtype and chunks are the ones
+        the manifest describes (the metadata is input too: it must not size allocations or reads)."""
+        where = self.location.where(f"{ARRAYS_DIR}/{name}")
+        per_view, dtype = array_paths(self.manifest.content)[name]
+        views, chunk = self.manifest.views, self.manifest.layout["chunk_samples"]
+        if self._group is None:
+            try:
+                self._group = zarr.open_group(self.location.zarr_store(ARRAYS_DIR, read_only=True), mode="r",
+                                              use_consolidated=True)
+            except Exception as error:  # any array's malformed metadata fails the consolidated group
+                raise StoreFormatError(f"{self.location.where(ARRAYS_DIR + '/zarr.json')}: unreadable zarr "
+                                       f"metadata ({type(error).__name__}: {error})") from None
+        try:
+            array = self._group[name]
+            found = (tuple(array.shape), np.dtype(array.dtype), tuple(array.chunks))
+        except Exception as error:  # zarr raises many kinds for malformed metadata: name the array instead
+            raise StoreFormatError(f"{where}: unreadable zarr metadata ({type(error).__name__}: {error})") from None
+        expected = ((self.manifest.num_samples, views, *per_view), dtype, (chunk, views, *per_view))
+        if found != expected:
+            raise StoreFormatError(f"{where}: shape, dtype, chunks {found} differ from the manifest's {expected}")
+        return array
 
     def _chunk(self, name: str, chunk: int) -> np.ndarray:
         """Decoded chunk ``chunk`` of array ``name`` (``[chunk_samples, K, ...]``), through the LRU cache."""
@@ -308,8 +353,9 @@ class ReinforcedStore:
             self._chunks.move_to_end(key)
             return self._chunks[key]
         size = self.manifest.layout["chunk_samples"]
+        array = self._array(name)  # metadata checked (StoreFormatError) before any chunk is read
         try:
-            block = self._array(name)[chunk * size: (chunk + 1) * size]
+            block = array[chunk * size: (chunk + 1) * size]
         except Exception as error:  # zarr raises codec-specific errors; name the file instead
             raise StoreCorruptError(
                 f"{self.location.where(ARRAYS_DIR + '/' + name)}: cannot decode samples "
@@ -386,6 +432,9 @@ def open_store(path: str | os.PathLike | Location, *, cache_bytes: int = 256 << 
         hint = " (an interrupted build: rerun reinforce.build)" if interrupted else ""
         raise FileNotFoundError(f"no reinforced store at {location.url!r}: {MANIFEST} is missing{hint}")
     manifest = read_manifest(location)
+    links = location.symlinks()
+    if links:  # a link could point anywhere: a store is plain files only
+        raise StoreFormatError(f"store {location.url!r} holds symbolic links ({', '.join(links[:3])}); refused")
     sizes = location.file_sizes()
     for record in manifest.files:
         size = sizes.get(record.path)
@@ -398,10 +447,13 @@ def open_store(path: str | os.PathLike | Location, *, cache_bytes: int = 256 << 
 def read_manifest(location: Location) -> StoreManifest:
     """Parse and validate ``manifest.json``; another format version is refused in one line."""
     where = location.where(MANIFEST)
+    size = location.fs.size(location.path(MANIFEST))
+    if size > MAX_MANIFEST_BYTES:
+        raise StoreFormatError(f"{where}: {size} bytes, more than a manifest may hold ({MAX_MANIFEST_BYTES})")
     try:
         data = json.loads(location.read_text(MANIFEST))
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise StoreFormatError(f"{where}: not valid JSON ({error})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as error:
+        raise StoreFormatError(f"{where}: not valid JSON ({type(error).__name__})") from None
     found = read_format_version(data)
     if found == 1:
         raise StoreFormatError(
@@ -412,9 +464,52 @@ def read_manifest(location: Location) -> StoreManifest:
         raise StoreFormatError(f"{where}: format_version {found!r} is not one this library reads "
                                f"({FORMAT_VERSION}); a newer vfm-reinforce may read it")
     try:
-        return StoreManifest.from_dict(data)
-    except (ManifestError, TypeError, ValueError) as error:
-        raise StoreFormatError(f"{where}: {error}") from None
+        manifest = StoreManifest.from_dict(data)
+        check_manifest(manifest)
+    except (ManifestError, TypeError, ValueError, KeyError, AttributeError, OverflowError) as error:
+        raise StoreFormatError(f"{where}: {type(error).__name__}: {error}".replace("\n", " ")) from None
+    return manifest
+
+
+def check_manifest(manifest: StoreManifest) -> None:
+    """What the schema cannot say: counts positive and bounded, every target's codec rebuilt from its record and
+    describing exactly the arrays the record lists, dtypes plain numbers (no objects), file records sane."""
+    content = manifest.content
+    if manifest.store_id != content_id(content):
+        raise ManifestError(f"store_id {manifest.store_id!r} is not the hash of the content ({content_id(content)}): "
+                            "the content was edited after the build")
+    names = content.teacher.class_names
+    if not all(isinstance(n, str) for n in names) or len(names) not in (0, content.teacher.num_classes):
+        raise ManifestError("content.teacher.class_names must be num_classes strings")
+
+    def count(value: Any, what: str, low: int = 1, high: int = 1 << 40) -> int:
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+            raise ManifestError(f"{what} must be an integer in [{low}, {high}], got {value!r}")
+        return value
+
+    count(content.views, "content.views", high=1 << 16)
+    count(content.num_samples, "content.transfer_set.num_samples", low=0)
+    count(content.policy.record_bytes, "content.policy.record_bytes", high=1 << 12)
+    chunk = count(manifest.layout.get("chunk_samples", 1), "layout.chunk_samples", high=1 << 24)
+    if count(manifest.layout["unit_samples"], "layout.unit_samples", high=1 << 24) % chunk:
+        raise ManifestError("layout.unit_samples must be a multiple of layout.chunk_samples")
+    for name, target in content.targets.items():
+        codec = create_codec(**target.codec)
+        if codec.kind != target.kind:
+            raise ManifestError(f"content.targets.{name}: kind {target.kind!r} but codec {codec.name!r} is "
+                                f"{codec.kind}")
+        described = {a: ArraySpec(shape, dtype.str) for a, (shape, dtype) in codec.arrays().items()}
+        if described != target.arrays:
+            raise ManifestError(f"content.targets.{name}.arrays differ from what its codec stores")
+    for name, (shape, dtype) in array_paths(content).items():
+        if dtype.str not in STORED_DTYPES or len(shape) > 4 or not all(0 < d <= MAX_DIM for d in shape):
+            raise ManifestError(f"array {name}: {dtype.str} {shape} is not a stored array this library writes")
+    for record in manifest.files:
+        count(record.bytes, f"files[{record.path}].bytes", low=0)
+        if record.path.endswith("zarr.json") and record.bytes > MAX_METADATA_BYTES:
+            raise ManifestError(f"files[{record.path}]: {record.bytes} bytes, more than zarr metadata may hold")
+        if record.path == SAMPLES_FILE and record.bytes > MAX_SAMPLE_ROW_BYTES * content.num_samples + (1 << 20):
+            raise ManifestError(f"files[{record.path}]: {record.bytes} bytes for {content.num_samples} samples")
 
 
 def describe_mismatch(old: Any, new: Any, prefix: str = "") -> str:
