@@ -32,8 +32,10 @@ demo: install data
 lint: install
 	$(PY) -m ruff check .
 
+# ratios measured side by side in one run each (a few minutes each on a 2-core machine); never part of `make test`
 bench: install data
 	$(PY) benchmarks/build.py
+	$(PY) benchmarks/loader.py
 	$(PY) benchmarks/kd_step.py
 
 # how many cached views / logits per view are enough (reuses the teacher and store of `make demo`)

@@ -3,14 +3,19 @@ build throughput, store cost per view, random-read cost, and every codec setting
 real teacher outputs (bytes per view from real stores, KL / cosine to the exact outputs), in one run.
 
 Example:
-    python benchmarks/build.py --images 2000 --views 4 --batch-size 256 --workers 1 2
+    python benchmarks/build.py --images 512 --views 4 --batch-size 256 --workers 1 2 --rounds 3
+
+Throughputs are wall time (``time.perf_counter``) of the whole path, DataLoader workers included, against the
+bare teacher forward on the same views pre-rendered, same batch and threads, interleaved runs, medians.
 """
 
 from __future__ import annotations
 
 import argparse
+import cProfile
 import dataclasses
 import os
+import pstats
 import tempfile
 import time
 from pathlib import Path
@@ -45,17 +50,39 @@ def render_views(spec: str, policy: CropFlip, views: int, count: int) -> torch.T
 
 
 @torch.inference_mode()
-def bare_throughput(model: TeacherModel, views: torch.Tensor, batch_size: int) -> tuple[float, float]:
-    """Teacher forward only: views/s and CPU ms/view (channels_last, after one warm-up batch)."""
+def bare_seconds(model: TeacherModel, views: torch.Tensor, batch_size: int) -> float:
+    """Wall seconds of the teacher forward alone over pre-rendered ``views`` (channels_last, the build's batch)."""
     model = model.to(memory_format=torch.channels_last).eval()
-    batches = [views[i: i + batch_size].contiguous(memory_format=torch.channels_last)
-               for i in range(0, len(views), batch_size)]
-    model(batches[0])
-    start, cpu = time.perf_counter(), time.process_time()
-    for batch in batches:
-        model(batch)
-    cpu_ms = (time.process_time() - cpu) * 1e3 / len(views)
-    return len(views) / (time.perf_counter() - start), cpu_ms
+    start = time.perf_counter()
+    for i in range(0, len(views), batch_size):
+        model.forward_targets(views[i: i + batch_size].contiguous(memory_format=torch.channels_last), ("logits",))
+    return time.perf_counter() - start
+
+
+def build_seconds(config: BuildConfig, model: TeacherModel, card: TeacherCard) -> float:
+    """Wall seconds of the whole build path: DataLoader workers (decode + augment), teacher, encode, writes."""
+    start = time.perf_counter()
+    build(config, teacher=(model, card))
+    return time.perf_counter() - start
+
+
+# where a build's time goes, by the functions that do it (cumulative time under cProfile, workers=0)
+BUILD_PARTS = (("decode + augment (ViewDataset)", "build.py", "__getitem__"),
+               ("teacher forward", "teachers.py", "forward_targets"),
+               ("encode (codec.encode)", "build.py", "_encode"),
+               ("  of which fidelity stats", "codecs.py", "fidelity"),
+               ("unit commit (zarr writes)", "build.py", "commit"),
+               ("finalize (parquet, manifest, sha256)", "store.py", "finalize"))
+
+
+def build_profile(config: BuildConfig, model: TeacherModel, card: TeacherCard) -> dict[str, float]:
+    """Fraction of a one-process build (``workers=0``) spent in each of ``BUILD_PARTS``."""
+    profile = cProfile.Profile()
+    profile.runcall(build, dataclasses.replace(config, workers=0), teacher=(model, card))
+    stats = pstats.Stats(profile).stats
+    total = max(ct for *_, ct, _ in stats.values())
+    return {part: sum(ct for (path, _, name), (*_, ct, _) in stats.items() if path.endswith(file) and name == func)
+            / total for part, file, func in BUILD_PARTS}
 
 
 def random_read_ms(store_path: Path, batch_size: int, batches: int, cache_bytes: int) -> float:
@@ -74,12 +101,14 @@ def random_read_ms(store_path: Path, batch_size: int, batches: int, cache_bytes:
 
 def build_recording(config: BuildConfig, model: TeacherModel, card: TeacherCard) -> dict[str, torch.Tensor]:
     """Build ``config`` and keep the teacher's exact outputs of every view, sample-major as stored
-    (``{kind: float32 [N * K, ...]}``); make_codecs' one-view probe, the first call, is dropped."""
+    (``{kind: float32 [N * K, ...]}``)."""
     calls: list[dict[str, torch.Tensor]] = []
     forward_targets = model.forward_targets
 
     def recording(views: torch.Tensor, kinds: tuple[str, ...] = ("logits",)) -> dict[str, torch.Tensor]:
         outputs = forward_targets(views, kinds)
+        if views.is_meta:  # make_codecs' shape pass: no values
+            return outputs
         calls.append({kind: value.float().cpu() for kind, value in outputs.items()})
         return outputs
 
@@ -88,7 +117,7 @@ def build_recording(config: BuildConfig, model: TeacherModel, card: TeacherCard)
         manifest = build(config, teacher=(model, card))
     finally:
         del model.forward_targets
-    outputs = {kind: torch.cat([call[kind] for call in calls[1:]]) for kind in calls[0]}
+    outputs = {kind: torch.cat([call[kind] for call in calls]) for kind in calls[0]}
     assert all(len(v) == manifest.num_samples * manifest.views for v in outputs.values()), "outputs went missing"
     return outputs
 
@@ -180,12 +209,12 @@ def compare_feature_codecs(reference: ReinforcedStore, outputs: dict[str, torch.
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--images", type=int, default=2000, help="Fashion-MNIST test images in the build")
+    parser.add_argument("--images", type=int, default=512, help="Fashion-MNIST test images in the build")
     parser.add_argument("--views", type=int, default=4)
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--size", type=int, default=64, help="teacher input size")
     parser.add_argument("--topk", type=int, default=10, help="top-k stored by the build")
-    parser.add_argument("--bare-views", type=int, default=2048, help="views timed in the bare forward")
+    parser.add_argument("--rounds", type=int, default=3, help="timed runs of each variant (after one warm-up)")
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--out", default=None, help="scratch directory (default: a temporary one)")
@@ -198,26 +227,34 @@ def main(argv: list[str] | None = None) -> None:
     spec = f"fashion-mnist:test?limit={args.images}"
     print(f"machine: {os.cpu_count()} CPUs, torch {torch.__version__}, {torch.get_num_threads()} intra-op threads, "
           f"load average {os.getloadavg()[0]:.1f}")
-    views = render_views(spec, create_policy(BuildConfig.policy, size=args.size), args.views, args.bare_views)
-    bare, bare_cpu = bare_throughput(model, views, args.batch_size)
-    print(f"(i)   bare teacher forward: {bare:7.1f} views/s, {bare_cpu:.2f} CPU ms/view  ({len(views)} views, "
-          f"batch {args.batch_size}, {args.size}px, channels_last)")
+    views = render_views(spec, create_policy(BuildConfig.policy, size=args.size), args.views, args.images * args.views)
+    total = len(views)
+
+    def config(out: Path, workers: int) -> BuildConfig:
+        return BuildConfig(teacher=card.name, transfer_set=spec, out=str(out), targets=("logits",), views=args.views,
+                           topk=args.topk, batch_size=args.batch_size, workers=workers)
 
     with tempfile.TemporaryDirectory(dir=args.out) as scratch:
         scratch = Path(scratch)
-        store = None
+        times: dict[str, list[float]] = {"bare": [], **{f"w{w}": [] for w in args.workers}}
+        for round_ in range(args.rounds + 1):  # round 0 warms up (first forward, first worker start, page cache)
+            for name in times:
+                out = scratch / f"{name}-{round_}"
+                seconds = (bare_seconds(model, views, args.batch_size) if name == "bare"
+                           else build_seconds(config(out, int(name[1:])), model, card))
+                if round_:
+                    times[name].append(seconds)
+        rate = {name: total / float(np.median(values)) for name, values in times.items()}
+        print(f"(i)   bare teacher forward: {rate['bare']:7.1f} views/s  ({total} pre-rendered views, batch "
+              f"{args.batch_size}, {args.size}px, channels_last; median of {args.rounds} interleaved runs)")
         for workers in args.workers:
-            store = scratch / f"w{workers}"
-            config = BuildConfig(teacher=card.name, transfer_set=spec, out=str(store), targets=("logits",),
-                                 views=args.views, topk=args.topk, batch_size=args.batch_size, workers=workers)
-            start, cpu = time.perf_counter(), time.process_time()
-            build(config, teacher=(model, card))
-            total = args.images * args.views
-            rate, cpu_ms = total / (time.perf_counter() - start), (time.process_time() - cpu) * 1e3 / total
-            # main-process CPU per view is immune to other load: it shows the build's own overhead
-            print(f"(ii)  build, {workers} worker(s): {rate:7.1f} views/s, {cpu_ms:.2f} main-process CPU ms/view  "
-                  f"({args.images} images x {args.views} views)  build / bare = {rate / bare:.2f} wall, "
-                  f"{bare_cpu / cpu_ms:.2f} CPU")
+            print(f"(ii)  whole build, {workers} worker(s): {rate[f'w{workers}']:7.1f} views/s  ({args.images} "
+                  f"images x {args.views} views, wall time incl. workers, writes, finalize)  build / bare = "
+                  f"{rate[f'w{workers}'] / rate['bare']:.2f}  (goal >= 0.9)")
+        parts = build_profile(config(scratch / "profile", 0), model, card)
+        print("      where a one-process build's time goes (cProfile, workers=0): " + ", ".join(
+            f"{part.strip()} {share:.0%}" for part, share in parts.items()))
+        store = scratch / f"w{args.workers[-1]}-1"
         info = describe_store(store)
         logits = info["targets"]["logits"]
         print(f"(iii) store, top-{args.topk} of {card.num_classes} ({logits['codec']['precision']}, "

@@ -1,114 +1,109 @@
-"""Cost of one training step: cached teacher targets vs plain labels vs an online teacher.
+"""Cost of a training step on the whole path ``train.distill`` runs: cached store targets vs an online teacher.
 
-Why: the point of a reinforced store is that distillation costs about what supervised training
-costs, while online distillation pays a teacher forward every step. One run prints
-
-- supervised / cached: throughput of a cached-target KD step (decode + KL) relative to a
-  cross-entropy step on the same batch (goal >= 0.9);
-- online / cached: time of an online KD step (Lite0 teacher forward at 64 px + student step)
-  relative to the cached step (goal >= 3);
-- teacher / student forward FLOPs (torch.utils.flop_counter).
-
-Steps use a plain torch AdamW (no DeepSpeed) so only the step itself is timed.
+Why: the point of a reinforced store is that a distillation step costs about a student step, while online
+distillation pays a teacher forward (and the teacher-size render) every step. Both variants run exactly
+what ``train.distill`` runs, through its own functions: ``open_replay`` (cached, or ``online=True``: fresh
+views at both sizes) -> ``make_loader`` (batch sampler, identity collate, DataLoader workers) ->
+``build_objective`` in a DeepSpeed engine (``deepspeed_glue``; CPU: gloo) -> ``train_epoch`` (store read,
+replay, decode or teacher forward, forward, backward, optimizer step). One timed unit is a whole epoch,
+worker start-up included; wall time per step is its median over interleaved epochs, after one warm-up
+epoch of each. Prints the online / cached time ratio (goal >= 3) and the forward FLOPs of both models.
 
 Example:
-    python benchmarks/kd_step.py --batch-size 128 --steps 10
+    python benchmarks/kd_step.py --images 1024 --batch-size 128 --rounds 5 --workers 2
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import tempfile
 import time
-from collections.abc import Callable
+from pathlib import Path
 
+import numpy as np
 import torch
-import torch.nn.functional as F
+from loader import build_store  # benchmarks/loader.py: the same real store both benchmarks replay
 
-from reinforce.augment import eval_view
-from reinforce.sources import open_source
-from reinforce.teachers import embedded_imagenet_teacher
-from stores.codecs import TopKLogitsCodec
-from stores.store import as_tensor
-from train.losses import kl_divergence
+from reinforce.replay import ReplayDataset, open_replay
+from reinforce.teachers import TeacherModel, embedded_imagenet_teacher
+from train import deepspeed_glue
+from train.distill import DistillConfig, build_objective, make_loader, train_epoch
 from train.models import create_student
 from train.report import forward_flops
 
 
-def time_steps(steps: dict[str, Callable[[], None]], rounds: int, warmup: int) -> dict[str, float]:
-    """Median seconds per call of each step kind, interleaved round by round so that load from
-    other processes hits every kind alike (the ratios are what matter)."""
-    for _ in range(warmup):
-        for step in steps.values():
-            step()
-    times: dict[str, list[float]] = {name: [] for name in steps}
-    for _ in range(rounds):
-        for name, step in steps.items():
+def make_run(replay: ReplayDataset, config: DistillConfig, epochs: int):
+    """``train.distill``'s set-up for one variant: the student objective in a DeepSpeed engine + its loader."""
+    torch.manual_seed(config.seed)
+    names = replay.store.manifest.content.teacher.class_names
+    student, _ = create_student(config.student, class_names=names, input_size=replay.size)
+    objective = build_objective(student, replay, config)
+    loader = make_loader(replay, config, rank=0, world=1)
+    ds_config = deepspeed_glue.resolve_config(deepspeed_glue.load_config(None), batch_size=config.batch_size,
+                                              lr=config.lr, total_steps=epochs * len(loader))
+    return deepspeed_glue.initialize(objective, ds_config), loader
+
+
+def time_epochs(runs: dict[str, tuple], rounds: int) -> dict[str, float]:
+    """Median wall seconds per step of each variant; one warm-up epoch each, then epochs interleaved."""
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for epoch in range(rounds + 1):
+        for name, (engine, loader, replay, config, teacher) in runs.items():
+            loader.batch_sampler.sampler.set_epoch(epoch)
+            replay.set_epoch(epoch)
             start = time.perf_counter()
-            step()
-            times[name].append(time.perf_counter() - start)
-    return {name: sorted(values)[len(values) // 2] for name, values in times.items()}
+            train_epoch(engine, loader, replay, config, epoch, rank=1, teacher=teacher)  # rank 1: no progress bar
+            if epoch:
+                times[name].append((time.perf_counter() - start) / len(loader))
+    return {name: float(np.median(values)) for name, values in times.items()}
 
 
-def make_steps(teacher, student, views_t: torch.Tensor, views_s: torch.Tensor, labels: torch.Tensor,
-               payload: dict[str, torch.Tensor], codec: TopKLogitsCodec, temperature: float) -> dict[str, Callable]:
-    """The three step kinds, each a full forward + backward + optimizer step of the student."""
-    optimizer = torch.optim.AdamW(student.parameters(), lr=1e-3)
-
-    def update(loss: torch.Tensor) -> None:
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-
-    def supervised() -> None:
-        update(F.cross_entropy(student(views_s), labels))
-
-    def cached() -> None:
-        update(kl_divergence(student(views_s), codec.decode(payload), temperature))
-
-    def online() -> None:
-        with torch.inference_mode():
-            targets = teacher(views_t)
-        update(kl_divergence(student(views_s), targets.clone(), temperature))
-
-    return {"supervised": supervised, "cached": cached, "online": online}
+def online_teacher(size: int) -> TeacherModel:
+    model, _ = embedded_imagenet_teacher(size)
+    return model.to(memory_format=torch.channels_last).eval().requires_grad_(False)
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--images", type=int, default=1024, help="Fashion-MNIST train images in the store")
+    parser.add_argument("--views", type=int, default=2, help="stored views per image")
     parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--steps", type=int, default=10, help="timed rounds (one step of each kind per round)")
-    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=5, help="timed epochs per variant (after one warm-up)")
+    parser.add_argument("--workers", type=int, default=2, help="DataLoader workers (train.distill's default)")
     parser.add_argument("--student", default="mobilenetv3_small_050")
     parser.add_argument("--student-size", type=int, default=32)
     parser.add_argument("--teacher-size", type=int, default=64)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--out", default=None, help="scratch directory (default: a temporary one)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
+    os.environ.setdefault("VFM_REINFORCE_HOME", str(Path(args.out or tempfile.gettempdir()) / "vfm_home"))
 
-    teacher, card = embedded_imagenet_teacher(args.teacher_size)
-    names = card.class_names
-    teacher = teacher.to(memory_format=torch.channels_last).eval()
-    student, _ = create_student(args.student, class_names=names, input_size=args.student_size)
-    source = open_source(f"fashion-mnist:test?limit={args.batch_size}")
-    images = [source.load(i) for i in range(len(source))]
-    views_t, views_s = (torch.stack([eval_view(x, size) for x in images]).contiguous(memory_format=torch.channels_last)
-                        for size in (args.teacher_size, args.student_size))
-    codec = TopKLogitsCodec(k=5, num_classes=len(names))
-    with torch.inference_mode():
-        teacher_logits = teacher(views_t)
-    payload = {k: as_tensor(v) for k, v in codec.encode(teacher_logits).items()}
-    steps = make_steps(teacher, student.train(), views_t, views_s, teacher_logits.argmax(1), payload, codec, 2.0)
-    seconds = time_steps(steps, args.steps, args.warmup)
-    flops_t, flops_s = forward_flops(teacher, views_t[:1]), forward_flops(student.eval(), views_s[:1])
+    with tempfile.TemporaryDirectory(dir=args.out) as scratch:
+        store = build_store(Path(scratch) / "store", "zarr", args.images, args.views, args.teacher_size, args.workers)
+        deepspeed_glue.init_distributed()
+        runs = {}
+        for name, online in (("cached", False), ("online", True)):
+            config = DistillConfig(store=str(store), student=args.student, out=str(Path(scratch) / name),
+                                   batch_size=args.batch_size, workers=args.workers, size=args.student_size,
+                                   targets=("logits",), online=online)
+            replay = open_replay(store, targets=config.targets, size=config.size, online=online)
+            engine, loader = make_run(replay, config, args.rounds + 1)
+            runs[name] = (engine, loader, replay, config, online_teacher(args.teacher_size) if online else None)
+        seconds = time_epochs(runs, args.rounds)
+        teacher = online_teacher(args.teacher_size)
+        student = runs["cached"][0].module.student.eval()
+        flops_t = forward_flops(teacher, torch.zeros(1, 3, args.teacher_size, args.teacher_size))
+        flops_s = forward_flops(student, torch.zeros(1, 3, args.student_size, args.student_size))
 
-    print(f"batch {args.batch_size}, {args.threads} threads, student {args.student}@{args.student_size}px, "
-          f"teacher tf_efficientnet_lite0@{args.teacher_size}px")
+    print(f"whole training step (open_replay -> DataLoader, {args.workers} workers -> DeepSpeed step), batch "
+          f"{args.batch_size}, {args.threads} threads, student {args.student}@{args.student_size}px, teacher "
+          f"tf_efficientnet_lite0@{args.teacher_size}px, median of {args.rounds} interleaved epochs of "
+          f"{len(runs['cached'][1])} steps, load average {os.getloadavg()[0]:.1f}")
     for name, value in seconds.items():
-        print(f"  {name:10s} step {value * 1e3:8.1f} ms  ({args.batch_size / value:7.0f} img/s)")
-    print(f"supervised/cached throughput ratio (time_supervised / time_cached): "
-          f"{seconds['supervised'] / seconds['cached']:.3f}  (goal >= 0.9)")
-    print(f"online/cached time ratio: {seconds['online'] / seconds['cached']:.2f}x  (goal >= 3)")
+        print(f"  {name:8s} step {value * 1e3:8.1f} ms  ({args.batch_size / value:7.0f} img/s)")
+    print(f"online / cached step time: {seconds['online'] / seconds['cached']:.2f}x  (goal >= 3)")
     print(f"forward FLOPs per image: teacher {flops_t / 1e6:.1f} M, student {flops_s / 1e6:.1f} M, "
           f"ratio {flops_t / flops_s:.1f}x")
 
