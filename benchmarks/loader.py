@@ -7,8 +7,8 @@ a map-style dataset whose ``__getitems__`` returns a whole batch, identity colla
 whole epoch, worker start-up included (training does not keep workers between epochs); the variants are
 interleaved round by round and the median pass is reported, so load from other processes hits all alike.
 
-Each store format is one row: a store built in that format, opened by ``open_replay``, loaded by
-``make_loader``. The webdataset row runs only where ``reinforce.replay`` streams wds stores (``StreamReplay``).
+Each store format is a column: a store built in that format, opened by ``open_replay``, loaded by
+``make_loader`` (zarr: random access through a batch sampler; webdataset: the resampled shard stream).
 
 Example:
     python benchmarks/loader.py --images 2048 --batch-size 128 --workers 0 2 --rounds 3
@@ -28,7 +28,6 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-import reinforce.replay
 from reinforce.augment import CropFlip
 from reinforce.build import BuildConfig, build
 from reinforce.replay import open_replay
@@ -66,11 +65,6 @@ def distill_loader(dataset: Dataset, batch_size: int, workers: int) -> DataLoade
     """The DataLoader ``train.distill`` would build over ``dataset`` (one rank)."""
     return make_loader(dataset, DistillConfig(store="", student="", out="", batch_size=batch_size, workers=workers),
                        rank=0, world=1)
-
-
-def wds_available() -> bool:
-    """Whether ``reinforce.replay`` in this tree streams webdataset stores (``StreamReplay``)."""
-    return hasattr(reinforce.replay, "StreamReplay")
 
 
 def time_passes(loaders: dict[str, Callable[[], Iterable[Any]]], rounds: int) -> dict[str, float]:
@@ -116,7 +110,7 @@ def main(argv: list[str] | None = None) -> None:
           f"load average {os.getloadavg()[0]:.1f}")
 
     with tempfile.TemporaryDirectory(dir=args.out) as scratch:
-        formats = ("zarr", "wds") if wds_available() else ("zarr",)
+        formats = ("zarr", "wds")
         replays = {fmt: open_replay(build_store(Path(scratch) / fmt, fmt, args.images, args.views, args.teacher_size,
                                                 args.workers[-1]), targets=["logits"], size=args.size)
                    for fmt in formats}
@@ -131,8 +125,6 @@ def main(argv: list[str] | None = None) -> None:
             print(f"  workers {workers}: plain {rates['plain']:7.0f} samples/s" + "".join(
                 f", {fmt} replay {rates[fmt]:7.0f} samples/s = {rates[fmt] / rates['plain']:.2f}x plain"
                 for fmt in formats) + "  (goal >= 0.95x)")
-        if not wds_available():
-            print("wds: not available in this tree")
 
 
 if __name__ == "__main__":
