@@ -8,7 +8,9 @@ whole epoch, worker start-up included (training does not keep workers between ep
 interleaved round by round and the median pass is reported, so load from other processes hits all alike.
 
 Each store format is a column: a store built in that format, opened by ``open_replay``, loaded by
-``make_loader`` (zarr: random access through a batch sampler; webdataset: the resampled shard stream).
+``make_loader`` (zarr: random access through a batch sampler; webdataset: the resampled shard stream). A
+stream is compared with the stream a user had before reinforcing: plain webdataset over tar shards of the
+same images alone (same shard size, resampling and shuffle buffer), a fresh random view per sample.
 
 Example:
     python benchmarks/loader.py --images 2048 --batch-size 128 --workers 0 2 --rounds 3
@@ -26,12 +28,13 @@ from typing import Any
 
 import numpy as np
 import torch
+import webdataset as wds
 from torch.utils.data import DataLoader, Dataset
 
 from reinforce.augment import CropFlip
 from reinforce.build import BuildConfig, build
-from reinforce.replay import open_replay
-from reinforce.sources import Source
+from reinforce.replay import StreamReplay, open_replay
+from reinforce.sources import Source, load_image_bytes
 from reinforce.teachers import embedded_imagenet_teacher
 from train.distill import DistillConfig, make_loader
 
@@ -59,6 +62,33 @@ class PlainAugment(Dataset):
             theta = self.policy.sample(self.seed, i, self.epoch, image.shape[-2], image.shape[-1])
             views.append(self.policy.apply(image, theta, size=self.size))
         return {"views": torch.stack(views), "index": torch.from_numpy(samples)}
+
+
+def image_shards(source: Source, indices: np.ndarray, out: Path, per_shard: int) -> list[str]:
+    """The images alone as plain webdataset shards (``png`` + ``json`` index), as a user would stream them."""
+    out.mkdir(parents=True, exist_ok=True)
+    with wds.ShardWriter(str(out / "images-%06d.tar"), maxcount=per_shard, verbose=0) as sink:
+        for i in indices.tolist():
+            sink.write({"__key__": f"{i:09d}", "png": source.encoded(i)[0], "json": {"index": i}})
+    return sorted(str(p) for p in out.glob("images-*.tar"))
+
+
+def plain_stream(urls: list[str], policy: CropFlip, size: int, batch_size: int, workers: int, batches: int,
+                 epoch: int = 0) -> wds.WebLoader:
+    """Plain webdataset: resampled shards, the replay's shuffle buffer, decode, a fresh random view, batches."""
+    def view(sample: dict[str, Any]) -> tuple[torch.Tensor, int]:
+        image, index = load_image_bytes(sample["png"]), sample["json"]["index"]
+        theta = policy.sample(0, index, epoch, image.shape[-2], image.shape[-1])
+        return policy.apply(image, theta, size=size), index
+
+    def collate(items: list[tuple[torch.Tensor, int]]) -> dict[str, torch.Tensor]:
+        return {"views": torch.stack([v for v, _ in items]), "index": torch.tensor([i for _, i in items])}
+
+    buffer = StreamReplay.shuffle_buffer
+    dataset = (wds.WebDataset(urls, resampled=True, shardshuffle=False, nodesplitter=wds.split_by_node)
+               .shuffle(buffer, initial=min(100, buffer)).decode().map(view)
+               .batched(batch_size, collation_fn=collate, partial=False))
+    return wds.WebLoader(dataset, batch_size=None, num_workers=workers).with_epoch(batches)
 
 
 def distill_loader(dataset: Dataset, batch_size: int, workers: int) -> DataLoader:
@@ -116,15 +146,20 @@ def main(argv: list[str] | None = None) -> None:
                    for fmt in formats}
         zarr = replays["zarr"]
         plain = PlainAugment(zarr.source, zarr.policy, zarr.indices, zarr.size)
+        per_shard = replays["wds"].store.manifest.layout["unit_samples"]
+        urls = image_shards(zarr.source, zarr.indices, Path(scratch) / "images", per_shard)
+        batches = len(plain) // args.batch_size
         print(f"{len(plain)} images x {args.views} stored views, batch {args.batch_size}, views rendered at "
               f"{args.size}px, targets: logits; median of {args.rounds} interleaved epochs")
         for workers in args.workers:
             loaders = {name: lambda d=dataset, w=workers: distill_loader(d, args.batch_size, w)
                        for name, dataset in {"plain": plain, **replays}.items()}
+            loaders["plain stream"] = lambda w=workers: plain_stream(urls, zarr.policy, zarr.size, args.batch_size,
+                                                                     w, batches)
             rates = time_passes(loaders, args.rounds)
-            print(f"  workers {workers}: plain {rates['plain']:7.0f} samples/s" + "".join(
-                f", {fmt} replay {rates[fmt]:7.0f} samples/s = {rates[fmt] / rates['plain']:.2f}x plain"
-                for fmt in formats) + "  (goal >= 0.95x)")
+            print(f"  workers {workers}: plain {rates['plain']:6.0f}/s, zarr replay {rates['zarr']:6.0f}/s = "
+                  f"{rates['zarr'] / rates['plain']:.2f}x | plain stream {rates['plain stream']:6.0f}/s, wds replay "
+                  f"{rates['wds']:6.0f}/s = {rates['wds'] / rates['plain stream']:.2f}x  (samples/s; goal >= 0.95x)")
 
 
 if __name__ == "__main__":

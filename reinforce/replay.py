@@ -148,7 +148,7 @@ class StreamReplay(Replay):
         rng = random.Random(f"{self.seed}:{self.epoch}:{rank}:{worker}")
         shards = self.store.shards
         stream = (sample for _ in itertools.count()
-                  for sample in read_shard(self.store.location, shards[rng.randrange(len(shards))]))
+                  for sample in read_shard(self.store.location, shards[rng.randrange(len(shards))], self.targets))
         yield from wds.shuffle(self.shuffle_buffer, initial=min(100, self.shuffle_buffer), rng=rng)(stream)
 
     def _collate(self, samples: list[dict[str, Any]]) -> dict[str, Any]:

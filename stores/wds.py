@@ -7,7 +7,9 @@ Shard u holds the usable (status ok) samples of unit u, each as the tar members
     KEY.header.json            {"index", "key", "uri", "height", "width"}  (KEY: the sample index, 9 digits)
     KEY.image.EXT              the image's bytes: the source file's own, or a lossless PNG where it has none
     KEY.theta.npy              uint8 [K, P]: the policy's packed θ of every view
-    KEY.TARGET.ARRAY.npy       [K, ...] per stored array, as the codec wrote it (logits.values.npy, ...)
+    KEY.TARGET.npy             [K] structured, one field per stored array of the target, as the codec wrote
+                               it (``logits.npy["values"]``: uint8 [K, k], ...): one member per target, since
+                               parsing a tar member costs as much as decoding a small image
 
 Members are plain ``.npy``/``.json``/image files, so plain ``webdataset`` reads them with ``WDS_SECURE=1``.
 ``WdsWriter`` follows ``StoreWriter``'s create / write_unit / finalize protocol (a unit is one shard: resumable,
@@ -23,7 +25,7 @@ from __future__ import annotations
 import io
 import os
 import tarfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from typing import Any
 
 import numpy as np
@@ -47,15 +49,27 @@ def shard_path(unit: int) -> str:
 
 
 def _member(name: str) -> str:
-    """``"theta"`` / ``"logits/values"`` -> the tar member suffix ``theta.npy`` / ``logits.values.npy``."""
-    return name.replace("/", ".") + ".npy"
+    """``"theta"`` / a target name -> its tar member suffix ``theta.npy`` / ``logits.npy``."""
+    return f"{name}.npy"
 
 
 def sample_members(row: dict[str, Any], image: tuple[bytes, str], arrays: dict[str, np.ndarray]) -> dict[str, Any]:
-    """One sample's members for ``wds.TarWriter``: header, image bytes, θ and every array (``[K, ...]`` each)."""
+    """One sample's members for ``wds.TarWriter``: header, image bytes, θ and one structured ``[K]`` array per
+    target (``arrays``: ``{"theta" or "target/array": [K, ...]}``)."""
     data, extension = image
+    targets: dict[str, dict[str, np.ndarray]] = {}
+    for name, values in arrays.items():
+        if name != THETA:
+            target, _, array = name.partition("/")
+            targets.setdefault(target, {})[array] = values
+    members = {_member(THETA): arrays[THETA]}
+    for target, fields in targets.items():
+        record = np.empty(len(arrays[THETA]), dtype=[(a, v.dtype, v.shape[1:]) for a, v in fields.items()])
+        for a, v in fields.items():
+            record[a] = v
+        members[_member(target)] = record
     return {"__key__": f"{row['index']:09d}", "header.json": {k: row[k] for k in HEADER_FIELDS},
-            f"image.{extension}": data, **{_member(name): values for name, values in arrays.items()}}
+            f"image.{extension}": data, **members}
 
 
 def sample_arrays(sample: dict[str, Any], content: StoreContent,
@@ -63,7 +77,7 @@ def sample_arrays(sample: dict[str, Any], content: StoreContent,
     """A decoded sample's ``{"theta": [K, P], target: {array: [K, ...]}}`` for ``targets`` (the inverse of
     ``sample_members``), in ``ReinforcedStore.read``'s nesting."""
     return {THETA: sample[_member(THETA)],
-            **{t: {a: sample[_member(f"{t}/{a}")] for a in content.targets[t].arrays} for t in targets}}
+            **{t: {a: sample[_member(t)][a] for a in content.targets[t].arrays} for t in targets}}
 
 
 def image_bytes(sample: dict[str, Any]) -> bytes:
@@ -71,13 +85,19 @@ def image_bytes(sample: dict[str, Any]) -> bytes:
     return next(value for key, value in sample.items() if key.startswith("image."))
 
 
-def read_shard(location: Location, rel: str) -> Iterator[dict[str, Any]]:
+def read_shard(location: Location, rel: str, targets: Collection[str] | None = None) -> Iterator[dict[str, Any]]:
     """The decoded samples of one shard (``.npy`` -> arrays, ``header.json`` -> dict, image bytes kept),
-    through webdataset's tar reader; a truncated or corrupt tar raises ``StoreCorruptError`` naming it."""
+    through webdataset's tar reader; a truncated or corrupt tar raises ``StoreCorruptError`` naming it.
+
+    ``targets`` limits the ``.npy`` members decoded to θ and those targets': a reader of one target does not
+    parse the others (default: all)."""
     where = location.where(rel)
+    wanted = None if targets is None else {_member(name) for name in (THETA, *targets)}
     try:
         with location.open(rel) as stream:
             for sample in group_by_keys(tar_file_expander([{"url": where, "stream": stream}])):
+                if wanted is not None:
+                    sample = {k: v for k, v in sample.items() if not k.endswith(".npy") or k in wanted}
                 yield _DECODE(sample)
     except (tarfile.TarError, OSError, EOFError, ValueError) as error:
         raise StoreCorruptError(f"{where}: truncated or corrupt tar shard ({type(error).__name__}: "

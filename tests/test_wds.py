@@ -88,10 +88,11 @@ def assert_same_samples(wds_path: Path, zarr_path: Path) -> None:
     stored = zarr.read_range(0, SAMPLES)
     names = set(array_paths(zarr.manifest.content))
     assert {"theta", "logits/values", "logits/index", "embedding/values", "patch/values"} <= names
-    for index, members in samples.items():
-        assert set(members) == {name.replace("/", ".") + ".npy" for name in names}
+    for index, members in samples.items():  # theta.npy, and one structured TARGET.npy per target
+        assert set(members) == {"theta.npy", *(f"{t}.npy" for t in zarr.targets)}
         for name in names:
-            found = members[name.replace("/", ".") + ".npy"]
+            target, _, array = name.partition("/")
+            found = members[f"{target}.npy"][array] if array else members["theta.npy"]
             assert found.dtype == stored[name].dtype and np.array_equal(found, stored[name][index]), (index, name)
 
 
