@@ -271,9 +271,10 @@ def test_corrupt_images_are_skipped(lite0_teacher, photo_dir, tmp_path):
 
 def test_teacher_class_mismatch_fails_before_work(lite0_teacher, tmp_path, capsys):
     out = tmp_path / "never"
-    code = build_main(["--teacher", str(lite0_teacher[2]), "--transfer-set", FMNIST, "--num-classes", "10",
-                       "--out", str(out)])
-    assert code == 2
+    with pytest.raises(SystemExit) as exit_info:
+        build_main(["--teacher", str(lite0_teacher[2]), "--transfer-set", FMNIST, "--num-classes", "10",
+                    "--out", str(out)])
+    assert exit_info.value.code == 2
     error = capsys.readouterr().err
     assert "--num-classes 10" in error and "1000" in error
     assert not out.exists() and not out.with_name("never.partial").exists()
@@ -286,9 +287,10 @@ def test_logits_from_a_headless_teacher_fail_in_one_line(lite0_teacher, tmp_path
     model = TeacherModel(create_backbone("timm", card.backbone), 0, card.mean, card.std)
     save_teacher(model, headless, tmp_path / "lite0_frozen")
     out = tmp_path / "never"
-    code = build_main(["--teacher", str(tmp_path / "lite0_frozen"), "--transfer-set", FMNIST, "--targets", "logits",
-                       "--out", str(out)])
-    assert code == 2
+    with pytest.raises(SystemExit) as exit_info:
+        build_main(["--teacher", str(tmp_path / "lite0_frozen"), "--transfer-set", FMNIST, "--targets", "logits",
+                    "--out", str(out)])
+    assert exit_info.value.code == 2
     error = capsys.readouterr().err.strip()
     assert "\n" not in error and "--targets logits" in error and "embedding,patch" in error, error
     assert not out.exists() and not out.with_name("never.partial").exists()

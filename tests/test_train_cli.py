@@ -244,3 +244,28 @@ def test_auto_chooses_among_candidate_sizes_by_cross_validation():
     with pytest.raises(SystemExit):  # several sizes need auto to choose among them
         teacher.main(["--backbone", "tf_efficientnet_lite0", "--data", "fashion-mnist:train", "--shots", "2",
                       "--mode", "lp", "--size", "16,24", "--name", "fixed"])
+
+
+def test_a_class_folder_directory_is_labeled_data(photo_dir, capsys):
+    """``--data DIR`` with class subfolders is read as ``imagefolder:DIR`` (and says so); a flat one fails naming it."""
+    import shutil
+
+    from reinforce.sources import SPEC_FORMS
+
+    photos = sorted(photo_dir.glob("*.png"))
+    for i, photo in enumerate(photos):
+        (Path("labeled") / ("animal" if i % 2 else "thing")).mkdir(parents=True, exist_ok=True)
+        shutil.copy(photo, Path("labeled") / ("animal" if i % 2 else "thing") / photo.name)
+    card = teacher.main(["--backbone", "tf_efficientnet_lite0", "--data", "labeled", "--shots", "0", "--mode", "lp",
+                         "--size", "32", "--lp-views", "0", "--lp-steps", "5", "--folds", "0", "--name", "photos"])
+    assert card.class_names == ("animal", "thing") and card.adaptation["data"] == "imagefolder:labeled"
+    assert card.adaptation["train_images"] == len(photos)
+    err = capsys.readouterr().err
+    assert "reading labeled as imagefolder:labeled: 2 classes from its subfolders (animal, thing)" in err
+    result = evaluate.main(["--model", "photos", "--data", "labeled"])
+    assert result["num_images"] == len(photos) and result["data"] == "labeled"
+    assert "reading labeled as imagefolder:labeled" in capsys.readouterr().err
+    err = _one_line_error(capsys, finetune.main, ["--student", "mobilenetv3_small_050", "--size", "32", "--data",
+                                                  str(photo_dir), "--shots", "0", "--out", "x"], "train.finetune")
+    assert "is a plain directory of unlabeled images" in err and f"imagefolder:{photo_dir}" in err
+    assert SPEC_FORMS in err
