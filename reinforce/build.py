@@ -43,6 +43,7 @@ from reinforce.progress import progress_bar
 from reinforce.sources import Source, open_source
 from reinforce.teachers import TeacherCard, TeacherModel, create_teacher
 from stores.catalog import find_store
+from stores.cli import cli_errors, debug_flag
 from stores.codecs import Codec, EmbeddingCodec, PatchCodec, TopKLogitsCodec, create_codec
 from stores.location import Location
 from stores.manifest import (
@@ -57,8 +58,6 @@ from stores.manifest import (
 from stores.store import (
     THETA,
     ReinforcedStore,
-    StoreCorruptError,
-    StoreFormatError,
     StoreManifest,
     StoreWriter,
     describe_mismatch,
@@ -396,7 +395,8 @@ def _policy_arg(text: str) -> tuple[str, Any]:
         return key, value
 
 
-def parse_args(argv: list[str] | None = None) -> BuildConfig:
+def parse_args(argv: list[str] | None = None) -> tuple[BuildConfig, bool]:
+    """The build's config and whether ``--debug`` was given."""
     parser = argparse.ArgumentParser(prog="python -m reinforce.build", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     defaults = BuildConfig(teacher="", transfer_set="", out="")
@@ -436,25 +436,23 @@ def parse_args(argv: list[str] | None = None) -> BuildConfig:
     parser.add_argument("--chunk-samples", type=int, default=defaults.chunk_samples, help="samples per read chunk")
     parser.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # DeepSpeed
-    args = vars(parser.parse_args(argv))
+    args = vars(debug_flag(parser).parse_args(argv))
     args.pop("local_rank")  # the launcher also sets LOCAL_RANK, which is what the build reads
+    debug = args.pop("debug")
     if not args["extend"] and not (args["teacher"] and args["transfer_set"]):
         parser.error("--teacher and --transfer-set are required (unless --extend STORE)")
     if args["add_views"] and not args["extend"]:
         parser.error("--add-views needs --extend STORE")
     args["targets"] = tuple(t.strip() for t in args["targets"].split(",") if t.strip())
     args["policy_args"] = dict(args.pop("policy_arg"))
-    return BuildConfig(**args)
+    return BuildConfig(**args), debug
 
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    config = parse_args(argv)
-    try:
+    config, debug = parse_args(argv)
+    with cli_errors("reinforce.build", debug):
         manifest = build(config)
-    except (ValueError, FileNotFoundError, StoreCorruptError, StoreFormatError) as error:
-        print(f"reinforce.build: error: {error}", file=sys.stderr)
-        return 2
     summary = manifest.summary
     out = Location(config.out)
     where = out if out.exists("manifest.json") else find_store(config.catalog, manifest.store_id, config.format)

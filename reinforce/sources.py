@@ -48,8 +48,8 @@ import torch
 from PIL import Image
 
 __all__ = [
-    "DEFAULT_GENERIC_TRANSFER_SET", "Source", "fashion_mnist_dir", "few_shot_split", "list_sources",
-    "load_image_bytes", "open_source", "register_source", "with_query",
+    "DEFAULT_GENERIC_TRANSFER_SET", "IMAGE_SUFFIXES", "SPEC_FORMS", "Source", "fashion_mnist_dir", "few_shot_split",
+    "list_sources", "load_image_bytes", "open_source", "register_source", "with_query",
 ]
 
 DEFAULT_GENERIC_TRANSFER_SET = "photo-crops:20000@96"
@@ -69,6 +69,11 @@ SKIMAGE_PHOTOS = (
 SKLEARN_PHOTOS = ("china", "flower")
 MATPLOTLIB_PHOTOS = ("grace_hopper",)  # the one photograph in mpl-data/sample_data
 CROP_AREA = (0.02, 0.5)  # RandomResizedCrop-like area fraction of the photo, aspect 1
+# what a person can give wherever a source is read: every "cannot read this source" error names these
+SPEC_FORMS = ("fashion-mnist:train|test, imagefolder:DIR (DIR/CLASS/image, labeled), folder:DIR or DIR (unlabeled), "
+              "FILE.parquet|FILE.csv (columns uri[, label]), FILE.tar|SHARDS-{000..009}.tar, skimage:photos, "
+              "sklearn:images, sklearn:digits (labeled), photo-crops:N[@SIZE][,seed=S]; "
+              "any with ?shots=N&seed=S&part=labeled|unlabeled&limit=N")
 
 Opener = Callable[[str], "Source"]
 _SOURCES: dict[str, Opener] = {}
@@ -161,7 +166,7 @@ def open_source(spec: str) -> Source:
     indices = np.arange(len(source))
     if "shots" in options:
         if source.labels is None:
-            raise ValueError(f"{base!r} has no labels, so it cannot be split with shots=")
+            raise ValueError(f"{base!r} has no labels, so it cannot be split with shots= (spec forms: {SPEC_FORMS})")
         labeled, unlabeled = few_shot_split(source.labels, int(options["shots"]), int(options.get("seed", 0)))
         part = options.get("part", "labeled")
         if part not in ("labeled", "unlabeled"):
@@ -193,7 +198,7 @@ def _open_base(base: str) -> Source:
         return _image_tree(base, Path(base), labeled=False)
     raise ValueError(
         f"cannot open transfer set {base!r}: not a directory, manifest (.parquet/.csv), tar shard or "
-        f"registered source (PREFIX:ARGS; registered: {', '.join(list_sources())}; see reinforce.sources)"
+        f"registered source (PREFIX:ARGS; registered: {', '.join(list_sources())}); spec forms: {SPEC_FORMS}"
     )
 
 
@@ -304,10 +309,11 @@ def _imagefolder(root: str) -> Source:
 
 def _image_tree(spec: str, root: Path, labeled: bool) -> Source:
     if not root.is_dir():
-        raise FileNotFoundError(f"transfer set directory {str(root)!r} does not exist")
+        raise FileNotFoundError(f"directory {str(root)!r} does not exist (spec forms: {SPEC_FORMS})")
     paths = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
     if not paths:
-        raise ValueError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) found under {str(root)!r}")
+        raise ValueError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) found under {str(root)!r} "
+                         f"(spec forms: {SPEC_FORMS})")
     keys = np.array([str(p.relative_to(root)) for p in paths])
     labels, class_names = None, ()
     if labeled:
@@ -315,7 +321,8 @@ def _image_tree(spec: str, root: Path, labeled: bool) -> Source:
         index = {name: i for i, name in enumerate(class_names)}
         labels = np.array([index.get(p.relative_to(root).parts[0], -1) for p in paths], dtype=np.int64)
         if (labels < 0).any():
-            raise ValueError(f"imagefolder {str(root)!r} has images outside class directories")
+            raise ValueError(f"imagefolder {str(root)!r} has images outside class directories; put each image in "
+                             f"DIR/CLASS/, or read it unlabeled as folder:DIR (spec forms: {SPEC_FORMS})")
     return Source(spec, keys, np.array([str(p) for p in paths]), labels, class_names, _load_file,
                   _files_content_id(paths))
 

@@ -1,7 +1,8 @@
 """Teachers: a VFM backbone + task head, stored as a zoo entry ``NAME/`` that its own library loads.
 
-Backbones come from timm or open_clip, always created with ``pretrained=False`` and loaded from a
-local file, so nothing downloads at run time. A teacher takes uint8 views ``[B, 3, S, S]`` and
+Backbones come from timm or open_clip, created with ``pretrained=False`` and loaded from a local
+checkpoint in any of ``CHECKPOINT_LAYOUTS``, so nothing downloads at run time unless asked to
+(``load_hub_weights``: ``train.teacher --pretrained``). A teacher takes uint8 views ``[B, 3, S, S]`` and
 normalises them itself, so loaders move 4x fewer bytes and the card's mean/std are the only ones.
 
 A timm teacher is a plain timm classifier on disk: ``config.json`` + ``model.safetensors`` (the head
@@ -10,7 +11,7 @@ is timm's classifier; ``reinforce.layout``) + ``teacher.json`` (lineage). An ope
 and ``teacher.json`` with every field.
 
 Example:
-    >>> teacher, card = create_teacher("ft_lite0")          # path, $VFM_REINFORCE_HOME/teachers, ./teachers
+    >>> teacher, card = create_teacher("ft_lite0")    # a path, teacher_zoo()/NAME, ./teachers/NAME
     >>> logits = teacher(views_uint8)                        # [B, num_classes] float32
 """
 
@@ -32,9 +33,10 @@ from reinforce.tensor_files import save_tensors
 from stores.manifest import TeacherCard
 
 __all__ = [
-    "TeacherCard", "TeacherModel", "create_backbone", "create_teacher", "embedded_imagenet_teacher", "embedded_weights",
-    "load_backbone_weights", "native_size", "normalize_views", "pretrained_teacher", "read_teacher_card",
-    "register_backbone_library", "resolve_teacher", "save_teacher", "tokens_to_map",
+    "CHECKPOINT_LAYOUTS", "TeacherCard", "TeacherModel", "backbone_state", "create_backbone", "create_teacher",
+    "embedded_imagenet_teacher", "embedded_weights", "load_backbone_weights", "load_hub_weights", "native_size",
+    "normalize_views", "pretrained_teacher", "read_checkpoint", "read_teacher_card", "register_backbone_library",
+    "resolve_teacher", "save_teacher", "teacher_zoo", "tokens_to_map",
 ]
 
 _LIBRARIES: dict[str, Callable[[str], nn.Module]] = {}
@@ -240,13 +242,17 @@ def read_teacher_card(directory: str | os.PathLike) -> TeacherCard:
     return TeacherCard.from_dict(data, str(directory / "teacher.json"))
 
 
-def resolve_teacher(name_or_path: str, home: str | os.PathLike | None = None) -> Path:
-    """A zoo entry by path, then ``HOME/teachers/NAME`` (HOME: $VFM_REINFORCE_HOME), then ``./teachers/NAME``."""
+def teacher_zoo(home: str | os.PathLike | None = None) -> Path:
+    """Where ``train.teacher`` writes and lookups look first: ``HOME/teachers`` (HOME: $VFM_REINFORCE_HOME, read
+    now), else ``./teachers``."""
     home = home if home is not None else os.environ.get("VFM_REINFORCE_HOME")
-    candidates = [Path(name_or_path)]
-    if home:
-        candidates.append(Path(home) / "teachers" / name_or_path)
-    candidates.append(Path("teachers") / name_or_path)
+    return Path(home) / "teachers" if home else Path("teachers")
+
+
+def resolve_teacher(name_or_path: str, home: str | os.PathLike | None = None) -> Path:
+    """A zoo entry by path, then ``teacher_zoo(home)/NAME``, then ``./teachers/NAME``."""
+    candidates = list(dict.fromkeys([Path(name_or_path), teacher_zoo(home) / name_or_path,
+                                     Path("teachers") / name_or_path]))
     for candidate in candidates:
         if (candidate / "teacher.json").exists():
             return candidate
@@ -277,22 +283,103 @@ def create_teacher(name_or_path: str, device: str | torch.device = "cpu") -> tup
     return model.to(device, memory_format=torch.channels_last).eval(), card
 
 
+CHECKPOINT_LAYOUTS = (
+    "the backbone's own keys (timm, or an open_clip visual tower)",
+    "official DINOv2 (torch.hub dinov2_*: mask_token, register_tokens; converted by timm's checkpoint_filter_fn)",
+    "an open_clip full model (visual.* plus the text tower; also open_clip's training checkpoint "
+    "{'state_dict': {'module.…'}})",
+)
+
+
+def read_checkpoint(weights_file: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors or tensor-only torch file (``weights_only``: never unpickles code).
+
+    A training checkpoint's ``state_dict`` (or ``model``) entry is unwrapped and DDP's ``module.`` prefix dropped.
+    """
+    path = str(weights_file)
+    if path.endswith(".safetensors"):
+        return load_file(path)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # pickle errors of every kind: one line naming the file
+        raise ValueError(f"{path} is not a safetensors file or a tensor-only torch checkpoint "
+                         f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''})") from None
+    for wrapper in ("state_dict", "model"):
+        if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
+            state = state[wrapper]
+    tensors = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)} if isinstance(state, dict) else {}
+    if tensors and all(k.startswith("module.") for k in tensors):
+        tensors = {k.removeprefix("module."): v for k, v in tensors.items()}
+    return tensors
+
+
+def backbone_state(backbone: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``state`` in any of ``CHECKPOINT_LAYOUTS`` under the backbone's own key names (plus any extra keys).
+
+    An open_clip full model keeps its ``visual.`` tensors, prefix stripped (the text tower is not the
+    teacher's); a timm backbone whose keys are not all there goes through its model family's own
+    ``checkpoint_filter_fn`` (official DINOv2, OpenAI CLIP into a timm ViT, ...).
+    """
+    own = backbone.state_dict().keys()
+    if own <= state.keys():
+        return state
+    if hasattr(backbone, "output_tokens") and any(k.startswith("visual.") for k in state):  # open_clip tower
+        return {k.removeprefix("visual."): v for k, v in state.items() if k.startswith("visual.")}
+    import importlib
+
+    convert = getattr(importlib.import_module(type(backbone).__module__), "checkpoint_filter_fn", None)
+    if convert is None or not type(backbone).__module__.startswith("timm."):
+        return state
+    return convert(dict(state), backbone)  # timm's filters may pop from the dict they are given
+
+
 def load_backbone_weights(backbone: nn.Module, weights_file: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Load a local checkpoint (safetensors, or a tensor-only torch file) into ``backbone``.
+    """Load a local checkpoint in any of ``CHECKPOINT_LAYOUTS`` into ``backbone``.
 
     Keys the backbone does not have (e.g. an ImageNet classifier) are returned, not dropped silently,
     so a caller can use them as an initial head.
     """
-    path = str(weights_file)
-    if path.endswith(".safetensors"):
-        state = load_file(path)
-    else:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    state = state.get("state_dict", state)
-    missing, unexpected = backbone.load_state_dict(state, strict=False)
+    raw = read_checkpoint(weights_file)
+    state = backbone_state(backbone, raw)
+    own = backbone.state_dict()
+    missing = [k for k in own if k not in state]
     if missing:
-        raise ValueError(f"{path} lacks {len(missing)} backbone tensors, e.g. {missing[:3]}")
-    return {k: state[k] for k in unexpected}
+        raise ValueError(f"{weights_file} matches none of the checkpoint layouts accepted "
+                         f"({'; '.join(CHECKPOINT_LAYOUTS)}): it has {len(raw)} tensors, e.g. {list(raw)[:3]}, "
+                         f"and lacks {len(missing)} the backbone needs, e.g. {missing[:3]}")
+    wrong = [k for k in own if state[k].shape != own[k].shape]
+    if wrong:
+        raise ValueError(f"{weights_file}: {len(wrong)} tensors have other shapes than the backbone's, e.g. "
+                         f"{wrong[0]} {tuple(state[wrong[0]].shape)} vs {tuple(own[wrong[0]].shape)} "
+                         "(weights of another architecture?)")
+    backbone.load_state_dict({k: state[k] for k in own})
+    return {k: v for k, v in state.items() if k not in own}
+
+
+def load_hub_weights(backbone: nn.Module, library: str, name: str, tag: str | None = None) -> str:
+    """Load timm's / open_clip's hub weights for ``name`` into ``backbone`` (needs the network); returns
+    ``library:name.tag``. ``tag`` picks one of the model's pretrained tags (default: timm's default, open_clip's
+    first listed)."""
+    try:
+        if library == "timm":
+            import timm
+
+            model = f"{name}.{tag}" if tag else name
+            state = timm.create_model(model, pretrained=True, num_classes=0, **backbone.model_args).state_dict()
+        else:
+            import open_clip
+
+            tags = open_clip.list_pretrained_tags_by_model(name)
+            if not tags or (tag and tag not in tags):
+                raise ValueError(f"open_clip has no pretrained weights {tag or ''} for {name!r}; "
+                                 f"tags: {tags or 'none'}")
+            model = f"{name}.{tag or tags[0]}"
+            state = open_clip.create_model(name, pretrained=tag or tags[0]).visual.state_dict()
+    except (OSError, RuntimeError) as error:  # no network: huggingface_hub's LocalEntryNotFoundError, open_clip's
+        raise ConnectionError(f"cannot download {library} {name}{'.' + tag if tag else ''} weights (offline?): "
+                              "download them elsewhere and pass --weights FILE") from error
+    backbone.load_state_dict(state)
+    return f"{library}:{model}"
 
 
 def embedded_weights(name: str) -> Path:

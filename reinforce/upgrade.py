@@ -24,6 +24,7 @@ import zarr
 
 from reinforce.augment import AugParams, create_policy
 from reinforce.build import library_version
+from stores.cli import cli_errors, debug_flag
 from stores.codecs import TopKLogitsCodec
 from stores.manifest import ArraySpec, PolicyRecord, StoreContent, TargetRecord, TeacherCard, TransferSetRecord
 from stores.store import ARRAYS_DIR, THETA, StoreManifest, StoreWriter
@@ -96,12 +97,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m reinforce.upgrade", description=__doc__.split("\n\n")[0])
     parser.add_argument("old", help="format-version-1 store")
     parser.add_argument("new", help="where to write the version-2 store")
-    args = parser.parse_args(argv)
-    try:
-        manifest = upgrade_v1(args.old, args.new)
-    except (ValueError, FileNotFoundError, KeyError) as error:
-        print(f"reinforce.upgrade: error: {error}", file=sys.stderr)
-        return 2
+    args = debug_flag(parser).parse_args(argv)
+    with cli_errors("reinforce.upgrade", args.debug):
+        try:
+            manifest = upgrade_v1(args.old, args.new)
+        except KeyError as error:  # a v1 manifest field is missing
+            raise ValueError(f"{args.old} is not a complete format-version-1 store (its manifest lacks {error})"
+                             ) from None
     print(f"upgraded {args.old} -> {args.new} (format 2, id {manifest.store_id}, "
           f"{manifest.summary['ok']} samples x {manifest.views} views)")
     return 0

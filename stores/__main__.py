@@ -10,7 +10,8 @@ import json
 import sys
 
 from stores.catalog import list_stores, publish_store
-from stores.store import SHARDS_DIR, StoreCorruptError, open_store
+from stores.cli import cli_errors, debug_flag
+from stores.store import SHARDS_DIR, open_store
 from stores.verify import describe_store, verify_store
 from stores.wds import export_wds
 
@@ -99,8 +100,8 @@ def main(argv: list[str] | None = None) -> int:
     export.add_argument("--out", required=True, help="the new store: a directory or an fsspec URL")
     export.add_argument("--maxsize", type=int, default=256 << 20, help="about this many bytes per shard")
     export.add_argument("--maxcount", type=int, default=100_000, help="at most this many samples per shard")
-    args = parser.parse_args(argv)
-    try:
+    args = debug_flag(parser).parse_args(argv)
+    with cli_errors(f"stores {args.command}", args.debug):
         if args.command == "ls":
             return _ls(args.root, args.json)
         if args.command == "export-wds":
@@ -109,9 +110,6 @@ def main(argv: list[str] | None = None) -> int:
             print(f"published {args.store} -> {publish_store(args.store, args.destination)}")
             return 0
         return _inspect(args.store) if args.command == "inspect" else _verify(args.store)
-    except (FileNotFoundError, StoreCorruptError, ValueError) as error:
-        print(f"stores {args.command}: {error}", file=sys.stderr)
-        return 1
 
 
 if __name__ == "__main__":

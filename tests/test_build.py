@@ -4,6 +4,7 @@ targets, crash resume, bad inputs, damaged stores."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import shutil
@@ -271,9 +272,10 @@ def test_corrupt_images_are_skipped(lite0_teacher, photo_dir, tmp_path):
 
 def test_teacher_class_mismatch_fails_before_work(lite0_teacher, tmp_path, capsys):
     out = tmp_path / "never"
-    code = build_main(["--teacher", str(lite0_teacher[2]), "--transfer-set", FMNIST, "--num-classes", "10",
-                       "--out", str(out)])
-    assert code == 2
+    with pytest.raises(SystemExit) as exit_info:
+        build_main(["--teacher", str(lite0_teacher[2]), "--transfer-set", FMNIST, "--num-classes", "10",
+                    "--out", str(out)])
+    assert exit_info.value.code == 2
     error = capsys.readouterr().err
     assert "--num-classes 10" in error and "1000" in error
     assert not out.exists() and not out.with_name("never.partial").exists()
@@ -286,9 +288,10 @@ def test_logits_from_a_headless_teacher_fail_in_one_line(lite0_teacher, tmp_path
     model = TeacherModel(create_backbone("timm", card.backbone), 0, card.mean, card.std)
     save_teacher(model, headless, tmp_path / "lite0_frozen")
     out = tmp_path / "never"
-    code = build_main(["--teacher", str(tmp_path / "lite0_frozen"), "--transfer-set", FMNIST, "--targets", "logits",
-                       "--out", str(out)])
-    assert code == 2
+    with pytest.raises(SystemExit) as exit_info:
+        build_main(["--teacher", str(tmp_path / "lite0_frozen"), "--transfer-set", FMNIST, "--targets", "logits",
+                    "--out", str(out)])
+    assert exit_info.value.code == 2
     error = capsys.readouterr().err.strip()
     assert "\n" not in error and "--targets logits" in error and "embedding,patch" in error, error
     assert not out.exists() and not out.with_name("never.partial").exists()
@@ -318,3 +321,31 @@ def test_flipped_bytes_are_detected(fmnist_store, tmp_path, capsys):
     assert str(shard) in capsys.readouterr().err
     with pytest.raises(StoreCorruptError, match=re.escape(str(store / ARRAYS_DIR / "logits" / "values"))):
         open_store(store).read(np.arange(16), np.zeros(16, dtype=np.int64), targets=["logits"])
+
+
+def test_build_refusals_name_the_problem(lite0_teacher, tmp_path, capsys):
+    """A --topk the head cannot give, tampered teacher weights and a rebuild over another teacher's store: one line
+    each, exit 2, naming what is wrong; nothing is written."""
+    model, card, zoo_dir = lite0_teacher
+    tampered = tmp_path / "tampered"
+    shutil.copytree(zoo_dir, tampered)
+    weights = bytearray((tampered / "model.safetensors").read_bytes())
+    weights[-1] ^= 0xFF  # the last byte of the last tensor
+    (tampered / "model.safetensors").write_bytes(bytes(weights))
+    build_main(["--teacher", str(zoo_dir), "--transfer-set", "fashion-mnist:test?limit=4", "--views", "1",
+                "--workers", "0", "--out", str(tmp_path / "store")])
+    save_teacher(model, dataclasses.replace(card, name="lite0_other"), tmp_path / "lite0_other")
+    capsys.readouterr()
+    for argv, expected in [
+        (["--teacher", str(zoo_dir), "--topk", "1001"], "--topk 1001 exceeds the teacher's 1000 classes"),
+        (["--teacher", str(tampered)], f"teacher.json records {card.weights_sha256[:12]}"),
+        (["--teacher", str(tmp_path / "lite0_other")], f"{tmp_path / 'store'} already holds a different store"),
+    ]:
+        with pytest.raises(SystemExit) as exit_info:
+            build_main([*argv, "--transfer-set", "fashion-mnist:test?limit=4", "--views", "1", "--workers", "0",
+                        "--out", str(tmp_path / "store")])
+        err = capsys.readouterr().err.strip()
+        assert exit_info.value.code == 2 and "\n" not in err and err.startswith("reinforce.build: error: "), err
+        assert expected in err, err
+    assert not (tmp_path / "store.partial").exists()
+    assert open_store(tmp_path / "store").manifest.content.teacher.name == card.name  # the first store, untouched

@@ -244,6 +244,18 @@ def test_kl_is_zero_on_equal_logits():
     assert kl_divergence(logits, torch.log_softmax(logits, -1), 2.0).abs().item() < 1e-5  # shift invariant
 
 
+def test_kl_is_teacher_to_student_times_t_squared():
+    """``KL(p_teacher ‖ p_student)`` (mass where the teacher puts it), scaled by T² so gradients keep their size."""
+    student, teacher = torch.randn(6, 10), 3 * torch.randn(6, 10)
+    for temperature in (1.0, 2.0, 4.0):
+        p_s, p_t = (torch.softmax(x / temperature, -1) for x in (student, teacher))
+        forward = (p_t * (p_t.log() - p_s.log())).sum(-1).mean()
+        reverse = (p_s * (p_s.log() - p_t.log())).sum(-1).mean()
+        got = kl_divergence(student, teacher, temperature)
+        torch.testing.assert_close(got, temperature**2 * forward)
+        assert not torch.isclose(got, temperature**2 * reverse, rtol=1e-2)
+
+
 @pytest.mark.parametrize("case", ["missing_store", "unknown_student", "fingerprint", "unknown_target", "wrong_loss"])
 def test_errors_are_one_line(case, store_dir, tmp_path):
     store, student, extra = store_dir, STUDENT, []

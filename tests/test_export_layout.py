@@ -107,7 +107,7 @@ def trained(tmp_path_factory) -> Path:
            "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     _run(["-m", "train.teacher", "--backbone", "tf_efficientnet_lite0", "--data", "fashion-mnist:train", "--shots",
           "10", "--mode", "lp", "--size", "32", "--lp-views", "0", "--lp-steps", "100", "--folds", "0", "--name",
-          "lite0"], root, env)
+          "lite0", "--out-dir", "teachers"], root, env)
     _run(["-m", "reinforce.build", "--teacher", "teachers/lite0", "--transfer-set", "fashion-mnist:train?limit=512",
           "--views", "1", "--out", "store", "--workers", "0"], root, env, root / "build.log")
     _run(["-m", "train.distill", "--store", "store", "--student", "mobilenetv3_small_050", "--epochs", "2",
@@ -178,7 +178,7 @@ def test_open_clip_teacher_loads_with_open_clip_and_torch_only(tmp_path, monkeyp
     weights = random_weights("open_clip", "ViT-S-32", tmp_path / "tower.safetensors")
     teacher.main(["--library", "open_clip", "--backbone", "ViT-S-32", "--weights", weights, "--data",
                   "fashion-mnist:train", "--shots", "2", "--mode", "lp", "--size", "32", "--lp-steps", "3",
-                  "--lp-views", "0", "--folds", "0", "--name", "clip"])
+                  "--lp-views", "0", "--folds", "0", "--name", "clip", "--out-dir", "teachers"])
     assert sorted(p.name for p in (tmp_path / "teachers" / "clip").iterdir()) == [
         "head.safetensors", "model.safetensors", "teacher.json"]
     model, card = create_teacher("teachers/clip")

@@ -179,6 +179,8 @@ def test_recipes_plan_their_grids():
 def test_bad_recipe_is_one_line(tmp_path, capsys):
     recipe = tmp_path / "bad.yaml"
     recipe.write_text(yaml.safe_dump({**RECIPE, "finetune": {**RECIPE["finetune"], "out": "x"}}))
-    assert pipeline.main([str(recipe), "--run-dir", str(tmp_path / "run")]) == 2
+    with pytest.raises(SystemExit) as exit_info:
+        pipeline.main([str(recipe), "--run-dir", str(tmp_path / "run")])
+    assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("train.pipeline: error:") and "['out']" in err and "\n" not in err

@@ -95,7 +95,7 @@ def test_build_list_verify_and_train_on_s3(s3, lite0_teacher, tmp_path):
     copied, original = open_store("s3://stores/catalog/copy").manifest, open_store(local).manifest
     assert {f.path: f.sha256 for f in copied.files} == {f.path: f.sha256 for f in original.files}
     again = run("stores", "publish", str(local), "s3://stores/catalog/copy", env=env, check=False)
-    assert again.returncode == 1 and "already holds a published store" in again.stderr
+    assert again.returncode == 2 and "already holds a published store" in again.stderr
 
     offset = len(log.read_text())
     out = tmp_path / "student"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import io
+import re
 import subprocess
 import sys
 import tarfile
@@ -86,13 +87,22 @@ def test_folder_imagefolder_manifest_and_tar_agree(photo_tree, tmp_path):
     assert tuple(expected.shape[1:]) == PHOTOS["rocket"]().shape[:2]
 
 
-def test_bad_specs_name_the_problem(tmp_path):
-    with pytest.raises(ValueError, match="cannot open transfer set"):
+def test_bad_specs_name_the_problem(tmp_path, photo_dir):
+    """Every "cannot read this source" error names the spec forms a person can give instead."""
+    forms = re.escape(sources.SPEC_FORMS)
+    with pytest.raises(ValueError, match=f"cannot open transfer set 'nothing-here'.*{forms}"):
         open_source("nothing-here")
     with pytest.raises(ValueError, match="unknown source option"):
         open_source("fashion-mnist:test?shot=3")
-    with pytest.raises(FileNotFoundError, match="does not exist"):
+    with pytest.raises(FileNotFoundError, match=f"does not exist.*{forms}"):
         open_source(f"folder:{tmp_path / 'missing'}")
+    with pytest.raises(ValueError, match=f"images outside class directories.*folder:DIR.*{forms}"):
+        open_source(f"imagefolder:{photo_dir}")
+    with pytest.raises(ValueError, match=f"has no labels.*{forms}"):
+        open_source(f"{photo_dir}?shots=1")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match=f"no images .* found.*{forms}"):
+        open_source(str(tmp_path / "empty"))
 
 
 # --- the registry and the package-photo sources ---------------------------------------------------

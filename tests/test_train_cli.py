@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -23,12 +24,19 @@ HELD_OUT = "fashion-mnist:test?limit=300"
 
 
 @pytest.fixture(autouse=True)
-def _home(vfm_home, monkeypatch, tmp_path):
-    """Every test runs in its own directory, with the session's private $VFM_REINFORCE_HOME."""
+def _home(vfm_home, monkeypatch, tmp_path) -> Path:
+    """Every test runs in its own directory with its own $VFM_REINFORCE_HOME (the zoo ``train.teacher`` writes to),
+    sharing the session's converted Lite0 weights."""
     monkeypatch.chdir(tmp_path)
+    (vfm_home / "weights").mkdir(exist_ok=True)
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "weights").symlink_to(vfm_home / "weights", target_is_directory=True)
+    monkeypatch.setenv("VFM_REINFORCE_HOME", str(home))
+    return home
 
 
-def assert_same_weights(a: str, b: str) -> None:
+def assert_same_weights(a: str | Path, b: str | Path) -> None:
     first, second = load_file(a), load_file(b)
     assert first.keys() == second.keys()
     for name in first:
@@ -44,12 +52,16 @@ def _one_line_error(capsys, main, argv: list[str], prog: str) -> str:
     return err
 
 
-def test_lite0_linear_probe_beats_chance():
+def test_lite0_linear_probe_beats_chance(_home, capsys):
     card = teacher.main(["--backbone", "tf_efficientnet_lite0", "--data", "fashion-mnist:train", "--shots", "5",
                          "--mode", "lp", "--size", "32", "--lp-views", "1", "--lp-steps", "50", "--folds", "2",
                          "--name", "lite0_lp"])
     assert card.adaptation["mode"] == "lp" and 0 <= card.val_accuracy <= 1
-    model, loaded = create_teacher("teachers/lite0_lp")
+    # the zoo is written where lookups look first ($VFM_REINFORCE_HOME/teachers), not in ./teachers
+    assert (_home / "teachers" / "lite0_lp" / "teacher.json").is_file() and not Path("teachers").exists()
+    err = capsys.readouterr().err  # cross-validation and training say how far they are
+    assert "cv lp@32 fold 1/2: lp features: 40/40 view" in err and "lp@32 on all 50 images: lp head: 50/50 step" in err
+    model, loaded = create_teacher("lite0_lp")
     assert loaded.num_classes == 10 and loaded.mean == (0.5, 0.5, 0.5)
     metrics = evaluate_model(model, open_source(HELD_OUT), loaded.input_size)
     assert metrics["top1"] > 0.4, metrics  # chance is 0.1
@@ -64,7 +76,7 @@ def test_vfm_backbones_from_local_weights(tmp_path, random_weights, library, bac
     teacher.main(["--library", library, "--backbone", backbone, "--weights", weights, "--data",
                   "fashion-mnist:train", "--shots", "2", "--mode", mode, "--size", size, "--steps", "2",
                   "--batch-size", "5", "--lp-steps", "3", "--lp-views", "0", "--folds", folds, "--name", "vfm"])
-    model, card = create_teacher("teachers/vfm")
+    model, card = create_teacher("vfm")
     assert (card.library, card.backbone) == (library, backbone)
     if mode == "auto":
         assert set(card.adaptation["cv_accuracy"]) == {f"lp@{size}", f"ft@{size}"}
@@ -75,7 +87,8 @@ def test_vfm_backbones_from_local_weights(tmp_path, random_weights, library, bac
         teacher.main(["--library", library, "--backbone", backbone, "--weights", weights, "--data",
                       "fashion-mnist:train", "--shots", "2", "--mode", mode, "--size", size, "--lp-steps", "3",
                       "--lp-views", "0", "--folds", folds, "--name", "vfm_again"])
-        assert_same_weights("teachers/vfm/model.safetensors", "teachers/vfm_again/model.safetensors")
+        zoo = Path(os.environ["VFM_REINFORCE_HOME"]) / "teachers"
+        assert_same_weights(zoo / "vfm/model.safetensors", zoo / "vfm_again/model.safetensors")
 
 
 def test_labeled_only_baseline_and_evaluate(capsys):
@@ -159,7 +172,7 @@ def test_feature_distilled_student_gets_a_classifier():
 def test_frozen_teacher_needs_no_labels_and_task_teacher_skips_val():
     card = teacher.main(["--backbone", "tf_efficientnet_lite0", "--mode", "frozen", "--size", "32", "--name", "vfm"])
     assert (card.num_classes, card.class_names, card.adaptation["mode"]) == (0, (), "frozen")
-    model, loaded = create_teacher("teachers/vfm")
+    model, loaded = create_teacher("vfm")
     with torch.inference_mode():
         assert model.features(torch.zeros(2, 3, 32, 32, dtype=torch.uint8)).shape == (2, 1280)
     assert loaded.num_classes == 0
@@ -215,7 +228,7 @@ def test_build_warns_when_the_teacher_is_not_ahead_of_labels_only(strong, caplog
     assert (card.val_accuracy > baseline["val_top1"]) == strong
     build_main = __import__("reinforce.build", fromlist=["main"]).main
     with caplog.at_level("WARNING", logger="reinforce.build"):
-        assert build_main(["--teacher", "teachers/t", "--transfer-set", "fashion-mnist:test?limit=16", "--views", "1",
+        assert build_main(["--teacher", "t", "--transfer-set", "fashion-mnist:test?limit=16", "--views", "1",
                            "--out", "store", "--workers", "0"]) == 0
     warned = [r.getMessage() for r in caplog.records if "not ahead" in r.getMessage()]
     assert bool(warned) != strong
@@ -231,3 +244,28 @@ def test_auto_chooses_among_candidate_sizes_by_cross_validation():
     with pytest.raises(SystemExit):  # several sizes need auto to choose among them
         teacher.main(["--backbone", "tf_efficientnet_lite0", "--data", "fashion-mnist:train", "--shots", "2",
                       "--mode", "lp", "--size", "16,24", "--name", "fixed"])
+
+
+def test_a_class_folder_directory_is_labeled_data(photo_dir, capsys):
+    """``--data DIR`` with class subfolders is read as ``imagefolder:DIR`` (and says so); a flat one fails naming it."""
+    import shutil
+
+    from reinforce.sources import SPEC_FORMS
+
+    photos = sorted(photo_dir.glob("*.png"))
+    for i, photo in enumerate(photos):
+        (Path("labeled") / ("animal" if i % 2 else "thing")).mkdir(parents=True, exist_ok=True)
+        shutil.copy(photo, Path("labeled") / ("animal" if i % 2 else "thing") / photo.name)
+    card = teacher.main(["--backbone", "tf_efficientnet_lite0", "--data", "labeled", "--shots", "0", "--mode", "lp",
+                         "--size", "32", "--lp-views", "0", "--lp-steps", "5", "--folds", "0", "--name", "photos"])
+    assert card.class_names == ("animal", "thing") and card.adaptation["data"] == "imagefolder:labeled"
+    assert card.adaptation["train_images"] == len(photos)
+    err = capsys.readouterr().err
+    assert "reading labeled as imagefolder:labeled: 2 classes from its subfolders (animal, thing)" in err
+    result = evaluate.main(["--model", "photos", "--data", "labeled"])
+    assert result["num_images"] == len(photos) and result["data"] == "labeled"
+    assert "reading labeled as imagefolder:labeled" in capsys.readouterr().err
+    err = _one_line_error(capsys, finetune.main, ["--student", "mobilenetv3_small_050", "--size", "32", "--data",
+                                                  str(photo_dir), "--shots", "0", "--out", "x"], "train.finetune")
+    assert "is a plain directory of unlabeled images" in err and f"imagefolder:{photo_dir}" in err
+    assert SPEC_FORMS in err

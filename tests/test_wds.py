@@ -199,10 +199,11 @@ def test_truncated_transfer_set_tar_fails_before_work(lite0_teacher, photo_dir, 
             tar.add(photo, arcname=photo.name)
     shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
     out = tmp_path / "never"
-    code = build_main(["--teacher", str(lite0_teacher[2]), "--transfer-set", str(shard), "--format", "wds",
-                       "--out", str(out)])
+    with pytest.raises(SystemExit) as exit_info:
+        build_main(["--teacher", str(lite0_teacher[2]), "--transfer-set", str(shard), "--format", "wds",
+                    "--out", str(out)])
     error = capsys.readouterr().err.strip()
-    assert code == 2 and "\n" not in error and str(shard) in error and "truncated" in error, error
+    assert exit_info.value.code == 2 and "\n" not in error and str(shard) in error and "truncated" in error, error
     assert not out.exists() and not out.with_name("never.partial").exists()
 
 

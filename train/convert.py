@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 
 from reinforce.layout import LAYOUT_VERSION
 from reinforce.teachers import TeacherCard, TeacherModel, create_backbone, save_teacher
-from train.data import cli_errors
+from stores.cli import cli_errors, debug_flag
 from train.models import StudentCard, create_student, save_student
 
 __all__ = ["convert", "main"]
@@ -57,8 +57,8 @@ def convert(directory: str | os.PathLike) -> str:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="train.convert", description=__doc__.split("\n\n")[0])
     parser.add_argument("directories", nargs="+", metavar="DIR", help="student or teacher directory (layout 1)")
-    args = parser.parse_args(argv)
-    with cli_errors(parser.prog):
+    args = debug_flag(parser).parse_args(argv)
+    with cli_errors(parser.prog, args.debug):
         for directory in args.directories:
             print(f"train.convert: {directory}: {convert(directory)} directory now in timm's layout")
 

@@ -11,9 +11,8 @@ Example:
 
 from __future__ import annotations
 
-import contextlib
 import sys
-from collections.abc import Iterator
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -21,10 +20,10 @@ from torch.utils.data import DataLoader, Dataset
 from torchmetrics.classification import MulticlassAccuracy
 
 from reinforce.augment import RandAugCropFlip, eval_view
-from reinforce.sources import Source, open_source, with_query
+from reinforce.sources import IMAGE_SUFFIXES, SPEC_FORMS, Source, open_source, with_query
 
-__all__ = ["IN_MEMORY_LIMIT", "LabeledViews", "accuracy", "cli_errors", "evaluate_model", "labeled_classes",
-           "open_labeled", "predict"]
+__all__ = ["IN_MEMORY_LIMIT", "LabeledViews", "accuracy", "evaluate_model", "labeled_classes",
+           "labeled_spec", "open_labeled", "predict"]
 
 IN_MEMORY_LIMIT = 60_000  # images decoded once and kept (Fashion-MNIST train: ~140 MB as uint8)
 EPOCH_STRIDE = 1_000_003  # seed offset per epoch: epochs draw disjoint Philox keys
@@ -36,7 +35,8 @@ class LabeledViews(Dataset):
     def __init__(self, source: Source, size: int, *, train: bool, seed: int = 0,
                  policy: RandAugCropFlip | None = None):
         if source.labels is None:
-            raise ValueError(f"{source.spec!r} has no labels; training and evaluation need a labeled source")
+            raise ValueError(f"{source.spec!r} has no labels; training and evaluation need a labeled source "
+                             f"(spec forms: {SPEC_FORMS})")
         self.source, self.size, self.train, self.seed = source, size, train, seed
         self.policy = policy or RandAugCropFlip(size=size)
         self.labels = torch.as_tensor(source.labels, dtype=torch.long)
@@ -63,8 +63,28 @@ class LabeledViews(Dataset):
 
 def open_labeled(data: str, shots: int | None, seed: int) -> tuple[Source, tuple[str, ...]]:
     """The labeled few-shot part of ``data`` (all of it when ``shots`` is falsy) and its class names."""
+    data = labeled_spec(data)
     source = open_source(with_query(data, shots=shots, seed=seed, part="labeled") if shots else data)
     return source, labeled_classes(source)
+
+
+def labeled_spec(data: str) -> str:
+    """``data``, with a plain directory read as ``imagefolder:DIR`` (said in one line on stderr): a person with
+    labeled photos has them in class folders, and a plain directory is otherwise an unlabeled ``folder:``."""
+    base, _, query = data.partition("?")
+    root = Path(base)
+    if not root.is_dir():
+        return data
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir())
+    loose = sorted(p.name for p in root.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    if loose or not classes:
+        raise ValueError(f"{base!r} is a plain directory of unlabeled images (e.g. {', '.join(loose[:2]) or 'none'}"
+                         f"); labeled commands need labels: class subfolders read as imagefolder:{base} "
+                         f"(DIR/CLASS/image), or another labeled spec (spec forms: {SPEC_FORMS})")
+    shown = ", ".join(classes[:5]) + (", ..." if len(classes) > 5 else "")
+    print(f"reading {base} as imagefolder:{base}: {len(classes)} classes from its subfolders ({shown})",
+          file=sys.stderr)
+    return f"imagefolder:{base}" + (f"?{query}" if query else "")
 
 
 def labeled_classes(source: Source) -> tuple[str, ...]:
@@ -99,14 +119,3 @@ def accuracy(predictions: torch.Tensor, labels: torch.Tensor, num_classes: int) 
     top1 = MulticlassAccuracy(num_classes, average="micro")(predictions, labels)
     balanced = MulticlassAccuracy(num_classes, average="macro")(predictions, labels)
     return {"top1": float(top1), "balanced_accuracy": float(balanced)}
-
-
-@contextlib.contextmanager
-def cli_errors(prog: str) -> Iterator[None]:
-    """Turn a user error into one ``PROG: error: ...`` line and exit status 2, like argparse."""
-    try:
-        yield
-    except (ValueError, FileNotFoundError, ImportError) as error:
-        message = str(error).splitlines()[0] if str(error) else type(error).__name__
-        print(f"{prog}: error: {message}", file=sys.stderr)
-        raise SystemExit(2) from None

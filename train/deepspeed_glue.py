@@ -72,11 +72,10 @@ def load_config(path: str | os.PathLike | None) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
-def resolve_config(config: dict[str, Any], *, batch_size: int, lr: float, total_steps: int,
-                   warmup_steps: int | None = None) -> dict[str, Any]:
-    """Replace ``"auto"`` values with the run's; explicit values in the file win."""
+def resolve_config(config: dict[str, Any], *, batch_size: int, lr: float, total_steps: int) -> dict[str, Any]:
+    """Replace ``"auto"`` values with the run's (warmup: 5% of the steps); explicit values in the file win."""
     config = copy.deepcopy(config)
-    warmup = max(1, total_steps // 20) if warmup_steps is None else warmup_steps
+    warmup = max(1, total_steps // 20)
     _fill(config, ("train_micro_batch_size_per_gpu",), batch_size)
     _fill(config, ("optimizer", "params", "lr"), lr)
     _fill(config, ("scheduler", "params", "total_num_steps"), max(1, total_steps))

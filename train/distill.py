@@ -44,7 +44,8 @@ from torch.utils.data import BatchSampler, DataLoader, DistributedSampler
 from reinforce.progress import progress_bar
 from reinforce.replay import Replay, ReplayDataset, StreamReplay, open_replay
 from reinforce.teachers import TeacherModel, create_teacher
-from stores.store import StoreCorruptError, StoreFormatError, describe_mismatch
+from stores.cli import cli_errors, debug_flag
+from stores.store import describe_mismatch
 from train import deepspeed_glue
 from train.losses import DEFAULT_LOSS, DistillObjective, create_loss
 from train.models import Student, create_student, save_student
@@ -267,7 +268,8 @@ def _targets(text: str | None) -> tuple[tuple[str, ...] | None, dict[str, float]
     return tuple(names), weights
 
 
-def parse_args(argv: list[str] | None = None) -> DistillConfig:
+def parse_args(argv: list[str] | None = None) -> tuple[DistillConfig, bool]:
+    """The run's config and whether ``--debug`` was given."""
     parser = argparse.ArgumentParser(prog="python -m train.distill", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     defaults = DistillConfig(store="", student="", out="")
@@ -293,24 +295,21 @@ def parse_args(argv: list[str] | None = None) -> DistillConfig:
                         help="uncached ceiling: the store's teacher runs on a fresh view of every sample every step")
     parser.add_argument("--teacher", default=None, help="--online: the store's teacher (default: its zoo entry)")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # DeepSpeed
-    args = vars(parser.parse_args(argv))
+    args = vars(debug_flag(parser).parse_args(argv))
     args.pop("local_rank")  # the DeepSpeed launcher passes it and sets LOCAL_RANK, which init_distributed reads
     args["targets"], args["weights"] = _targets(args["targets"])
     args["losses"] = tuple(name.strip() for name in args.pop("loss").split(","))
-    return DistillConfig(**args)
+    debug = args.pop("debug")
+    return DistillConfig(**args), debug
 
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    config = parse_args(argv)
-    if config.epochs < 1 or config.temperature <= 0:
-        print("train.distill: error: --epochs must be >= 1 and --temperature > 0", file=sys.stderr)
-        return 2
-    try:
+    config, debug = parse_args(argv)
+    with cli_errors("train.distill", debug):
+        if config.epochs < 1 or config.temperature <= 0:
+            raise ValueError("--epochs must be >= 1 and --temperature > 0")
         stage = distill(config)
-    except (ValueError, FileNotFoundError, StoreCorruptError, StoreFormatError) as error:
-        print(f"train.distill: error: {error}", file=sys.stderr)
-        return 2
     if stage["steps"] and (torch.distributed.get_rank() if torch.distributed.is_initialized() else 0) == 0:
         print(f"student {config.out}: {stage['epochs']} epochs, {stage['steps']} steps")
     return 0

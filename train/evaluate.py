@@ -16,8 +16,8 @@ from typing import Any
 
 import numpy as np
 
-from reinforce.sources import open_source
-from train.data import accuracy, cli_errors, labeled_classes, predict
+from stores.cli import cli_errors, debug_flag
+from train.data import accuracy, open_labeled, predict
 from train.models import load_classifier
 
 __all__ = ["evaluate", "main"]
@@ -26,10 +26,9 @@ __all__ = ["evaluate", "main"]
 def evaluate(model_name: str, data: str, batch_size: int = 256, predictions: str | None = None) -> dict[str, Any]:
     """Top-1 / balanced accuracy of ``model_name`` at its own input size on ``data``; ``predictions``: a .npy path."""
     model, card = load_classifier(model_name)
-    source = open_source(data)
-    if len(labeled_classes(source)) != card.num_classes:
-        raise ValueError(f"{model_name!r} has {card.num_classes} classes but {data!r} has "
-                         f"{len(labeled_classes(source))}")
+    source, class_names = open_labeled(data, None, 0)
+    if len(class_names) != card.num_classes:
+        raise ValueError(f"{model_name!r} has {card.num_classes} classes but {data!r} has {len(class_names)}")
     predicted, labels = predict(model, source, card.input_size, batch_size)
     if predictions:
         Path(predictions).parent.mkdir(parents=True, exist_ok=True)
@@ -45,8 +44,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--out", help="also write the JSON here")
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--predictions", help="also write every image's predicted class here (.npy, int64)")
-    args = parser.parse_args(argv)
-    with cli_errors(parser.prog):
+    args = debug_flag(parser).parse_args(argv)
+    with cli_errors(parser.prog, args.debug):
         result = evaluate(args.model, args.data, args.batch_size, args.predictions)
     text = json.dumps(result, indent=1)
     print(text)

@@ -25,7 +25,8 @@ import time
 
 import torch
 
-from train.data import LabeledViews, cli_errors, open_labeled
+from stores.cli import cli_errors, debug_flag
+from train.data import LabeledViews, open_labeled
 from train.models import Student, StudentCard, create_student, load_student, save_student
 from train.optim import BestOnValidation, TrainSchedule, fit, split_labeled
 
@@ -116,8 +117,8 @@ def main(argv: list[str] | None = None) -> StudentCard:
                  "cooldown", "workers"):
         default = getattr(defaults, flag)
         parser.add_argument(f"--{flag.replace('_', '-')}", type=type(default), default=default)
-    args = vars(parser.parse_args(argv))
-    with cli_errors(parser.prog):
+    args = vars(debug_flag(parser).parse_args(argv))
+    with cli_errors(parser.prog, args.pop("debug")):
         card = finetune(FinetuneConfig(**args))
     last = card.history[-1]
     scored = "" if last.get("val_top1") is None else f", val top-1 {last['val_top1']:.2%} at step {last['best_step']}"

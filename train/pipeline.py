@@ -52,6 +52,7 @@ from typing import Any
 
 import yaml
 
+from stores.cli import cli_errors, debug_flag
 from train import report
 
 __all__ = ["METHODS", "Cell", "Planner", "Runner", "Step", "grid_cells", "load_recipe", "main", "run_grid"]
@@ -252,7 +253,7 @@ class Runner:
         started = time.perf_counter()
         code = _execute(step)
         if code:
-            raise RuntimeError(f"stage {step.stage} failed (exit status {code}): {step.command_line()}")
+            raise ChildProcessError(f"stage {step.stage} failed (exit status {code}): {step.command_line()}")
         seconds = round(time.perf_counter() - started, 1)
         record = {"stage": step.stage, "command": step.command_line(), "seconds": seconds}
         step.out.mkdir(parents=True, exist_ok=True)
@@ -404,9 +405,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=None,
                         help="override the recipe's seed (labeled draw, validation split, training; "
                              "{seed} in a transfer-set spec): repeat a run to measure the spread")
-    args = parser.parse_args(argv)
+    args = debug_flag(parser).parse_args(argv)
     start = time.perf_counter()
-    try:
+    with cli_errors("train.pipeline", args.debug):
         recipe = load_recipe(args.recipe)
         if args.seed is not None:
             recipe["seed"] = args.seed
@@ -414,9 +415,6 @@ def main(argv: list[str] | None = None) -> int:
             print_plan(recipe, Path(args.run_dir))
             return 0
         rows = run_grid(recipe, Path(args.run_dir))
-    except (RuntimeError, ValueError, FileNotFoundError) as error:
-        print(f"train.pipeline: error: {error}", file=sys.stderr)
-        return 2
     title = f"{Path(args.recipe).name}: top-1 on {recipe['test']}"
     total = round(time.perf_counter() - start, 1)
     files = report.write_report(rows, Path(args.run_dir), title=title,

@@ -26,6 +26,7 @@ from typing import Any
 import polars as pl
 
 from reinforce.teachers import TeacherCard, read_teacher_card
+from stores.cli import cli_errors, debug_flag
 from stores.location import Location
 from stores.store import read_manifest
 from train.models import read_student_card
@@ -339,7 +340,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m train.report", description=__doc__.split("\n\n")[0])
     parser.add_argument("run_dirs", nargs="+", help="train.pipeline run directories holding results.parquet")
     parser.add_argument("--spread", help="write the mean ± std over the runs to this markdown file")
-    args = parser.parse_args(argv)
+    args = debug_flag(parser).parse_args(argv)
+    with cli_errors("train.report", args.debug):
+        return _report(parser, args)
+
+
+def _report(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     missing = [d for d in args.run_dirs if not (Path(d) / "results.parquet").exists()]
     if missing:
         parser.error(f"{Path(missing[0]) / 'results.parquet'} does not exist; run python -m train.pipeline first")

@@ -37,6 +37,7 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
+from reinforce.progress import progress_bar
 from reinforce.sources import Source
 from reinforce.teachers import (
     TeacherCard,
@@ -44,10 +45,13 @@ from reinforce.teachers import (
     create_backbone,
     embedded_weights,
     load_backbone_weights,
+    load_hub_weights,
     native_size,
     save_teacher,
+    teacher_zoo,
 )
-from train.data import LabeledViews, cli_errors, evaluate_model, labeled_classes, open_labeled
+from stores.cli import cli_errors, debug_flag
+from train.data import LabeledViews, evaluate_model, labeled_classes, open_labeled
 from train.optim import TrainSchedule, fit, split_labeled
 
 __all__ = ["TeacherConfig", "adapt_teacher", "main"]
@@ -64,7 +68,8 @@ class TeacherConfig:
     name: str
     data: str | None = None  # labeled source spec; not needed for ``frozen``
     library: str = "timm"
-    weights: str = "embedded"
+    weights: str = "embedded"  # a local checkpoint (reinforce.teachers.CHECKPOINT_LAYOUTS) or "embedded"
+    pretrained: str | None = None  # instead of weights: the hub's ("default" or a pretrained tag; needs the network)
     shots: int | None = 10
     seed: int = 0
     mode: str = "auto"
@@ -77,7 +82,7 @@ class TeacherConfig:
     lp_views: int = 4  # augmented views per image added to the clean one for the probe
     folds: int = 5
     val_fraction: float = 0.0  # labeled images held out per class, never trained on (train.optim.split_labeled)
-    out_dir: str = "teachers"
+    out_dir: str | None = None  # None: reinforce.teachers.teacher_zoo(), where lookups look first
     baseline_student: str | None = None  # labels-only student scored on the same validation part
     baseline_size: int = 32
     baseline_steps: int = 600
@@ -98,7 +103,7 @@ def adapt_teacher(config: TeacherConfig) -> TeacherCard:
         raise ValueError("--baseline-student is scored on the validation part: set --val-fraction > 0")
     source, class_names = open_labeled(config.data, config.shots, config.seed)
     train_part, val_part = split_labeled(source, config.val_fraction, config.seed)
-    backbone, stats = _pretrained_backbone(config)
+    backbone, stats, weights = _pretrained_backbone(config)
     sizes = _sizes(config.size, backbone)
     if len(sizes) > 1 and config.mode != "auto":
         raise ValueError(f"--size {','.join(map(str, sizes))} gives candidates for --mode auto to choose among; "
@@ -110,12 +115,12 @@ def adapt_teacher(config: TeacherConfig) -> TeacherCard:
     mode, size = chosen.split("@")
     config = dataclasses.replace(config, size=int(size))
     started = time.perf_counter()
-    model = _train(mode, config, backbone, stats, train_part)
+    model = _train(mode, config, backbone, stats, train_part, f"{mode}@{config.size} on all {len(train_part)} images")
     seconds = round(time.perf_counter() - started, 1)
     val_top1 = None if val_part is None else evaluate_model(model, val_part, config.size)["top1"]
     adaptation = {
         "mode": mode, "data": source.spec, "shots": config.shots, "seed": config.seed,
-        "weights": Path(_weights_file(config)).name,
+        "weights": weights,
         "steps": config.steps if mode == "ft" else config.lp_steps, "lr": config.lr if mode == "ft" else config.lp_lr,
         "batch_size": config.batch_size, "lp_views": config.lp_views, "cv_accuracy": cv, "folds": config.folds,
         "val_fraction": config.val_fraction, "train_images": len(train_part), "val_top1": val_top1,
@@ -127,7 +132,11 @@ def adapt_teacher(config: TeacherConfig) -> TeacherCard:
                        num_classes=len(class_names), class_names=class_names, input_size=config.size,
                        mean=stats[0], std=stats[1], adaptation=adaptation,
                        val_accuracy=val_top1 if val_top1 is not None else cv.get(chosen))
-    return save_teacher(model, card, Path(config.out_dir) / config.name)
+    return save_teacher(model, card, _out_dir(config) / config.name)
+
+
+def _out_dir(config: TeacherConfig) -> Path:
+    return Path(config.out_dir) if config.out_dir else teacher_zoo()
 
 
 def _sizes(size: int | tuple[int, ...] | None, backbone: nn.Module) -> tuple[int, ...]:
@@ -142,7 +151,7 @@ def _labels_only_baseline(config: TeacherConfig) -> dict[str, object]:
     """The student trained on the labels alone (same train part), its best top-1 on the same val part."""
     from train.finetune import FinetuneConfig, finetune  # the labeled-only recipe, not a copy of it
 
-    out = Path(config.out_dir) / config.name / "labels_only"
+    out = _out_dir(config) / config.name / "labels_only"
     card = finetune(FinetuneConfig(data=config.data, out=str(out), student=config.baseline_student,
                                    shots=config.shots, seed=config.seed, size=config.baseline_size,
                                    steps=config.baseline_steps, batch_size=32, lr=config.baseline_lr,
@@ -154,13 +163,13 @@ def _labels_only_baseline(config: TeacherConfig) -> dict[str, object]:
 
 def _save_frozen(config: TeacherConfig) -> TeacherCard:
     """The pretrained backbone as it is, without a task head: features only, no labels involved."""
-    backbone, stats = _pretrained_backbone(config)
+    backbone, stats, weights = _pretrained_backbone(config)
     config = dataclasses.replace(config, size=_sizes(config.size, backbone)[0])
     model = TeacherModel(backbone, 0, *stats).eval()
-    adaptation = {"mode": "frozen", "weights": Path(_weights_file(config)).name, "train_images": 0}
+    adaptation = {"mode": "frozen", "weights": weights, "train_images": 0}
     card = TeacherCard(name=config.name, library=config.library, backbone=config.backbone, num_classes=0,
                        class_names=(), input_size=config.size, mean=stats[0], std=stats[1], adaptation=adaptation)
-    return save_teacher(model, card, Path(config.out_dir) / config.name)
+    return save_teacher(model, card, _out_dir(config) / config.name)
 
 
 def _weights_file(config: TeacherConfig) -> Path:
@@ -170,53 +179,63 @@ def _weights_file(config: TeacherConfig) -> Path:
             raise FileNotFoundError(f"weights file {config.weights!r} does not exist")
         return path
     if config.library != "timm" or config.backbone not in EMBEDDED:
-        raise ValueError(f"no embedded weights for {config.library} {config.backbone!r}; pass --weights FILE")
+        raise ValueError(f"no embedded weights for {config.library} {config.backbone!r}; pass --weights FILE "
+                         "(or --pretrained when online)")
     return embedded_weights(EMBEDDED[config.backbone])
 
 
-def _pretrained_backbone(config: TeacherConfig) -> tuple[nn.Module, tuple[tuple[float, ...], tuple[float, ...]]]:
-    """The loaded backbone and the mean/std its weights were trained with."""
+def _pretrained_backbone(config: TeacherConfig) -> tuple[nn.Module, tuple[tuple[float, ...], tuple[float, ...]], str]:
+    """The loaded backbone, the mean/std its weights were trained with, and where the weights came from."""
     backbone = create_backbone(config.library, config.backbone)
-    load_backbone_weights(backbone, _weights_file(config))
+    if config.pretrained:
+        tag = None if config.pretrained == "default" else config.pretrained
+        weights = load_hub_weights(backbone, config.library, config.backbone, tag)
+    else:
+        weights_file = _weights_file(config)
+        load_backbone_weights(backbone, weights_file)
+        weights = weights_file.name
     if config.library == "open_clip":
         from open_clip import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 
-        return backbone, (tuple(OPENAI_DATASET_MEAN), tuple(OPENAI_DATASET_STD))
+        return backbone, (tuple(OPENAI_DATASET_MEAN), tuple(OPENAI_DATASET_STD)), weights
     cfg = backbone.pretrained_cfg
-    return backbone, (tuple(cfg["mean"]), tuple(cfg["std"]))
+    return backbone, (tuple(cfg["mean"]), tuple(cfg["std"])), weights
 
 
-def _train(mode: str, config: TeacherConfig, backbone: nn.Module, stats, source: Source) -> TeacherModel:
-    """A fresh copy of the pretrained backbone, adapted by ``mode`` on ``source``."""
+def _train(mode: str, config: TeacherConfig, backbone: nn.Module, stats, source: Source, desc: str) -> TeacherModel:
+    """A fresh copy of the pretrained backbone, adapted by ``mode`` on ``source``; progress lines say ``desc``."""
     torch.manual_seed(config.seed)  # the head's init and dropout: a rerun gives the same teacher
     model = TeacherModel(copy.deepcopy(backbone), len(labeled_classes(source)), *stats)
     model = model.to(memory_format=torch.channels_last)
     if mode == "lp":
-        _fit_probe(model, source, config)
+        _fit_probe(model, source, config, desc)
     else:
         schedule = TrainSchedule(config.steps, config.lr, config.batch_size, seed=config.seed)
-        fit(model, LabeledViews(source, config.size, train=True, seed=config.seed), schedule, freeze_bn=True)
+        fit(model, LabeledViews(source, config.size, train=True, seed=config.seed), schedule, freeze_bn=True,
+            desc=f"{desc}: ft")
     return model.eval()
 
 
 @torch.inference_mode()
-def _probe_features(model: TeacherModel, source: Source, config: TeacherConfig) -> TensorDataset:
+def _probe_features(model: TeacherModel, source: Source, config: TeacherConfig, desc: str) -> TensorDataset:
     """Frozen features of the clean view plus ``lp_views`` augmented views of every image."""
     features, labels = [], []
-    for view_set in range(config.lp_views + 1):
-        dataset = LabeledViews(source, config.size, train=view_set > 0, seed=config.seed)
-        dataset.set_epoch(view_set)
-        for views, targets in torch.utils.data.DataLoader(dataset, batch_size=128):
-            features.append(model.features(views.contiguous(memory_format=torch.channels_last)))
-            labels.append(targets)
+    with progress_bar(total=len(source) * (config.lp_views + 1), desc=f"{desc}: lp features", unit="view") as bar:
+        for view_set in range(config.lp_views + 1):
+            dataset = LabeledViews(source, config.size, train=view_set > 0, seed=config.seed)
+            dataset.set_epoch(view_set)
+            for views, targets in torch.utils.data.DataLoader(dataset, batch_size=128):
+                features.append(model.features(views.contiguous(memory_format=torch.channels_last)))
+                labels.append(targets)
+                bar.update(len(targets))
     return TensorDataset(torch.cat(features), torch.cat(labels))
 
 
-def _fit_probe(model: TeacherModel, source: Source, config: TeacherConfig) -> None:
+def _fit_probe(model: TeacherModel, source: Source, config: TeacherConfig, desc: str) -> None:
     model.backbone.requires_grad_(False).eval()
-    dataset = _probe_features(model, source, config)
+    dataset = _probe_features(model, source, config, desc)
     schedule = TrainSchedule(config.lp_steps, config.lp_lr, batch_size=256, weight_decay=1e-4, seed=config.seed)
-    fit(model.head, dataset, schedule)
+    fit(model.head, dataset, schedule, desc=f"{desc}: lp head")
 
 
 def _cross_validate(mode: str, config: TeacherConfig, backbone: nn.Module, stats, source: Source) -> float:
@@ -224,7 +243,8 @@ def _cross_validate(mode: str, config: TeacherConfig, backbone: nn.Module, stats
     scores = []
     for fold, held_out in enumerate(_stratified_folds(source.labels, config.folds, config.seed)):
         train_part = source.subset(np.setdiff1d(np.arange(len(source)), held_out), f"{source.spec}#cv{fold}-train")
-        model = _train(mode, config, backbone, stats, train_part)
+        desc = f"cv {mode}@{config.size} fold {fold + 1}/{config.folds}"
+        model = _train(mode, config, backbone, stats, train_part, desc)
         scores.append(evaluate_model(model, source.subset(held_out, f"{source.spec}#cv{fold}"), config.size)["top1"])
     return float(np.mean(scores))
 
@@ -245,28 +265,36 @@ def main(argv: list[str] | None = None) -> TeacherCard:
     parser = argparse.ArgumentParser(prog="train.teacher", description=__doc__.split("\n\n")[0])
     parser.add_argument("--backbone", required=True, help="timm or open_clip model name")
     parser.add_argument("--library", default="timm", choices=("timm", "open_clip"))
-    parser.add_argument("--weights", default="embedded", help="local checkpoint, or 'embedded' (Lite0)")
+    weights = parser.add_mutually_exclusive_group()
+    weights.add_argument("--weights", default="embedded",
+                         help="local checkpoint (.safetensors or torch file: timm's keys, official DINOv2, an "
+                              "open_clip full model or visual tower), or 'embedded' (Lite0)")
+    weights.add_argument("--pretrained", nargs="?", const="default", default=None, metavar="TAG",
+                         help="the timm / open_clip hub's weights (optionally TAG); needs the network")
     parser.add_argument("--data", help="labeled source spec, e.g. fashion-mnist:train (not for --mode frozen)")
     parser.add_argument("--shots", type=int, default=10, help="labeled images per class (0: the whole source)")
     parser.add_argument("--mode", default="auto", choices=MODES)
     parser.add_argument("--name", required=True, help="zoo entry name (OUT_DIR/NAME)")
     parser.add_argument("--size", type=lambda text: tuple(int(v) for v in text.split(",")), default=None,
                         help="view size(s) in px (default: the backbone's pretrained size); several: auto chooses")
+    parser.add_argument("--out-dir", default=None,
+                        help="zoo directory (default: $VFM_REINFORCE_HOME/teachers, else ./teachers: where "
+                             "lookups look first)")
     parser.add_argument("--baseline-student", default=None,
                         help="also train this timm student on the labels alone and record its val top-1 "
                              "(reinforce.build warns when the teacher is not ahead of it)")
     defaults = TeacherConfig("", "")
     for flag in ("seed", "steps", "lr", "batch_size", "lp_steps", "lp_lr", "lp_views", "folds", "val_fraction",
-                 "out_dir", "baseline_size", "baseline_steps", "baseline_lr"):
+                 "baseline_size", "baseline_steps", "baseline_lr"):
         default = getattr(defaults, flag)
         parser.add_argument(f"--{flag.replace('_', '-')}", type=type(default), default=default)
-    args = vars(parser.parse_args(argv))
-    with cli_errors(parser.prog):
+    args = vars(debug_flag(parser).parse_args(argv))
+    with cli_errors(parser.prog, args.pop("debug")):
         card = adapt_teacher(TeacherConfig(**args))
     scores = {k: card.adaptation.get(k) for k in ("cv_accuracy", "val_top1") if card.adaptation.get(k) is not None}
     if "labels_only" in card.adaptation:
         scores["labels_only_val_top1"] = card.adaptation["labels_only"]["val_top1"]
-    print(f"train.teacher: wrote {Path(args['out_dir']) / card.name} (mode {card.adaptation['mode']}, "
+    print(f"train.teacher: wrote {_out_dir(TeacherConfig(**args)) / card.name} (mode {card.adaptation['mode']}, "
           f"size {card.input_size}"
           + "".join(f", {k} {v}" for k, v in scores.items()) + ")")
     return card
