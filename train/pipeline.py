@@ -236,8 +236,8 @@ class Planner:
 class Runner:
     """Makes each step's artifact once: in process (or a subprocess for ``train.distill``), then marks it done."""
 
-    def __init__(self, run_dir: Path):
-        self.run_dir = run_dir
+    def __init__(self, run_dir: Path, recipe: dict[str, Any] | None = None):
+        self.run_dir, self.recipe = run_dir, recipe
         self.log = run_dir / "steps.jsonl"
         self.run_id = f"{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}"  # groups one invocation's log lines
 
@@ -254,7 +254,8 @@ class Runner:
         if code:
             raise RuntimeError(f"stage {step.stage} failed (exit status {code}): {step.command_line()}")
         seconds = round(time.perf_counter() - started, 1)
-        record = {"stage": step.stage, "command": step.command_line(), "seconds": seconds}
+        record = {"stage": step.stage, "command": step.command_line(), "seconds": seconds,
+                  **({"recipe": self.recipe} if self.recipe else {})}  # the directory's lineage: what made it
         step.out.mkdir(parents=True, exist_ok=True)
         _atomic_write(marker, json.dumps(record, indent=1))
         self.note(step.stage, step.out, "ran", record["seconds"])
@@ -343,7 +344,7 @@ def teacher_row(shots: int, mode: str, planner: Planner, runner: Runner,
 def run_grid(recipe: dict[str, Any], run_dir: Path) -> list[dict[str, Any]]:
     """Every cell of the recipe's grid (finished cells are read back), then the teachers' reference rows."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    planner, runner, flops = Planner(recipe, run_dir), Runner(run_dir), report.FlopsCounter(run_dir)
+    planner, runner, flops = Planner(recipe, run_dir), Runner(run_dir, recipe), report.FlopsCounter(run_dir)
     rows = []
     for cell in grid_cells(recipe):
         done = run_dir / "cells" / f"{cell.key}-{planner.cell_hash(cell)}.json"

@@ -127,7 +127,7 @@ def adapt_teacher(config: TeacherConfig) -> TeacherCard:
                        num_classes=len(class_names), class_names=class_names, input_size=config.size,
                        mean=stats[0], std=stats[1], adaptation=adaptation,
                        val_accuracy=val_top1 if val_top1 is not None else cv.get(chosen))
-    return save_teacher(model, card, Path(config.out_dir) / config.name)
+    return save_teacher(model, card, Path(config.out_dir) / config.name, _weights_file(config))
 
 
 def _sizes(size: int | tuple[int, ...] | None, backbone: nn.Module) -> tuple[int, ...]:
@@ -160,7 +160,7 @@ def _save_frozen(config: TeacherConfig) -> TeacherCard:
     adaptation = {"mode": "frozen", "weights": Path(_weights_file(config)).name, "train_images": 0}
     card = TeacherCard(name=config.name, library=config.library, backbone=config.backbone, num_classes=0,
                        class_names=(), input_size=config.size, mean=stats[0], std=stats[1], adaptation=adaptation)
-    return save_teacher(model, card, Path(config.out_dir) / config.name)
+    return save_teacher(model, card, Path(config.out_dir) / config.name, _weights_file(config))
 
 
 def _weights_file(config: TeacherConfig) -> Path:
