@@ -20,7 +20,8 @@ part carved from the labeled images (never the test split); the task teacher is 
 that part too. An artifact is done when ``OUT/.pipeline-done.json`` exists, a cell when
 ``RUN/cells/KEY.json`` does: a rerun skips both, and ``RUN/steps.jsonl`` logs every step as ran or
 skipped. Writes ``RUN/results.json`` (every row, with each stage's wall time and the total),
-``RUN/results.parquet``, ``RUN/results.md`` and two plots (``train.report``).
+``RUN/results.parquet``, ``RUN/results.md``, two plots (``train.report``) and a ``card.md`` (``train.card``) in
+every row's model directory; a step's marker records the resolved recipe (its lineage).
 
 Each task-oriented row records its teacher's val top-1 and the labeled-only student's on the same
 validation images (``teacher_ahead``); a teacher that is not ahead is flagged, since distillation
@@ -52,7 +53,7 @@ from typing import Any
 
 import yaml
 
-from train import report
+from train import card, report
 
 __all__ = ["METHODS", "Cell", "Planner", "Runner", "Step", "grid_cells", "load_recipe", "main", "run_grid"]
 
@@ -314,7 +315,13 @@ def run_cell(cell: Cell, planner: Planner, runner: Runner, flops: report.FlopsCo
            "lr_grid": ",".join(f"{last_stage(s.out)['lr']:g}" for s in candidates),
            **{k: round(v, 1) for k, v in seconds.items()}, "model": str(chosen.out)}
     teacher, store = (upstream[0].out, upstream[1].out) if upstream else (None, None)
+    write_card(chosen.out, evaluation)
     return {**row, **flops.cell(teacher, store, chosen.out)}
+
+
+def write_card(model_dir: Path, evaluation: Step) -> None:
+    """``card.md`` in the row's model directory: its test metrics, lineage and history (``train.card``)."""
+    (model_dir / "card.md").write_text(card.render_card(model_dir, evaluation.out / "test.json"))
 
 
 def choose_on_validation(candidates: list[Step]) -> Step:
@@ -332,11 +339,12 @@ def teacher_row(shots: int, mode: str, planner: Planner, runner: Runner,
     record = runner.ensure(teacher)
     evaluation = planner.evaluation(teacher)
     eval_record = runner.ensure(evaluation)
-    metrics, card = report.read_json(evaluation.out / "test.json"), report.teacher_card(teacher.out)
+    metrics, teacher_card = report.read_json(evaluation.out / "test.json"), report.teacher_card(teacher.out)
     adapt = flops.teacher_adapt(teacher.out)
+    write_card(teacher.out, evaluation)
     return {"shots": shots, "transfer": None, "method": "teacher", "teacher_mode": mode,  # as its cells name it
             "top1": metrics["top1"], "balanced_accuracy": metrics["balanced_accuracy"],
-            "val_top1": card.val_accuracy, "lr": card.adaptation.get("lr"),
+            "val_top1": teacher_card.val_accuracy, "lr": teacher_card.adaptation.get("lr"),
             "teacher_seconds": record["seconds"], "eval_seconds": eval_record["seconds"], "model": str(teacher.out),
             "teacher_adapt_flops": adapt, "teacher_pass_flops": 0, "student_flops": 0, "compute_flops": adapt}
 
