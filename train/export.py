@@ -159,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--calibration", help="images to calibrate int8 on (default: the student's training data)")
     parser.add_argument("--out", help="output directory (default: the model directory)")
     parser.add_argument("--atol", type=float, default=1e-4, help="max abs logit difference allowed for fp32")
-    parser.add_argument("--min-int8-agreement", type=float, default=0.85, help="min top-1 agreement of int8")
+    parser.add_argument("--min-int8-agreement", type=float, default=0.7, help="min top-1 agreement of int8")
     args = parser.parse_args(argv)
     with cli_errors(parser.prog):
         report = export(args.model, args.data, out=args.out, int8=args.int8, calibration=args.calibration)
