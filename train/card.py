@@ -31,7 +31,7 @@ EVAL_FILES = ("eval.json", "test.json")
 
 
 def _table(rows: list[tuple[str, Any]]) -> list[str]:
-    return ["| | |", "| --- | --- |", *(f"| {key} | {value} |" for key, value in rows if value not in (None, ""))]
+    return ["| | |", "| --- | --- |", *(f"| {key} | {value} |" for key, value in rows if value)]
 
 
 def _summary(directory: Path) -> list[str]:
