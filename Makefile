@@ -37,6 +37,7 @@ bench: install data
 	$(PY) benchmarks/build.py
 	$(PY) benchmarks/loader.py
 	$(PY) benchmarks/kd_step.py
+	$(PY) benchmarks/deploy.py
 
 # how many cached views / logits per view are enough (reuses the teacher and store of `make demo`)
 views: install data

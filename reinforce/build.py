@@ -31,7 +31,6 @@ import json
 import logging
 import os
 import sys
-from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
 import numpy as np
@@ -45,6 +44,7 @@ from reinforce.teachers import TeacherCard, TeacherModel, create_teacher
 from stores.catalog import find_store
 from stores.cli import cli_errors, debug_flag
 from stores.codecs import Codec, EmbeddingCodec, PatchCodec, TopKLogitsCodec, create_codec
+from stores.lineage import library_version
 from stores.location import Location
 from stores.manifest import (
     WDS_FORMAT,
@@ -375,13 +375,6 @@ class UnitBuffer:
         fidelity = {target: fidelity_stats({m: torch.cat(v) for m, v in metrics.items()})
                     for target, metrics in self.fidelity.items()}
         writer.write_unit(unit, arrays, rows, fidelity)
-
-
-def library_version() -> str:
-    try:
-        return version("vfm-reinforce")
-    except PackageNotFoundError:
-        return "0+unknown"
 
 
 def _policy_arg(text: str) -> tuple[str, Any]:

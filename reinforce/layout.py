@@ -6,7 +6,9 @@ architecture, ``num_classes``, the ``model_args`` the network was built with, an
 ``timm.data.create_transform(**timm.data.resolve_data_config({}, model=m))`` the preprocessing of
 ``train.evaluate`` (``reinforce.augment.eval_view``, then ``normalize_views``). The card beside it
 (``student.json``, ``teacher.json``) keeps only what timm has no field for (lineage, history) and
-reads the task fields back from ``config.json``: one source of truth.
+reads the task fields back from ``config.json``: one source of truth. Its ``lineage`` holds the library
+and dependency versions that wrote the directory (plus, for a teacher, the source weights it was made of);
+``read_card`` leaves it out of the card and ``read_lineage`` returns it.
 
 Example:
     >>> write_json(directory / "config.json", timm_config("resnet10t", net, num_classes=10, ...))
@@ -23,9 +25,10 @@ from typing import Any
 from torch import nn
 
 from reinforce.augment import EVAL_PREPROCESSING
+from stores.lineage import dependency_versions
 
-__all__ = ["CONVERT_COMMAND", "LAYOUT_VERSION", "TASK_FIELDS", "read_card", "read_task_fields", "timm_config",
-           "write_card", "write_json"]
+__all__ = ["CONVERT_COMMAND", "LAYOUT_VERSION", "TASK_FIELDS", "read_card", "read_lineage", "read_task_fields",
+           "timm_config", "write_card", "write_json"]
 
 LAYOUT_VERSION = 2  # 1 (no field): every field in the card, weights under the wrapper's prefixes
 CONVERT_COMMAND = "python -m train.convert"
@@ -61,15 +64,23 @@ def write_json(path: str | os.PathLike, data: dict[str, Any]) -> None:
     Path(path).write_text(json.dumps(data, indent=1) + "\n")
 
 
-def write_card(path: str | os.PathLike, card: dict[str, Any]) -> None:
-    """The library's card, stamped with ``LAYOUT_VERSION``."""
-    write_json(path, {"layout_version": LAYOUT_VERSION, **card})
+def write_card(path: str | os.PathLike, card: dict[str, Any], lineage: dict[str, Any] | None = None) -> None:
+    """The library's card, stamped with ``LAYOUT_VERSION`` and its lineage: the versions writing it, ``lineage``."""
+    write_json(path, {"layout_version": LAYOUT_VERSION, **card,
+                      "lineage": {"versions": dependency_versions(), **(lineage or {})}})
+
+
+def read_lineage(path: str | os.PathLike) -> dict[str, Any]:
+    """The card's ``lineage`` (``{}`` for a directory written before lineage was recorded)."""
+    return json.loads(Path(path).read_text()).get("lineage", {})
 
 
 def read_card(path: str | os.PathLike) -> dict[str, Any]:
-    """A card without its stamp; one that predates this layout is refused with the command that converts it."""
+    """A card without its stamp and lineage; one that predates this layout is refused with the command that
+    converts it."""
     path = Path(path)
     card = json.loads(path.read_text())
+    card.pop("lineage", None)
     version = card.pop("layout_version", 1)
     if version != LAYOUT_VERSION:
         raise ValueError(f"{str(path.parent)!r} has model directory layout {version}, this version reads "

@@ -30,6 +30,7 @@ from torch import nn
 
 from reinforce.layout import TASK_FIELDS, read_card, read_task_fields, timm_config, write_card, write_json
 from reinforce.tensor_files import save_tensors
+from stores.location import Location
 from stores.manifest import TeacherCard
 
 __all__ = [
@@ -193,8 +194,10 @@ def tokens_to_map(tokens: torch.Tensor) -> torch.Tensor:
     return tokens.transpose(1, 2).reshape(tokens.shape[0], tokens.shape[2], side, side)
 
 
-def save_teacher(model: TeacherModel, card: TeacherCard, directory: str | os.PathLike) -> TeacherCard:
-    """Write a zoo entry in its library's layout; returns the card with the weights' sha256 filled in."""
+def save_teacher(model: TeacherModel, card: TeacherCard, directory: str | os.PathLike,
+                 weights_source: str | os.PathLike | None = None) -> TeacherCard:
+    """Write a zoo entry in its library's layout; returns the card with the weights' sha256 filled in.
+    ``weights_source``: the pretrained checkpoint it was made from, recorded by name and sha256 (lineage)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     for name, tensors in _layout_tensors(model, card.library).items():
@@ -206,7 +209,10 @@ def save_teacher(model: TeacherModel, card: TeacherCard, directory: str | os.Pat
         write_json(directory / "config.json",
                    timm_config(card.backbone, model.backbone, **task, model_args=model.backbone.model_args))
         on_disk = {k: v for k, v in on_disk.items() if k not in ("backbone", *TASK_FIELDS)}
-    write_card(directory / "teacher.json", on_disk)
+    source = Path(weights_source) if weights_source else None
+    source = {"weights_source": {"file": source.name, "sha256": Location(source.parent).sha256(source.name)}
+              } if source else {}
+    write_card(directory / "teacher.json", on_disk, source)
     return card
 
 

@@ -23,9 +23,9 @@ import numpy as np
 import zarr
 
 from reinforce.augment import AugParams, create_policy
-from reinforce.build import library_version
 from stores.cli import cli_errors, debug_flag
 from stores.codecs import TopKLogitsCodec
+from stores.lineage import library_version
 from stores.manifest import ArraySpec, PolicyRecord, StoreContent, TargetRecord, TeacherCard, TransferSetRecord
 from stores.store import ARRAYS_DIR, THETA, StoreManifest, StoreWriter
 

@@ -218,6 +218,9 @@ class StoreManifest:
     files: tuple[FileRecord, ...]
     library_version: str
     created_at: str
+    # the library and dependency versions that wrote the store (``stores.lineage``); outside the content, so
+    # they never change a store id, and optional, so stores written before they were recorded parse unchanged
+    versions: dict[str, str] = dataclasses.field(default_factory=dict)
 
     @property
     def num_samples(self) -> int:
@@ -236,7 +239,8 @@ class StoreManifest:
         return {"format_version": self.format_version, "store_id": self.store_id, "content": self.content.to_dict(),
                 "layout": dict(self.layout), "summary": self.summary,
                 "files": [dataclasses.asdict(f) for f in self.files],
-                "library_version": self.library_version, "created_at": self.created_at}
+                "library_version": self.library_version, "created_at": self.created_at,
+                **({"versions": dict(self.versions)} if self.versions else {})}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> StoreManifest:
@@ -245,7 +249,14 @@ class StoreManifest:
         return cls(format_version=int(data["format_version"]), store_id=str(data["store_id"]),
                    content=StoreContent.from_dict(data["content"]), layout=layout, summary=dict(data["summary"]),
                    files=tuple(FileRecord.from_dict(f, "manifest.files") for f in data["files"]),
-                   library_version=str(data["library_version"]), created_at=str(data["created_at"]))
+                   library_version=str(data["library_version"]), created_at=str(data["created_at"]),
+                   versions=_versions(data.get("versions", {})))
+
+
+def _versions(data: Any) -> dict[str, str]:
+    if not isinstance(data, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in data.items()):
+        raise ManifestError(f"manifest.versions: expected {{package: version}} strings, got {data!r}")
+    return dict(data)
 
 
 def _lineage(data: Any, where: str) -> dict[str, Any]:

@@ -29,6 +29,7 @@ import zarr
 import zarr.codecs
 
 from stores.codecs import Codec, create_codec
+from stores.lineage import dependency_versions
 from stores.location import Location
 from stores.manifest import (
     FORMAT_VERSION,
@@ -246,6 +247,7 @@ class StoreWriter:
             files=tuple(FileRecord(rel, size, self.partial.sha256(rel)) for rel, size in sorted(sizes.items())),
             library_version=library_version,
             created_at=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+            versions=dependency_versions(),
         )
         self.partial.write_text(MANIFEST, json.dumps(manifest.to_dict(), indent=1))
         self.partial.publish_to(self.location, last=MANIFEST)

@@ -135,7 +135,7 @@ def test_plain_timm_predicts_what_train_evaluate_predicts(trained):
     assert config["architecture"] == "mobilenetv3_small_050" and config["pretrained_cfg"]["input_size"] == [3, 32, 32]
     assert config["pretrained_cfg"]["label_names"][0] == "T-shirt/top"
     card = json.loads((trained / "student" / "student.json").read_text())
-    assert set(card) == {"layout_version", "history"}  # the task fields live in config.json only
+    assert set(card) == {"layout_version", "history", "lineage"}  # the task fields live in config.json only
 
 
 @pytest.mark.slow

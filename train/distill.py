@@ -221,7 +221,10 @@ def distill(config: DistillConfig) -> dict[str, Any]:
     if teacher is not None:
         teacher.to(engine.device)
     seen = _run_epochs(engine, replay, loader, config, start_epoch, identity, teacher)
-    stage = {"stage": "distill", "store_id": identity["store_id"], "targets": list(replay.targets), "losses": losses,
+    stage = {"stage": "distill", "store_id": identity["store_id"],
+             "teacher": {"name": content.teacher.name, "weights_sha256": content.teacher.weights_sha256},
+             "transfer_set": {"spec": content.transfer_set.spec, "fingerprint": content.transfer_set.fingerprint},
+             "targets": list(replay.targets), "losses": losses,
              "weights": objective.weights, "epochs": config.epochs, "temperature": config.temperature,
              "steps": int(engine.global_steps), "size": replay.size, "views": replay.views, "online": config.online,
              "resumed_from": {"epoch": start_epoch, "step": start_step} if start_epoch else None,

@@ -20,7 +20,8 @@ part carved from the labeled images (never the test split); the task teacher is 
 that part too. An artifact is done when ``OUT/.pipeline-done.json`` exists, a cell when
 ``RUN/cells/KEY.json`` does: a rerun skips both, and ``RUN/steps.jsonl`` logs every step as ran or
 skipped. Writes ``RUN/results.json`` (every row, with each stage's wall time and the total),
-``RUN/results.parquet``, ``RUN/results.md`` and two plots (``train.report``).
+``RUN/results.parquet``, ``RUN/results.md``, two plots (``train.report``) and a ``card.md`` (``train.card``) in
+every row's model directory; a step's marker records the resolved recipe (its lineage).
 
 Each task-oriented row records its teacher's val top-1 and the labeled-only student's on the same
 validation images (``teacher_ahead``); a teacher that is not ahead is flagged, since distillation
@@ -53,7 +54,7 @@ from typing import Any
 import yaml
 
 from stores.cli import cli_errors, debug_flag
-from train import report
+from train import card, report
 
 __all__ = ["METHODS", "Cell", "Planner", "Runner", "Step", "grid_cells", "load_recipe", "main", "run_grid"]
 
@@ -237,8 +238,8 @@ class Planner:
 class Runner:
     """Makes each step's artifact once: in process (or a subprocess for ``train.distill``), then marks it done."""
 
-    def __init__(self, run_dir: Path):
-        self.run_dir = run_dir
+    def __init__(self, run_dir: Path, recipe: dict[str, Any] | None = None):
+        self.run_dir, self.recipe = run_dir, recipe
         self.log = run_dir / "steps.jsonl"
         self.run_id = f"{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}"  # groups one invocation's log lines
 
@@ -255,7 +256,8 @@ class Runner:
         if code:
             raise ChildProcessError(f"stage {step.stage} failed (exit status {code}): {step.command_line()}")
         seconds = round(time.perf_counter() - started, 1)
-        record = {"stage": step.stage, "command": step.command_line(), "seconds": seconds}
+        record = {"stage": step.stage, "command": step.command_line(), "seconds": seconds,
+                  **({"recipe": self.recipe} if self.recipe else {})}  # the directory's lineage: what made it
         step.out.mkdir(parents=True, exist_ok=True)
         _atomic_write(marker, json.dumps(record, indent=1))
         self.note(step.stage, step.out, "ran", record["seconds"])
@@ -314,7 +316,13 @@ def run_cell(cell: Cell, planner: Planner, runner: Runner, flops: report.FlopsCo
            "lr_grid": ",".join(f"{last_stage(s.out)['lr']:g}" for s in candidates),
            **{k: round(v, 1) for k, v in seconds.items()}, "model": str(chosen.out)}
     teacher, store = (upstream[0].out, upstream[1].out) if upstream else (None, None)
+    write_card(chosen.out, evaluation)
     return {**row, **flops.cell(teacher, store, chosen.out)}
+
+
+def write_card(model_dir: Path, evaluation: Step) -> None:
+    """``card.md`` in the row's model directory: its test metrics, lineage and history (``train.card``)."""
+    (model_dir / "card.md").write_text(card.render_card(model_dir, evaluation.out / "test.json"))
 
 
 def choose_on_validation(candidates: list[Step]) -> Step:
@@ -332,11 +340,12 @@ def teacher_row(shots: int, mode: str, planner: Planner, runner: Runner,
     record = runner.ensure(teacher)
     evaluation = planner.evaluation(teacher)
     eval_record = runner.ensure(evaluation)
-    metrics, card = report.read_json(evaluation.out / "test.json"), report.teacher_card(teacher.out)
+    metrics, teacher_card = report.read_json(evaluation.out / "test.json"), report.teacher_card(teacher.out)
     adapt = flops.teacher_adapt(teacher.out)
+    write_card(teacher.out, evaluation)
     return {"shots": shots, "transfer": None, "method": "teacher", "teacher_mode": mode,  # as its cells name it
             "top1": metrics["top1"], "balanced_accuracy": metrics["balanced_accuracy"],
-            "val_top1": card.val_accuracy, "lr": card.adaptation.get("lr"),
+            "val_top1": teacher_card.val_accuracy, "lr": teacher_card.adaptation.get("lr"),
             "teacher_seconds": record["seconds"], "eval_seconds": eval_record["seconds"], "model": str(teacher.out),
             "teacher_adapt_flops": adapt, "teacher_pass_flops": 0, "student_flops": 0, "compute_flops": adapt}
 
@@ -344,7 +353,7 @@ def teacher_row(shots: int, mode: str, planner: Planner, runner: Runner,
 def run_grid(recipe: dict[str, Any], run_dir: Path) -> list[dict[str, Any]]:
     """Every cell of the recipe's grid (finished cells are read back), then the teachers' reference rows."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    planner, runner, flops = Planner(recipe, run_dir), Runner(run_dir), report.FlopsCounter(run_dir)
+    planner, runner, flops = Planner(recipe, run_dir), Runner(run_dir, recipe), report.FlopsCounter(run_dir)
     rows = []
     for cell in grid_cells(recipe):
         done = run_dir / "cells" / f"{cell.key}-{planner.cell_hash(cell)}.json"

@@ -132,7 +132,7 @@ def adapt_teacher(config: TeacherConfig) -> TeacherCard:
                        num_classes=len(class_names), class_names=class_names, input_size=config.size,
                        mean=stats[0], std=stats[1], adaptation=adaptation,
                        val_accuracy=val_top1 if val_top1 is not None else cv.get(chosen))
-    return save_teacher(model, card, _out_dir(config) / config.name)
+    return save_teacher(model, card, _out_dir(config) / config.name, _weights_file(config))
 
 
 def _out_dir(config: TeacherConfig) -> Path:
@@ -169,7 +169,7 @@ def _save_frozen(config: TeacherConfig) -> TeacherCard:
     adaptation = {"mode": "frozen", "weights": weights, "train_images": 0}
     card = TeacherCard(name=config.name, library=config.library, backbone=config.backbone, num_classes=0,
                        class_names=(), input_size=config.size, mean=stats[0], std=stats[1], adaptation=adaptation)
-    return save_teacher(model, card, _out_dir(config) / config.name)
+    return save_teacher(model, card, _out_dir(config) / config.name, _weights_file(config))
 
 
 def _weights_file(config: TeacherConfig) -> Path:

@@ -1,0 +1,130 @@
+"""What deploying the student instead of the teacher buys on this CPU: batch-1 latency and batch-B images/s.
+
+Why: the library exists to replace a large teacher by a small student at inference time. Measured side by
+side in one run: the exported student under onnxruntime (fp32, and int8 unless ``--no-int8``) and in torch,
+against the teacher (the embedded Lite0 at the default recipe's 64 px, with a 10-way head) in torch and
+under onnxruntime, every model fed real Fashion-MNIST eval views at its own input size, with the same number
+of threads. Each round times every variant in turn (interleaved, after a warm-up): batch-1 latency is the
+median of ``--calls`` single-image calls, throughput the median of ``--calls`` batches; the medians over
+rounds are printed with the teacher-torch / student ratios. Weights do not change speed, so without
+``--student`` a fresh student of the default architecture is exported; nothing is trained.
+
+Example:
+    python benchmarks/deploy.py --threads 2 --rounds 5 --calls 50 --batch-size 32
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from reinforce.teachers import TeacherModel, create_backbone, embedded_weights, load_backbone_weights
+from train.export import INPUT, export_onnx, quantize_int8, render_views, session
+from train.models import create_student, load_student
+
+DATA = "fashion-mnist:test?limit=256"
+
+
+def default_teacher() -> TeacherModel:
+    """The embedded Lite0 ImageNet backbone with a 10-way head, as the default recipe's teacher is."""
+    backbone = create_backbone("timm", "tf_efficientnet_lite0")
+    load_backbone_weights(backbone, embedded_weights("tf_efficientnet_lite0.in1k"))
+    return TeacherModel(backbone, 10, (0.5,) * 3, (0.5,) * 3).eval()
+
+
+def onnx_runner(model: torch.nn.Module, size: int, path: Path, threads: int, int8_from: np.ndarray | None = None):
+    """An onnxruntime call ``views -> logits`` of ``model`` exported to ``path`` (int8 if calibration given)."""
+    export_onnx(model, size, path)
+    if int8_from is not None:
+        path = quantize_int8(path, path.with_suffix(".int8.onnx"), int8_from)
+    run = session(path, threads)
+    return lambda views: run.run(None, {INPUT: views})[0]
+
+
+def torch_runner(model: torch.nn.Module) -> Callable[[np.ndarray], object]:
+    model = model.eval().to(memory_format=torch.channels_last)
+
+    def call(views: np.ndarray):
+        with torch.inference_mode():
+            return model(torch.from_numpy(views).contiguous(memory_format=torch.channels_last))
+    return call
+
+
+def median_seconds(call: Callable[[np.ndarray], object], views: np.ndarray, calls: int) -> float:
+    times = []
+    for _ in range(calls):
+        start = time.perf_counter()
+        call(views)
+        times.append(time.perf_counter() - start)
+    return float(np.median(times))
+
+
+def measure(variants: dict[str, tuple[Callable, np.ndarray]], rounds: int, calls: int, batch: int):
+    """``{name: (batch-1 latency s, images/s at batch)}``: medians over interleaved rounds, one warm-up first."""
+    latency = {name: [] for name in variants}
+    throughput = {name: [] for name in variants}
+    for round_index in range(rounds + 1):
+        for name, (call, views) in variants.items():
+            one = median_seconds(call, views[:1], calls)
+            many = median_seconds(call, views[:batch], max(3, calls // 4))
+            if round_index:  # round 0 warms up every variant
+                latency[name].append(one)
+                throughput[name].append(batch / many)
+    return {name: (float(np.median(latency[name])), float(np.median(throughput[name]))) for name in variants}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--student", help="student directory (default: a fresh mobilenetv3_small_050 at 32 px)")
+    parser.add_argument("--teacher-size", type=int, default=64)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--calls", type=int, default=50)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--no-int8", action="store_true")
+    args = parser.parse_args()
+    logging.disable(logging.WARNING)  # onnxruntime.quantization's advice to pre-process
+    torch.set_num_threads(args.threads)
+    if args.student:
+        student, card = load_student(args.student)
+    else:
+        student, card = create_student("mobilenetv3_small_050", class_names=tuple(map(str, range(10))), input_size=32)
+    teacher, teacher_size = default_teacher(), args.teacher_size
+    student_views, teacher_views = (render_views(DATA, size) for size in (card.input_size, teacher_size))
+    with tempfile.TemporaryDirectory() as tmp:
+        variants = {
+            "student onnxruntime fp32": (onnx_runner(student, card.input_size, Path(tmp, "s.onnx"), args.threads),
+                                         student_views),
+            "student torch": (torch_runner(student), student_views),
+            "teacher torch": (torch_runner(teacher), teacher_views),
+            "teacher onnxruntime fp32": (onnx_runner(teacher, teacher_size, Path(tmp, "t.onnx"), args.threads),
+                                         teacher_views)}
+        if not args.no_int8:
+            calibration = render_views("fashion-mnist:train?limit=256", card.input_size)
+            variants["student onnxruntime int8"] = (onnx_runner(student, card.input_size, Path(tmp, "s8.onnx"),
+                                                                args.threads, calibration), student_views)
+        results = measure(variants, args.rounds, args.calls, args.batch_size)
+    print(f"{card.arch} at {card.input_size} px vs tf_efficientnet_lite0 at {teacher_size} px, {args.threads} "
+          f"threads, medians of {args.rounds} interleaved rounds")
+    reference_latency, reference_throughput = results["teacher torch"]
+    print(f"{'variant':28s} {'batch-1 ms':>10s} {'img/s @' + str(args.batch_size):>11s} "
+          f"{'latency x':>10s} {'throughput x':>13s}")
+    for name, (latency, throughput) in results.items():
+        print(f"{name:28s} {latency * 1e3:10.2f} {throughput:11.0f} {reference_latency / latency:10.2f} "
+              f"{throughput / reference_throughput:13.2f}")
+    student_latency, student_throughput = results["student onnxruntime fp32"]
+    teacher_ort_latency, teacher_ort_throughput = results["teacher onnxruntime fp32"]
+    print(f"exported student vs teacher (torch): {reference_latency / student_latency:.1f}x lower batch-1 latency, "
+          f"{student_throughput / reference_throughput:.1f}x the images/s; vs teacher (onnxruntime): "
+          f"{teacher_ort_latency / student_latency:.1f}x, {student_throughput / teacher_ort_throughput:.1f}x")
+
+
+if __name__ == "__main__":
+    main()
