@@ -21,8 +21,8 @@ from typing import Any
 
 from reinforce.layout import read_card, read_lineage, read_task_fields
 from reinforce.teachers import read_teacher_card
+from stores.cli import cli_errors, debug_flag
 from stores.store import open_store
-from train.data import cli_errors
 
 __all__ = ["main", "render_card"]
 
@@ -152,8 +152,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("directory", help="student directory, teacher zoo entry or store")
     parser.add_argument("--eval", help="evaluation json (train.evaluate --out; default DIR/eval.json, DIR/test.json)")
     parser.add_argument("--out", help="write the card here instead of stdout")
-    args = parser.parse_args(argv)
-    with cli_errors(parser.prog):
+    args = debug_flag(parser).parse_args(argv)
+    with cli_errors(parser.prog, args.debug):
         text = render_card(args.directory, args.eval)
     if args.out:
         Path(args.out).write_text(text)

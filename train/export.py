@@ -33,8 +33,8 @@ from reinforce.augment import eval_view
 from reinforce.layout import write_json
 from reinforce.sources import open_source
 from reinforce.teachers import resolve_teacher
+from stores.cli import cli_errors, debug_flag
 from stores.lineage import dependency_versions
-from train.data import cli_errors
 from train.models import load_classifier
 
 __all__ = ["check_onnx", "export", "export_onnx", "main", "preprocessing", "quantize_int8", "render_views"]
@@ -160,8 +160,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", help="output directory (default: the model directory)")
     parser.add_argument("--atol", type=float, default=1e-4, help="max abs logit difference allowed for fp32")
     parser.add_argument("--min-int8-agreement", type=float, default=0.7, help="min top-1 agreement of int8")
-    args = parser.parse_args(argv)
-    with cli_errors(parser.prog):
+    args = debug_flag(parser).parse_args(argv)
+    with cli_errors(parser.prog, args.debug):
         report = export(args.model, args.data, out=args.out, int8=args.int8, calibration=args.calibration)
     print(json.dumps(report, indent=1))
     failures = [f"fp32 max abs diff {report['fp32']['max_abs_diff']:.2e} > {args.atol:g}"
