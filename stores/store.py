@@ -210,7 +210,11 @@ class StoreWriter:
         span = self.unit_range(unit)
         group = zarr.open_group(self.partial.zarr_store(ARRAYS_DIR, read_only=False), mode="r+")
         for name in self.arrays:
-            group[name][span.start: span.stop] = arrays[name]
+            array = group[name]
+            # an uncommitted unit's shard is what a killed write left (cut short): never let zarr read it back
+            shard = array.metadata.encode_chunk_key((unit,) + (0,) * (array.ndim - 1))
+            self.partial.remove(f"{ARRAYS_DIR}/{name}/{shard}")
+            array[span.start: span.stop] = arrays[name]
 
     def _seal(self) -> None:
         """After the last unit, before checksums: what readers of this format open first."""

@@ -29,7 +29,7 @@ from reinforce.replay import open_replay
 from reinforce.teachers import TeacherCard, TeacherModel, create_backbone, save_teacher
 from stores import StoreCorruptError, open_store
 from stores.__main__ import main as stores_main
-from stores.store import ARRAYS_DIR, array_paths
+from stores.store import ARRAYS_DIR, StoreWriter, array_paths
 
 FMNIST = "fashion-mnist:test?limit=24"
 ALL_TARGETS = ("logits", "embedding", "patch")
@@ -232,8 +232,24 @@ def test_sigkill_resume_matches_uninterrupted(lite0_teacher, tmp_path):
         time.sleep(0.005)
     process.wait()
     assert process.returncode == -signal.SIGKILL, "the build finished before it could be killed"
+    committed = {int(p.stem) for p in commits.glob("*.json")}
     assert 0 < len(committed) < 6 and not out.exists()
-    subprocess.run(command, check=True, capture_output=True, env=env)
+    torn = min(set(range(6)) - committed)  # what a kill inside a unit's write leaves: shards cut short, no marker
+    partial = zarr.open_group(out.with_name("resumed.partial") / ARRAYS_DIR, mode="r")
+    for name, array in partial.members(max_depth=None):
+        if isinstance(array, zarr.Array):
+            shard = out.with_name("resumed.partial") / ARRAYS_DIR / name / "c" / str(torn) / "/".join(
+                ["0"] * (array.ndim - 1))
+            shard.parent.mkdir(parents=True, exist_ok=True)
+            shard.write_bytes(b"\x00" * 100)
+    forwards: list[int] = []  # rows of every real teacher forward of the rerun (the meta shape pass excluded)
+    hook = model.backbone.conv_stem.register_forward_pre_hook(
+        lambda _, args: None if args[0].is_meta else forwards.append(len(args[0])))
+    try:
+        build(small_config(card, spec, out, batch_size=32), teacher=(model, card))
+    finally:
+        hook.remove()
+    assert sum(forwards) == (96 - 16 * len(committed)) * 2, "the rerun recomputed committed units or skipped some"
 
     reference = tmp_path / "reference"
     build(small_config(card, spec, reference, batch_size=32), teacher=(model, card))
@@ -248,6 +264,24 @@ def test_sigkill_resume_matches_uninterrupted(lite0_teacher, tmp_path):
         resumed, expected = (group[name][:] for group in groups)
         assert np.array_equal(resumed, expected), f"{name} differs after resume"
     assert resumed_store.samples.equals(reference_store.samples)
+
+
+def test_partial_build_with_other_settings_is_refused(lite0_teacher, tmp_path, capsys):
+    """An interrupted 2-view build is not resumed by a 4-view command: one line names the difference."""
+    zoo = lite0_teacher[2]
+    args = ["--teacher", str(zoo), "--transfer-set", FMNIST, "--workers", "0"]
+    assert build_main([*args, "--views", "2", "--out", str(tmp_path / "two")]) == 0
+    two = open_store(tmp_path / "two").manifest
+    out = tmp_path / "store"
+    StoreWriter(out, two.content, **two.layout).create()  # the 2-view build, interrupted before any unit
+    args += ["--out", str(out)]
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_:
+        build_main([*args, "--views", "4"])
+    error = capsys.readouterr().err.strip()
+    assert exit_.value.code == 2 and "\n" not in error
+    assert "holds an interrupted build with different settings" in error and "content.views: 2 != 4" in error, error
+    assert not out.exists()
 
 
 def test_corrupt_images_are_skipped(lite0_teacher, photo_dir, tmp_path):
