@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from reinforce.augment import eval_view
 from reinforce.build import BuildConfig, build
@@ -24,7 +25,7 @@ from reinforce.replay import open_replay
 from reinforce.sources import open_source
 from reinforce.teachers import create_teacher
 from stores.store import open_store
-from train.deepspeed_glue import load_config
+from train.deepspeed_glue import default_config, load_config
 from train.distill import DistillConfig, build_objective
 from train.losses import kl_divergence
 from train.models import create_student, load_student
@@ -106,6 +107,27 @@ def test_deepspeed_launcher_runs_distill(store_dir, tmp_path):
     rank0, rank1 = (np.load(out / f"rank{r}_samples.npy") for r in range(2))
     assert rank0.shape == rank1.shape == (1, SAMPLES // 2 // BATCH * BATCH) and not set(rank0[0]) & set(rank1[0])
     assert json.loads((out / "student.json").read_text())["history"][-1]["world_size"] == 2
+
+
+@pytest.mark.slow
+def test_resume_restores_weights_and_optimizer_state(store_dir, tmp_path):
+    """1 epoch, then a rerun to 2 epochs, ends with the same weights, bit for bit, as 2 epochs in one run (the
+    schedule's length fixed in the DeepSpeed config, so it does not depend on --epochs): the checkpoint restored
+    the weights, the AdamW moments, the schedule position and the data order, on 2 ranks kept in sync."""
+    steps = 2 * (SAMPLES // 2 // BATCH)
+    config = default_config(cuda=False)
+    config["scheduler"]["params"].update(total_num_steps=steps, warmup_num_steps=steps // 8)
+    (tmp_path / "ds.json").write_text(json.dumps(config))
+    resumed, straight = tmp_path / "resumed", tmp_path / "straight"
+    for out, epochs in ((resumed, 1), (resumed, 2), (straight, 2)):
+        run = _distill(store_dir, out, epochs, "--deepspeed", str(tmp_path / "ds.json"))
+        assert run.returncode == 0, run.stderr[-3000:]
+    assert json.loads((resumed / "student.json").read_text())["history"][-1]["resumed_from"]["epoch"] == 1
+    final = [load_file(str(out / "model.safetensors")) for out in (resumed, straight)]
+    assert final[0].keys() == final[1].keys()
+    for name in final[0]:
+        assert torch.equal(final[0][name], final[1][name]), f"{name} differs after resume"
+    assert (resumed / "log.jsonl").read_text() == (straight / "log.jsonl").read_text()
 
 
 @pytest.mark.slow
