@@ -214,6 +214,12 @@ def retrieve(config: RetrieveConfig) -> Retrieval:
     """Run the retrieval of ``config``: write the manifest ``config.out`` and ``OUT.report.json``; return the report."""
     _check(config)
     views = config.crops if config.level == "crop" else 1
+    gallery_images = len(open_source(config.gallery))
+    if gallery_images == 0:
+        raise ValueError(f"gallery {config.gallery!r} holds no images")
+    if gallery_images * views < config.size:
+        raise ValueError(f"--size {config.size} exceeds the gallery's {gallery_images} images x {views} crops; "
+                         "use a smaller --size, more --crops or a larger gallery")
     queries = embed(config.queries, "image", 1, config)
     gallery = embed(config.gallery, config.level, views, config)
     images = gallery if config.level == "image" else embed(config.gallery, "image", 1, config)
@@ -260,11 +266,13 @@ def _report(config: RetrieveConfig, chosen: Selection, cleaning: Cleaning, galle
     leaks = [{"gallery_index": i, "gallery_uri": str(gallery.source.uris[i]), "similarity": sim,
               "task_spec": task_rows[row][0], "task_uri": task_rows[row][1]}
              for i, (sim, row) in sorted(cleaning.nearest_task.items()) if i in cleaning.leaks]
+    duplicates = [{"gallery_index": i, "gallery_uri": str(gallery.source.uris[i]), "kept_index": cleaning.root(i),
+                   "kept_uri": str(gallery.source.uris[cleaning.root(i)])} for i in sorted(cleaning.duplicates)]
     counts = chosen.per_query
     return {"config": dataclasses.asdict(config), "size": len(chosen.items), "k": chosen.k,
             "per_query": {"min": int(counts.min()), "max": int(counts.max()), "counts": counts.tolist()},
             "images": len(np.unique(chosen.items // (config.crops if config.level == "crop" else 1))),
-            "duplicates_removed": len(cleaning.duplicates),
+            "duplicates_removed": len(duplicates), "duplicates": duplicates,
             "leaks_found": len(leaks), "leaks_removed": 0 if config.keep_leaks else len(leaks), "leaks": leaks}
 
 
