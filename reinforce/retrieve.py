@@ -134,7 +134,8 @@ def embed(spec: str, level: str, views: int, config: RetrieveConfig) -> Embedded
 @dataclasses.dataclass(frozen=True)
 class Selection:
     """``size`` unique gallery items (``image * views + crop``, sorted), each with its best kept (query, rank) pair
-    (-1 for ``random``) and similarity; k reached and kept neighbours per query (query-balanced: k or k-1)."""
+    and similarity (``random``: the nearest query, rank -1); k reached and items per query (query-balanced: k or
+    k-1 each)."""
 
     items: np.ndarray  # int64 [size]
     query: np.ndarray  # int64 [size]
@@ -153,7 +154,7 @@ def select(strategy: str, index: Any, gallery: np.ndarray, queries: np.ndarray, 
     if strategy == "random":
         items = np.sort(rng.choice(np.flatnonzero(allowed), size, replace=False))
         sims, query = make_index(queries).search(gallery[items], 1)
-        return Selection(items, query[:, 0], np.zeros(size, np.int64), sims[:, 0], 0,
+        return Selection(items, query[:, 0], np.full(size, -1), sims[:, 0], 0,
                          np.bincount(query[:, 0], minlength=len(queries)))
     k = max(1, math.ceil(size / len(queries)))
     while True:
@@ -213,6 +214,7 @@ def clean(cleaning: Cleaning, chosen: np.ndarray, images: np.ndarray, task: np.n
 def retrieve(config: RetrieveConfig) -> Retrieval:
     """Run the retrieval of ``config``: write the manifest ``config.out`` and ``OUT.report.json``; return the report."""
     _check(config)
+    _check_classes(open_source(config.queries))
     views = config.crops if config.level == "crop" else 1
     gallery_images = len(open_source(config.gallery))
     if gallery_images == 0:
@@ -257,6 +259,17 @@ def _check(config: RetrieveConfig) -> None:
     ]
     if problems:
         raise ValueError("bad retrieval settings: " + "; ".join(problems))
+
+
+def _check_classes(queries: Source) -> None:
+    """A labeled query set must show every class: query-balanced retrieval finds nothing for a class without queries."""
+    if queries.labels is None or not queries.class_names:
+        return
+    absent = sorted(set(range(len(queries.class_names))) - set(queries.labels.tolist()))
+    if absent:
+        names = ", ".join(queries.class_names[c] for c in absent[:10])
+        raise ValueError(f"query set {queries.spec!r} has no images of {len(absent)} of its {len(queries.class_names)} "
+                         f"classes ({names}); give every class queries, e.g. ?shots=5&part=labeled")
 
 
 def _report(config: RetrieveConfig, chosen: Selection, cleaning: Cleaning, gallery: Embedded,

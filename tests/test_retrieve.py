@@ -187,11 +187,12 @@ def test_mean_of_encoder_cosines():
     (["--gallery", "fashion-mnist:train?limit=0"], "holds no images"),
     (["--size", "100000"], "exceeds the gallery's"),
     (["--encoders", "embedded,embedded"], "names one twice"),
+    (["--queries", "fashion-mnist:train?limit=5"], "has no images of"),
 ])
 def test_bad_input_is_one_line(capsys, gallery, retrieved, tmp_path, args, message):
     out, _, _ = retrieved
     argv = ["--queries", QUERIES, "--gallery", gallery["spec"], "--workers", "0", "--out", str(tmp_path / "x.parquet"),
-            "--crops", str(CROPS), "--cache", str(out.parent / "retrieval-cache"), *args]
+            "--size", str(SIZE), "--crops", str(CROPS), "--cache", str(out.parent / "retrieval-cache"), *args]
     with pytest.raises(SystemExit) as exit_info:
         retrieve_main(argv)
     err = capsys.readouterr().err.strip().splitlines()
