@@ -14,8 +14,8 @@ import numpy as np
 
 from reinforce.progress import progress_bar
 
-__all__ = ["INDEX_KINDS", "STRATEGIES", "best_matches", "combine", "make_index", "neighbours", "query_balanced",
-           "similar_pairs"]
+__all__ = ["INDEX_KINDS", "STRATEGIES", "MaxSimilarity", "best_matches", "combine", "make_index", "neighbours",
+           "query_balanced", "similar_pairs", "unit_rows"]
 
 INDEX_KINDS = ("flat", "ivfpq")
 STRATEGIES = ("query-balanced", "best-matches", "random")
@@ -127,3 +127,25 @@ def similar_pairs(vectors: np.ndarray, threshold: float) -> np.ndarray:
     rows = np.repeat(np.arange(len(vectors)), np.diff(lims.astype(np.int64)))
     pairs = np.stack([rows, found], axis=1)
     return pairs[(pairs[:, 0] < pairs[:, 1]) & (sims > threshold)]
+
+
+class MaxSimilarity:
+    """Nearest rows of a base set under the largest per-encoder cosine similarity: seed paper B.4 calls an image a
+    possible leak when any of its encoders finds it near a task image. ``bases``: unit rows ``[n, D_e]`` per encoder."""
+
+    def __init__(self, bases: list[np.ndarray]):
+        self.bases = bases
+        self.indexes = [make_index(base) for base in bases]
+
+    def nearest(self, queries: list[np.ndarray], k: int) -> tuple[np.ndarray, np.ndarray]:
+        """The ``k`` nearest base rows of each query (``[F, D_e]`` per encoder): similarities float32 ``[F, k]`` and
+        rows int64 ``[F, k]``, best first; candidates are each encoder's own top k."""
+        k = min(k, len(self.bases[0]))
+        rows = np.concatenate([index.search(q, k)[1] for index, q in zip(self.indexes, queries)], axis=1)
+        sims = np.max([np.einsum("fd,fcd->fc", q, base[rows]) for q, base in zip(queries, self.bases)], axis=0)
+        best_rows, best_sims = np.zeros((len(rows), k), np.int64), np.zeros((len(rows), k), np.float32)
+        for i, (row, sim) in enumerate(zip(rows, sims)):
+            unique, first = np.unique(row, return_index=True)
+            order = np.argsort(-sim[first], kind="stable")[:k]
+            best_rows[i], best_sims[i] = unique[order], sim[first][order]
+        return best_sims, best_rows

@@ -5,10 +5,11 @@ The gallery is any source; at crop level each image gives C RandomResizedCrop cr
 ``rrc_flip`` θ record, so a retrieved crop is (image, θ) and no pixels are stored. Every embedding (gallery crops,
 gallery images, queries, task images) is a ``reinforce.build`` store with the ``embedding`` target only, named by its
 store id under ``--cache``: retrieving again with other queries or sizes runs no encoder over the gallery.
-Retrieved source images more similar than 0.99 to each other are duplicates (one kept per union-find group);
-those more similar than 0.95 to any ``--exclude`` task image are leaks (removed unless ``--keep-leaks``, and
-listed in ``OUT.report.json`` with their nearest task image). Removed items are replaced by searching again, so
-the manifest holds exactly ``--size`` crops; ``reinforce.build --transfer-set OUT`` builds on the crops.
+Similarity is the mean of the encoders' cosine similarities (B.2). Retrieved source images more similar than 0.99
+to each other are duplicates (one kept per union-find group, B.3); those more similar than 0.95 to any ``--exclude``
+task image under any encoder are possible leaks (B.4: removed unless ``--keep-leaks``, and listed in
+``OUT.report.json`` with their 5 nearest task images for a visual check). Removed items are replaced by searching
+again, so the manifest holds exactly ``--size`` crops; ``reinforce.build --transfer-set OUT`` builds on the crops.
 
 Example:
     python -m reinforce.retrieve --queries "fashion-mnist:train?shots=10&part=labeled" --gallery photo-crops:20000 \
@@ -32,12 +33,14 @@ import numpy as np
 from reinforce._search import (
     INDEX_KINDS,
     STRATEGIES,
+    MaxSimilarity,
     best_matches,
     combine,
     make_index,
     neighbours,
     query_balanced,
     similar_pairs,
+    unit_rows,
 )
 from reinforce.augment import CropFlip, create_policy
 from reinforce.build import BuildConfig, build, make_codecs, store_content
@@ -52,6 +55,7 @@ __all__ = ["EMBEDDED", "Retrieval", "RetrieveConfig", "main", "retrieve"]
 log = logging.getLogger(__name__)
 
 EMBEDDED = "embedded"  # the embedded Lite0 ImageNet model, no zoo entry needed
+NEAREST_TASK = 5  # task images listed per possible leak, for the visual check B.4 asks for
 LEVELS = {  # rrc_flip arguments: crop level (RandomResizedCrop, scale 0.08-1) or image level (square centre crop)
     "crop": {"scale": [0.08, 1.0], "flip_prob": 0.0},
     "image": {"scale": [1.0, 1.0], "ratio": [1.0, 1.0], "flip_prob": 0.0},
@@ -85,12 +89,14 @@ class RetrieveConfig:
 
 @dataclasses.dataclass(frozen=True)
 class Embedded:
-    """A source through every encoder: combined unit vectors float32 ``[N, K, D]``, packed θ uint8 ``[N, K, P]``."""
+    """A source through every encoder: combined unit vectors float32 ``[N, K, D]``, packed θ uint8 ``[N, K, P]``,
+    each encoder's unit vectors ``[N, K, D_e]``."""
 
     source: Source
     vectors: np.ndarray
     theta: np.ndarray
     policy: CropFlip
+    per_encoder: tuple[np.ndarray, ...]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -128,7 +134,8 @@ def embed(spec: str, level: str, views: int, config: RetrieveConfig) -> Embedded
     if any(not np.array_equal(t, thetas[0]) for t in thetas):  # θ is drawn in source pixels: size-independent
         raise ValueError(f"encoders {config.encoders} drew different crops of {spec!r}")
     vectors = combine(per_encoder).reshape(len(source), views, -1)
-    return Embedded(source, vectors, thetas[0], policy)
+    return Embedded(source, vectors, thetas[0], policy,
+                    tuple(unit_rows(v).reshape(len(source), views, -1) for v in per_encoder))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -179,7 +186,8 @@ class Cleaning:
     """Gallery images removed so far (duplicates, leaks), the union-find of near-identical images, leak records."""
 
     parent: np.ndarray  # int64 [images]: union-find over duplicate pairs, rooted at the smallest index
-    nearest_task: dict[int, tuple[float, int]] = dataclasses.field(default_factory=dict)  # image -> (sim, task row)
+    # image -> its NEAREST_TASK nearest task images as (similarity, task row), best first
+    nearest_task: dict[int, list[tuple[float, int]]] = dataclasses.field(default_factory=dict)
     duplicates: set[int] = dataclasses.field(default_factory=set)
     leaks: set[int] = dataclasses.field(default_factory=set)
 
@@ -193,17 +201,18 @@ class Cleaning:
         self.parent[max(a, b)] = min(a, b)
 
 
-def clean(cleaning: Cleaning, chosen: np.ndarray, images: np.ndarray, task: np.ndarray | None,
+def clean(cleaning: Cleaning, chosen: np.ndarray, images: Embedded, task: MaxSimilarity | None,
           config: RetrieveConfig) -> np.ndarray:
-    """Flag leaks among the ``chosen`` source images and group their duplicates; returns the images to remove now."""
+    """Flag leaks among the ``chosen`` source images (max per-encoder similarity to a task image, B.4) and group
+    their duplicates (mean similarity, B.3); returns the images to remove now."""
     fresh = [i for i in chosen.tolist() if i not in cleaning.nearest_task]
     if task is not None and fresh:
-        sims, rows = make_index(task).search(images[fresh], 1)
-        cleaning.nearest_task.update(zip(fresh, zip(sims[:, 0].tolist(), rows[:, 0].tolist())))
-    leaks = {i for i in chosen.tolist() if cleaning.nearest_task.get(i, (-1.0, -1))[0] > config.leak_threshold}
+        sims, rows = task.nearest([v[fresh, 0] for v in images.per_encoder], NEAREST_TASK)
+        cleaning.nearest_task.update(zip(fresh, (list(zip(s, r)) for s, r in zip(sims.tolist(), rows.tolist()))))
+    leaks = {i for i in chosen.tolist() if cleaning.nearest_task.get(i, [(-1.0, -1)])[0][0] > config.leak_threshold}
     cleaning.leaks |= leaks
     kept = np.array(sorted(set(chosen.tolist()) - (set() if config.keep_leaks else leaks)), np.int64)
-    for a, b in kept[similar_pairs(images[kept], config.duplicate_threshold)].tolist():
+    for a, b in kept[similar_pairs(images.vectors[kept, 0], config.duplicate_threshold)].tolist():
         cleaning.union(a, b)
     _, first = np.unique([cleaning.root(i) for i in kept.tolist()], return_index=True)  # smallest chosen per group
     duplicates = set(np.delete(kept, first).tolist())
@@ -226,7 +235,8 @@ def retrieve(config: RetrieveConfig) -> Retrieval:
     gallery = embed(config.gallery, config.level, views, config)
     images = gallery if config.level == "image" else embed(config.gallery, "image", 1, config)
     tasks = [embed(spec, "image", 1, config) for spec in config.exclude]
-    task = np.concatenate([t.vectors[:, 0] for t in tasks]) if tasks else None
+    task = MaxSimilarity([np.concatenate([t.per_encoder[e][:, 0] for t in tasks]) for e in range(len(config.encoders))]
+                         ) if tasks else None
     items = np.ascontiguousarray(gallery.vectors.reshape(-1, gallery.vectors.shape[-1]))
     index = make_index(items, config.index, nprobe=config.nprobe, seed=config.seed)
     allowed = np.linalg.norm(items, axis=1) > 0  # a gallery image that failed to decode has zero vectors
@@ -234,7 +244,7 @@ def retrieve(config: RetrieveConfig) -> Retrieval:
     rng = np.random.default_rng(config.seed)
     while True:
         chosen = select(config.strategy, index, items, queries.vectors[:, 0], allowed, config.size, rng)
-        removed = clean(cleaning, np.unique(chosen.items // views), images.vectors[:, 0], task, config)
+        removed = clean(cleaning, np.unique(chosen.items // views), images, task, config)
         if not len(removed):
             break
         allowed.reshape(-1, views)[removed] = False
@@ -276,9 +286,11 @@ def _report(config: RetrieveConfig, chosen: Selection, cleaning: Cleaning, galle
             tasks: list[Embedded]) -> dict[str, Any]:
     """Summary (k reached, per-query counts, duplicates and leaks removed); every leak with its nearest task image."""
     task_rows = [(t.source.spec, str(t.source.uris[i])) for t in tasks for i in range(len(t.source))]
-    leaks = [{"gallery_index": i, "gallery_uri": str(gallery.source.uris[i]), "similarity": sim,
-              "task_spec": task_rows[row][0], "task_uri": task_rows[row][1]}
-             for i, (sim, row) in sorted(cleaning.nearest_task.items()) if i in cleaning.leaks]
+    leaks = [{"gallery_index": i, "gallery_uri": str(gallery.source.uris[i]), "similarity": nearest[0][0],
+              "task_spec": task_rows[nearest[0][1]][0], "task_uri": task_rows[nearest[0][1]][1],
+              "nearest_task_images": [{"similarity": sim, "task_spec": task_rows[row][0], "task_uri": task_rows[row][1]}
+                                      for sim, row in nearest]}
+             for i, nearest in sorted(cleaning.nearest_task.items()) if i in cleaning.leaks]
     duplicates = [{"gallery_index": i, "gallery_uri": str(gallery.source.uris[i]), "kept_index": cleaning.root(i),
                    "kept_uri": str(gallery.source.uris[cleaning.root(i)])} for i in sorted(cleaning.duplicates)]
     counts = chosen.per_query

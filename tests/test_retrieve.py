@@ -144,6 +144,9 @@ def test_planted_task_images_are_all_caught(capsys, gallery, retrieved, tmp_path
     assert set(gallery["leaks"]) <= flagged == set(leaks), f"missed {set(gallery['leaks']) - flagged}"
     for uri, task_uri in gallery["leaks"].items():
         assert leaks[uri]["task_uri"] == task_uri and leaks[uri]["similarity"] > float(LEAK[1])
+        nearest = leaks[uri]["nearest_task_images"]  # for the visual check: 5 distinct task images, best first
+        assert len({n["task_uri"] for n in nearest}) == 5 and nearest[0]["task_uri"] == task_uri
+        assert [n["similarity"] for n in nearest] == sorted((n["similarity"] for n in nearest), reverse=True)
     with capsys.disabled():
         print(f"\nleaks flagged {len(leaks)} of {len(set(gallery['uris']))} gallery images: all "
               f"{len(gallery['leaks'])} planted, {len(flagged - set(gallery['leaks']))} others; planted similarities "
@@ -172,6 +175,17 @@ def test_second_retrieval_reuses_the_cache_and_other_strategies(capsys, gallery,
         assert "teacher:" not in err, "a second retrieval ran the encoder again"
         assert frame.select(["gallery_index", "crop"]).n_unique() == SIZE
         assert not set(frame["uri"].to_list()) & set(gallery["leaks"])
+
+
+def test_two_encoders_average_their_similarities(capsys, gallery, retrieved, lite0_teacher, tmp_path):
+    """The embedded model and its zoo copy are the same encoder: their mean cosine is its cosine, so the two-encoder
+    retrieval picks the same crops (the two encoders drew the same θ, which ``embed`` checks)."""
+    out, frame, _ = retrieved
+    _, card, _ = lite0_teacher
+    both, _, _ = run_retrieve(capsys, tmp_path / "both.parquet", gallery["spec"], "--encoders", f"embedded,{card.name}",
+                              "--cache", str(out.parent / "retrieval-cache"))
+    assert both["key"].to_list() == frame["key"].to_list()
+    np.testing.assert_allclose(both["similarity"].to_numpy(), frame["similarity"].to_numpy(), atol=1e-5)
 
 
 def test_mean_of_encoder_cosines():
