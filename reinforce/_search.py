@@ -20,6 +20,7 @@ __all__ = ["INDEX_KINDS", "STRATEGIES", "MaxSimilarity", "best_matches", "combin
 INDEX_KINDS = ("flat", "ivfpq")
 STRATEGIES = ("query-balanced", "best-matches", "random")
 SEARCH_BLOCK = 4096  # queries per faiss call: one progress step
+TRAIN_PER_LIST = 64  # IVF-PQ trains on a seeded sample of this many vectors per inverted list
 
 
 def combine(per_encoder: list[np.ndarray]) -> np.ndarray:
@@ -39,18 +40,20 @@ def unit_rows(vectors: np.ndarray) -> np.ndarray:
 
 
 def make_index(vectors: np.ndarray, kind: str = "flat", *, nprobe: int = 16, seed: int = 0) -> faiss.Index:
-    """An inner-product index over ``vectors``: exact (``flat``) or IVF-PQ (``ivfpq``: ~4 sqrt(n) lists, up to 64
-    sub-quantisers of up to 8 bits, trained on the vectors themselves) for galleries too large for exact search."""
+    """An inner-product index over ``vectors``: exact (``flat``) or IVF-PQ (``ivfpq``: sqrt(n) lists, up to 64
+    sub-quantisers of up to 8 bits, trained on a sample of the vectors) for galleries too large for exact search."""
     n, dim = vectors.shape
     if kind == "flat":
         index = faiss.IndexFlatIP(dim)
     elif kind == "ivfpq":
-        nlist = max(1, min(int(4 * math.sqrt(n)), n // 39))  # faiss wants >= 39 training points per list
+        nlist = max(1, min(int(math.sqrt(n)), n // 39))  # faiss wants >= 39 training points per list
         subvectors = max(m for m in range(1, min(64, dim) + 1) if dim % m == 0)
         bits = max(1, min(8, int(math.log2(max(2, n // 39)))))
         index = faiss.IndexIVFPQ(faiss.IndexFlatIP(dim), dim, nlist, subvectors, bits, faiss.METRIC_INNER_PRODUCT)
         index.cp.seed = seed
-        index.train(vectors)
+        wanted = max(TRAIN_PER_LIST * nlist, 39 * 2**bits)  # k-means of the lists and of each sub-quantiser
+        sample = np.random.default_rng(seed).choice(n, min(n, wanted), replace=False)
+        index.train(vectors[np.sort(sample)])
         index.nprobe = min(nprobe, nlist)
     else:
         raise ValueError(f"unknown index {kind!r}; valid: {', '.join(INDEX_KINDS)}")
