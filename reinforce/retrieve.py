@@ -28,6 +28,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import faiss
 import numpy as np
 
 from reinforce._search import (
@@ -101,7 +102,7 @@ class Embedded:
 
 @dataclasses.dataclass(frozen=True)
 class Retrieval:
-    """What ``retrieve`` wrote: the manifest rows' count, the report (summary, per-query counts, leaks)."""
+    """What ``retrieve`` wrote: the manifest's path and the report (summary, per-query counts, duplicates, leaks)."""
 
     out: str
     report: dict[str, Any]
@@ -152,7 +153,7 @@ class Selection:
     per_query: np.ndarray  # int64 [Q]
 
 
-def select(strategy: str, index: Any, gallery: np.ndarray, queries: np.ndarray, allowed: np.ndarray, size: int,
+def select(strategy: str, index: faiss.Index, gallery: np.ndarray, queries: np.ndarray, allowed: np.ndarray, size: int,
            rng: np.random.Generator) -> Selection:
     """``size`` unique allowed items of ``gallery`` (``[n, D]``, indexed by ``index``) by ``strategy``."""
     if allowed.sum() < size:
