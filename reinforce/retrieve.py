@@ -81,6 +81,7 @@ class RetrieveConfig:
     duplicate_threshold: float = 0.99
     leak_threshold: float = 0.95
     keep_leaks: bool = False
+    with_queries: bool = False  # append the query images (their centre crops) to the manifest, as the paper does
     cache: str | None = None  # embedding stores; default OUT's folder/retrieval-cache
     encoder_size: int = 64  # input size of the embedded encoder (zoo entries have their own)
     batch_size: int = 256
@@ -250,7 +251,7 @@ def retrieve(config: RetrieveConfig) -> Retrieval:
             break
         allowed.reshape(-1, views)[removed] = False
     report = _report(config, chosen, cleaning, gallery, tasks)
-    _write_manifest(config.out, chosen, views, gallery, cleaning)
+    _write_manifest(config.out, chosen, views, gallery, cleaning, queries if config.with_queries else None)
     Path(config.out).with_suffix(".report.json").write_text(json.dumps(report, indent=1))
     return Retrieval(config.out, report)
 
@@ -302,12 +303,14 @@ def _report(config: RetrieveConfig, chosen: Selection, cleaning: Cleaning, galle
             "leaks_found": len(leaks), "leaks_removed": 0 if config.keep_leaks else len(leaks), "leaks": leaks}
 
 
-def _write_manifest(out: str, chosen: Selection, views: int, gallery: Embedded, cleaning: Cleaning) -> None:
-    """One row per retrieved crop: what ``retrieved:OUT`` (or plain OUT) needs to cut it, and why it was chosen."""
+def _write_manifest(out: str, chosen: Selection, views: int, gallery: Embedded, cleaning: Cleaning,
+                    queries: Embedded | None) -> None:
+    """One row per retrieved crop: what ``retrieved:OUT`` (or plain OUT) needs to cut it, and why it was chosen;
+    then, given ``queries``, one row per query image (its centre crop, ``gallery_index`` and ``rank`` -1)."""
     import polars as pl
 
     image, crop = np.divmod(chosen.items, views)
-    frame = pl.DataFrame({
+    frames = [pl.DataFrame({
         "key": [f"{gallery.source.keys[i]}@crop{c}" for i, c in zip(image, crop)],
         "uri": gallery.source.uris[image].tolist(),
         "gallery_index": image, "crop": crop,
@@ -316,10 +319,20 @@ def _write_manifest(out: str, chosen: Selection, views: int, gallery: Embedded, 
         "query": chosen.query, "rank": chosen.rank, "similarity": chosen.similarity.astype(np.float32),
         "cluster": [cleaning.root(i) for i in image.tolist()],
         "leak": [i in cleaning.leaks for i in image.tolist()],
-        "gallery_fingerprint": [gallery.source.fingerprint()] * len(image),
-    })
+        "source_fingerprint": [gallery.source.fingerprint()] * len(image),
+    })]
+    if queries is not None:
+        n = len(queries.source)
+        frames.append(pl.DataFrame({
+            "key": [f"query/{key}" for key in queries.source.keys.tolist()], "uri": queries.source.uris.tolist(),
+            "gallery_index": np.full(n, -1), "crop": np.zeros(n, np.int64),
+            "theta": [row.tobytes() for row in queries.theta[:, 0]],
+            "policy": [json.dumps(queries.policy.to_record())] * n, "query": np.arange(n), "rank": np.full(n, -1),
+            "similarity": np.ones(n, np.float32), "cluster": np.full(n, -1), "leak": np.zeros(n, bool),
+            "source_fingerprint": [queries.source.fingerprint()] * n,
+        }))
     Path(out).parent.mkdir(parents=True, exist_ok=True)
-    frame.write_parquet(out, compression="zstd")
+    pl.concat(frames, how="vertical_relaxed").write_parquet(out, compression="zstd")
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[RetrieveConfig, bool]:
@@ -341,6 +354,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[RetrieveConfig, bool]:
     parser.add_argument("--exclude", action="append", default=[], metavar="TASK_SRC",
                         help="task source (train, val, test; repeatable): gallery images near-copies of one are leaks")
     parser.add_argument("--keep-leaks", action="store_true", help="flag leaks in the manifest instead of removing them")
+    parser.add_argument("--with-queries", action="store_true",
+                        help="append the query images (centre crops) to the transfer set, as the paper does")
     parser.add_argument("--index", choices=INDEX_KINDS, default=defaults.index,
                         help="flat: exact inner product; ivfpq: approximate, for large galleries")
     parser.add_argument("--nprobe", type=int, default=defaults.nprobe, help="IVF lists searched per query (ivfpq)")

@@ -549,10 +549,14 @@ def _retrieved(path: str) -> Source:
     if missing or frame.is_empty():
         raise ValueError(f"retrieval manifest {path!r} has no rows or lacks column(s) {missing}; "
                          "write it with python -m reinforce.retrieve")
-    policy = policy_from_record(json.loads(frame["policy"][0]))
-    records = np.frombuffer(b"".join(frame["theta"].to_list()), np.uint8).reshape(len(frame), -1)
+    boxes: list[tuple[int, int, int, int]] = [(0, 0, 0, 0)] * len(frame)
+    for text, rows in frame.with_row_index().group_by("policy").agg("index").iter_rows():  # crops and queries
+        policy = policy_from_record(json.loads(text))
+        records = np.frombuffer(b"".join(frame["theta"][rows].to_list()), np.uint8).reshape(len(rows), -1)
+        for row, theta in zip(rows, policy.unpack(records)):
+            boxes[row] = theta.box
     uris = tuple(frame["uri"].to_list())
-    _RETRIEVED[path] = uris, tuple(p.box for p in policy.unpack(records))
+    _RETRIEVED[path] = uris, tuple(boxes)
     keys = frame["key"].to_numpy().astype(str)
     return Source(f"retrieved:{path}", keys, np.array([f"retrieved:{path}#{i}" for i in range(len(uris))]), None, (),
                   _load_retrieved_crop, hashlib.sha256(Path(path).read_bytes()).hexdigest())

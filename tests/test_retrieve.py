@@ -188,6 +188,17 @@ def test_two_encoders_average_their_similarities(capsys, gallery, retrieved, lit
     np.testing.assert_allclose(both["similarity"].to_numpy(), frame["similarity"].to_numpy(), atol=1e-5)
 
 
+def test_with_queries_appends_the_query_images(capsys, gallery, retrieved, tmp_path):
+    out, frame, _ = retrieved
+    both, _, _ = run_retrieve(capsys, tmp_path / "q.parquet", gallery["spec"], "--with-queries",
+                              "--cache", str(out.parent / "retrieval-cache"))
+    assert both["key"].to_list()[:SIZE] == frame["key"].to_list() and len(both) == SIZE + 20
+    transfer, queries = open_source(str(tmp_path / "q.parquet")), open_source(QUERIES)
+    for q in (0, 19):  # a square 28 px query's centre crop is the whole image
+        assert torch.equal(transfer.load(SIZE + q), queries.load(q))
+    assert torch.equal(transfer.load(0), open_source(str(out)).load(0))
+
+
 def test_mean_of_encoder_cosines():
     rng = np.random.default_rng(0)
     a, b = [rng.normal(size=(5, d)).astype(np.float32) for d in (8, 3)], [rng.normal(size=(7, d)).astype(np.float32)
