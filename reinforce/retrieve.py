@@ -9,7 +9,9 @@ Similarity is the mean of the encoders' cosine similarities (B.2). Retrieved sou
 to each other are duplicates (one kept per union-find group, B.3); those more similar than 0.95 to any ``--exclude``
 task image under any encoder are possible leaks (B.4: removed unless ``--keep-leaks``, and listed in
 ``OUT.report.json`` with their 5 nearest task images for a visual check). Removed items are replaced by searching
-again, so the manifest holds exactly ``--size`` crops; ``reinforce.build --transfer-set OUT`` builds on the crops.
+again, so the manifest holds exactly ``--size`` crops (``--with-queries`` appends the query images, as the paper
+does); ``reinforce.build --transfer-set OUT`` builds on the crops. With ``--index ivfpq`` the ``similarity`` column
+is IVF-PQ's approximate score; duplicates and leaks are always judged by exact similarities.
 
 Example:
     python -m reinforce.retrieve --queries "fashion-mnist:train?shots=10&part=labeled" --gallery photo-crops:20000 \
