@@ -17,6 +17,8 @@ Specs (``list_sources()`` names the registered prefixes; ``register_source`` add
                                                 seed 0); crop i is the same for every N, so ``photo-crops:64`` is
                                                 the first 64 of ``photo-crops:20000``
     FILE.parquet | FILE.csv                     manifest with column ``uri`` (+ optional ``label``)
+    retrieved:FILE.parquet                      a ``reinforce.retrieve`` manifest: row i is the crop of gallery
+                                                image ``uri`` cut by its θ record (so is FILE.parquet with ``theta``)
     FILE.tar | URLS-{000..009}.tar              webdataset shards (local), one image per sample
 Any spec takes a query: ``?shots=10&seed=0&part=labeled|unlabeled`` (seeded few-shot split:
 N images per class labeled, the rest unlabeled) and ``&limit=N`` (first N after the split).
@@ -35,6 +37,7 @@ import fnmatch
 import gzip
 import hashlib
 import io
+import json
 import os
 import re
 import tarfile
@@ -335,6 +338,8 @@ def _manifest(path: str) -> Source:
     frame = pl.read_parquet(path) if path.endswith(".parquet") else pl.read_csv(path)
     if "uri" not in frame.columns:
         raise ValueError(f"manifest {path!r} needs a 'uri' column; it has {frame.columns}")
+    if "theta" in frame.columns:  # a retrieval manifest lists crops, not whole images
+        return _retrieved(path)
     base = Path(path).parent
     uris = np.array([u if (":" in u and not Path(u).is_absolute()) or Path(u).is_absolute() else str(base / u)
                      for u in frame["uri"].to_list()])
@@ -520,6 +525,52 @@ def _load_photo_crop(uri: str) -> torch.Tensor:
     image = Image.fromarray(_photo(match[1]))
     crop = image.resize((size, size), Image.Resampling.BICUBIC, box=(left, top, left + width, top + height))
     return torch.from_numpy(np.asarray(crop).copy()).permute(2, 0, 1).contiguous()
+
+
+# --- retrieved: crops chosen by ``python -m reinforce.retrieve`` ----------------------------------
+
+RETRIEVED_COLUMNS = ("key", "uri", "theta", "policy")
+# manifest path -> (gallery URIs, crop boxes), set when the manifest is opened (a rewritten manifest replaces its entry)
+_RETRIEVED: dict[str, tuple[tuple[str, ...], tuple[tuple[int, int, int, int], ...]]] = {}
+
+
+@register_source("retrieved")
+def _retrieved(path: str) -> Source:
+    """Crop i = gallery image ``uri[i]`` cut to the box of its θ record at source resolution, so the build's view
+    augmentation runs on the retrieved crop and replay cuts the same pixels; the manifest's bytes are the content id."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"retrieval manifest {path!r} does not exist (python -m reinforce.retrieve writes one)")
+    import polars as pl
+
+    from reinforce.augment import policy_from_record
+
+    frame = pl.read_parquet(path)  # decoded here, in the parent: polars hangs in forked DataLoader workers
+    missing = [c for c in RETRIEVED_COLUMNS if c not in frame.columns]
+    if missing or frame.is_empty():
+        raise ValueError(f"retrieval manifest {path!r} has no rows or lacks column(s) {missing}; "
+                         "write it with python -m reinforce.retrieve")
+    boxes: list[tuple[int, int, int, int]] = [(0, 0, 0, 0)] * len(frame)
+    for text, rows in frame.with_row_index().group_by("policy").agg("index").iter_rows():  # crops and queries
+        policy = policy_from_record(json.loads(text))
+        records = np.frombuffer(b"".join(frame["theta"][rows].to_list()), np.uint8).reshape(len(rows), -1)
+        for row, theta in zip(rows, policy.unpack(records)):
+            boxes[row] = theta.box
+    uris = tuple(frame["uri"].to_list())
+    _RETRIEVED[path] = uris, tuple(boxes)
+    keys = frame["key"].to_numpy().astype(str)
+    return Source(f"retrieved:{path}", keys, np.array([f"retrieved:{path}#{i}" for i in range(len(uris))]), None, (),
+                  _load_retrieved_crop, hashlib.sha256(Path(path).read_bytes()).hexdigest())
+
+
+def _load_retrieved_crop(uri: str) -> torch.Tensor:
+    """``retrieved:MANIFEST#ROW`` -> uint8 ``[3, h, w]``, the row's box of its gallery image (no resampling)."""
+    path, _, row = uri.removeprefix("retrieved:").rpartition("#")
+    uris, boxes = _RETRIEVED[path]
+    left, top, width, height = boxes[int(row)]
+    image = _load_file(uris[int(row)])
+    if left + width > image.shape[-1] or top + height > image.shape[-2]:
+        raise ValueError(f"crop {boxes[int(row)]} of {uris[int(row)]} lies outside its image {tuple(image.shape)}")
+    return image[:, top: top + height, left: left + width].contiguous()
 
 
 _URI_LOADERS: tuple[tuple[str, Callable[[str], torch.Tensor]], ...] = (

@@ -35,6 +35,24 @@ def photo_tree(tmp_path_factory):
     return root
 
 
+@pytest.fixture(scope="module")
+def retrieval_manifest(tmp_path_factory) -> Path:
+    """A ``reinforce.retrieve``-shaped manifest: 2 crops (``rrc_flip`` θ records) of each scikit-image photograph."""
+    import json
+
+    from reinforce.augment import create_policy
+
+    photos = open_source("skimage:photos")
+    policy = create_policy("rrc_flip", size=64, scale=(0.08, 1.0), flip_prob=0.0)
+    rows = [(i, c, policy.sample(0, i, c, *photos.load(i).shape[-2:])) for i in range(len(photos)) for c in range(2)]
+    path = tmp_path_factory.mktemp("retrieved") / "retrieved.parquet"
+    pl.DataFrame({"key": [f"{photos.keys[i]}@crop{c}" for i, c, _ in rows],
+                  "uri": [str(photos.uris[i]) for i, _, _ in rows],
+                  "theta": [row.tobytes() for row in policy.pack([theta for _, _, theta in rows])],
+                  "policy": [json.dumps(policy.to_record())] * len(rows)}).write_parquet(path)
+    return path
+
+
 def test_fashion_mnist_split_is_seeded_and_disjoint():
     labeled = open_source("fashion-mnist:train?shots=10&seed=3&part=labeled")
     unlabeled = open_source("fashion-mnist:train?shots=10&seed=3&part=unlabeled")
@@ -110,7 +128,7 @@ def test_bad_specs_name_the_problem(tmp_path, photo_dir):
 LABELED = {"fashion-mnist", "imagefolder", "sklearn:digits"}
 
 
-def example_spec(prefix: str, photo_tree: Path) -> str:
+def example_spec(prefix: str, photo_tree: Path, retrieval_manifest: Path) -> str:
     """One quick spec per registered prefix; a new registration fails here until it gets one."""
     examples = {
         "fashion-mnist": "fashion-mnist:test?limit=100",
@@ -120,6 +138,7 @@ def example_spec(prefix: str, photo_tree: Path) -> str:
         "sklearn:images": "sklearn:images",
         "sklearn:digits": "sklearn:digits",
         "photo-crops": "photo-crops:16@48,seed=1",
+        "retrieved": f"retrieved:{retrieval_manifest}",
     }
     if prefix not in examples:
         pytest.fail(f"source {prefix!r} is registered but has no example spec in tests/test_sources.py")
@@ -134,8 +153,8 @@ def clear_caches() -> None:
 
 
 @pytest.mark.parametrize("prefix", list_sources())
-def test_every_registered_source_opens_deterministically(prefix, photo_tree):
-    spec = example_spec(prefix, photo_tree)
+def test_every_registered_source_opens_deterministically(prefix, photo_tree, retrieval_manifest):
+    spec = example_spec(prefix, photo_tree, retrieval_manifest)
     first = open_source(spec)
     indices = sorted({0, len(first) // 2, len(first) - 1})
     images = [first.load(i) for i in indices]
