@@ -90,12 +90,19 @@ class Source:
     class_names: tuple[str, ...]
     loader: Callable[[str], torch.Tensor]
     content_id: str  # identifies the underlying bytes (file hashes / sizes), see fingerprint()
+    mask_loader: Callable[[str], torch.Tensor] | None = None  # segmentation sources: uri -> uint8 [H, W] class map
 
     def __len__(self) -> int:
         return len(self.keys)
 
     def load(self, index: int) -> torch.Tensor:
         return self.loader(str(self.uris[index]))
+
+    def load_mask(self, index: int) -> torch.Tensor:
+        """Image i's class map (uint8 ``[H, W]``, ``reinforce.segmentation.IGNORE_INDEX`` = unlabeled)."""
+        if self.mask_loader is None:
+            raise ValueError(f"source {self.spec!r} has no masks; segmentation sources: fashion-mnist-seg, segfolder")
+        return self.mask_loader(str(self.uris[index]))
 
     def encoded(self, index: int) -> tuple[bytes, str]:
         """Image i as encoded bytes + file extension, for a store that carries the images: the file's own bytes
@@ -529,3 +536,6 @@ _URI_LOADERS: tuple[tuple[str, Callable[[str], torch.Tensor]], ...] = (
     ("sklearn:digits#", _load_digit),
     ("photo-crops:", _load_photo_crop),
 )
+
+
+from reinforce import segmentation  # noqa: E402,F401  registers the segmentation sources (it imports this module)
