@@ -405,6 +405,11 @@ def eval_view(image: torch.Tensor, size: int) -> torch.Tensor:
     return _eval_transform(size)(F.to_pil_image(image))
 
 
+def eval_mask(mask: torch.Tensor, size: int) -> torch.Tensor:
+    """The class map under ``eval_view``'s squash: uint8 ``[H, W]`` -> ``[size, size]``, nearest (ids stay ids)."""
+    return F.resize(mask[None], [size, size], interpolation=InterpolationMode.NEAREST_EXACT)[0]
+
+
 @functools.lru_cache(maxsize=8)
 def _eval_transform(size: int) -> Callable[[Any], torch.Tensor]:
     import timm.data

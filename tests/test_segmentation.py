@@ -3,6 +3,8 @@ replaying image and mask bit for bit, and the per-pixel top-k codec's size and f
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -154,3 +156,60 @@ def test_seg_codec_sizes_and_errors():
         SegTopKLogitsCodec(k=3, num_classes=11, height=8, width=8).encode(torch.randn(2, 11, 4, 4))
     with pytest.raises(ValueError, match="top-k must be in"):
         SegTopKLogitsCodec(k=12, num_classes=11, height=8, width=8)
+
+
+SEG_TRAIN = "fashion-mnist-seg:train@32,grid=1"  # one real item per 32 px canvas: small enough for CI on 2 cores
+
+
+def test_segmentation_end_to_end_through_the_clis(tmp_path, vfm_home, capsys):
+    """train.teacher --task segmentation (lp) -> reinforce.build --targets seg_logits -> stores inspect ->
+    train.distill (per-pixel KL, DeepSpeed on CPU) -> train.finetune (per-pixel CE) -> train.evaluate (mIoU)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from reinforce import build
+    from reinforce.replay import open_replay
+    from reinforce.teachers import create_teacher
+    from stores import __main__ as stores_cli
+    from train import evaluate, finetune, teacher
+
+    zoo, store, student, tuned = (tmp_path / name for name in ("zoo", "store", "student", "tuned"))
+    teacher.main(["--task", "segmentation", "--backbone", "tf_efficientnet_lite0", "--data", f"{SEG_TRAIN}?limit=64",
+                  "--mode", "lp", "--lp-steps", "40", "--lp-lr", "0.01", "--batch-size", "16", "--size", "32",
+                  "--name", "seg_lite0", "--out-dir", str(zoo)])
+    assert build.main(["--teacher", str(zoo / "seg_lite0"), "--transfer-set", f"{SEG_TRAIN}?limit=64",
+                       "--targets", "seg_logits", "--views", "2", "--topk", "3", "--workers", "0",
+                       "--batch-size", "64", "--out", str(store)]) == 0
+    replay = open_replay(store, targets=["seg_logits"])
+    codec = replay.store.codec("seg_logits")
+    assert (codec.name, codec.num_classes, codec.height, codec.width, codec.k) == ("seg_topk_logits", 11, 4, 4, 3)
+    batch = replay.__getitems__(list(range(8)))  # replayed views re-encode to exactly the stored targets
+    model, _ = create_teacher(str(zoo / "seg_lite0"))
+    with torch.inference_mode():
+        again = codec.encode(model.forward_targets(batch["views"], ("seg_logits",))["seg_logits"])
+    for array, stored in batch["targets"]["seg_logits"].items():
+        np.testing.assert_array_equal(np.asarray(stored), again[array], err_msg=array)
+    capsys.readouterr()
+    stores_cli.main(["inspect", str(store)])
+    shown = capsys.readouterr().out
+    print(shown)
+    assert "target       seg_logits [seg_logits] name=seg_topk_logits, k=3, num_classes=11" in shown
+    assert re.search(r"vs dense   fp16 logits 352 B/view: [\d.]+x the stored bytes", shown)
+
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path.cwd())}
+    run = subprocess.run([sys.executable, "-m", "train.distill", "--store", str(store), "--student",
+                          "mobilenetv3_small_050", "--epochs", "2", "--batch-size", "16", "--workers", "0",
+                          "--out", str(student)], env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    finetune.main(["--init", str(student), "--data", f"{SEG_TRAIN}?limit=64", "--steps", "10", "--batch-size", "16",
+                   "--out", str(tuned)])
+    test = "fashion-mnist-seg:test@32,grid=1?limit=64"
+    scores = {name: evaluate.main(["--model", str(path), "--data", test])
+              for name, path in (("teacher", zoo / "seg_lite0"), ("student", tuned))}
+    background = float(np.mean([(open_source(test).load_mask(i) == 0).float().mean() for i in range(64)]))
+    print(f"\nmIoU / pixel accuracy on {test} (background share {background:.3f}): "
+          + ", ".join(f"{n} {s['miou']:.3f} / {s['pixel_accuracy']:.3f}" for n, s in scores.items()))
+    assert scores["teacher"]["pixel_accuracy"] > background  # better than calling every pixel background
+    assert all(0 <= s["miou"] <= 1 for s in scores.values())
