@@ -18,6 +18,7 @@ Specs (``list_sources()`` names the registered prefixes; ``register_source`` add
                                                 the first 64 of ``photo-crops:20000``
     FILE.parquet | FILE.csv                     manifest with column ``uri`` (+ optional ``label``)
     FILE.tar | URLS-{000..009}.tar              webdataset shards (local), one image per sample
+    fashion-mnist-seg:... | segfolder:DIR       images with class maps (``Source.load_mask``): reinforce.segmentation
 Any spec takes a query: ``?shots=10&seed=0&part=labeled|unlabeled`` (seeded few-shot split:
 N images per class labeled, the rest unlabeled) and ``&limit=N`` (first N after the split).
 The query ``seed`` seeds only the few-shot split; the crop seed of ``photo-crops`` lives in its base spec.
