@@ -97,11 +97,8 @@ class SegmentationTeacher(TeacherModel):
     """
 
     def __init__(self, backbone: nn.Module, num_classes: int, mean, std):
-        nn.Module.__init__(self)
-        self.backbone = backbone
+        super().__init__(backbone, 0, mean, std)  # no linear head: the DeepLab head replaces it
         self.head = DeepLabHead(backbone.num_features, num_classes)
-        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
 
     @property
     def target_kinds(self) -> tuple[str, ...]:

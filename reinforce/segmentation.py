@@ -40,14 +40,27 @@ from reinforce.sources import (
     register_source,
 )
 
-__all__ = ["BACKGROUND", "FOREGROUND_THRESHOLD", "IGNORE_INDEX", "SEG_CLASSES"]
+__all__ = [
+    "BACKGROUND",
+    "FOREGROUND_THRESHOLD",
+    "IGNORE_INDEX",
+    "SEGMENTATION_PREFIXES",
+    "SEG_CLASSES",
+    "is_segmentation_spec",
+]
 
 IGNORE_INDEX = 255  # mask value of unlabeled pixels: no loss, no metric
 BACKGROUND = "background"
 SEG_CLASSES = (BACKGROUND, *FASHION_MNIST_CLASSES)
 FOREGROUND_THRESHOLD = 32  # Fashion-MNIST items lie on exact 0; faint halo pixels below this count as background
 ITEM = 28  # Fashion-MNIST item side
+SEGMENTATION_PREFIXES = ("fashion-mnist-seg", "segfolder")
 _MOSAIC_SPEC = re.compile(r"(train|test)(?:@(\d+))?(?:,grid=(\d+))?")
+
+
+def is_segmentation_spec(spec: str) -> bool:
+    """Whether ``spec`` opens image/mask pairs, known from its prefix without opening it."""
+    return spec.startswith(tuple(f"{prefix}:" for prefix in SEGMENTATION_PREFIXES))
 
 
 @register_source("fashion-mnist-seg")

@@ -213,3 +213,19 @@ def test_segmentation_end_to_end_through_the_clis(tmp_path, vfm_home, capsys):
           + ", ".join(f"{n} {s['miou']:.3f} / {s['pixel_accuracy']:.3f}" for n, s in scores.items()))
     assert scores["teacher"]["pixel_accuracy"] > background  # better than calling every pixel background
     assert all(0 <= s["miou"] <= 1 for s in scores.values())
+
+
+@pytest.mark.parametrize("arch", ["tf_efficientnet_lite0", "mobilenetv3_small_050", "vit_tiny_patch16_224"])
+def test_dense_backbones_give_one_eighth_maps(arch):
+    """CNNs dilated to output stride 8 keep the classifier's weight names; a ViT's 16-px patch grid is resized to
+    1/8. Random weights: only shapes and key names are checked here (the real Lite0 runs in the tests above)."""
+    import timm
+
+    from reinforce.dense import DenseBackbone
+
+    backbone = DenseBackbone(arch).eval()
+    with torch.inference_mode():
+        maps = backbone(torch.zeros(2, 3, 64, 64))
+    assert maps.shape == (2, backbone.num_features, 8, 8)
+    classifier = timm.create_model(arch, pretrained=False).state_dict()
+    assert set(backbone.state_dict()) <= set(classifier)

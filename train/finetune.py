@@ -27,9 +27,10 @@ import time
 
 import torch
 
+from reinforce.segmentation import is_segmentation_spec
 from reinforce.sources import open_source
 from stores.cli import cli_errors, debug_flag
-from train.data import LabeledViews, SegmentationViews, labeled_classes, open_labeled
+from train.data import LabeledViews, SegmentationViews, open_labeled
 from train.models import Student, StudentCard, create_student, load_student, save_student
 from train.optim import BestOnValidation, TrainSchedule, fit, split_labeled
 
@@ -62,13 +63,14 @@ def finetune(config: FinetuneConfig) -> StudentCard:
     """Train with cross-entropy on the labeled views, save to ``config.out``; returns the card."""
     if (config.init is None) == (config.student is None):
         raise ValueError("give exactly one of --init STUDENT_DIR or --student NAME")
-    source = open_source(config.data)
-    segmentation = source.mask_loader is not None  # image/mask pairs: per-pixel CE, no shots, no val split
+    segmentation = is_segmentation_spec(config.data)  # image/mask pairs: per-pixel CE, no shots, no val split
     if segmentation and config.val_fraction:
         raise ValueError(f"--val-fraction needs image labels; {config.data!r} is a segmentation source")
-    if not segmentation:
-        source, _ = open_labeled(config.data, config.shots, config.seed)
-    class_names = source.class_names if segmentation else labeled_classes(source)
+    if segmentation:
+        source = open_source(config.data)
+        class_names = source.class_names
+    else:
+        source, class_names = open_labeled(config.data, config.shots, config.seed)
     train_part, val_part = split_labeled(source, config.val_fraction, config.seed)
     model, card = _initial_student(config, class_names, "segmentation" if segmentation else "classification")
     size = config.size or card.input_size
