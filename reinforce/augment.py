@@ -266,14 +266,30 @@ class CropFlip:
         ``size`` defaults to the policy's; another size renders the same crop for a student that
         trains at a different resolution (translations scale with it).
         """
-        size = size or self.size
+        return self._apply_ops(self._geometry(image, params, size or self.size, mask=False), params.ops)
+
+    def apply_with_mask(self, image: torch.Tensor, mask: torch.Tensor, params: AugParams,
+                        size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """One θ for an image and its class map (uint8 ``[H, W]``): the view ``apply`` renders and the mask
+        under the same crop box and flip, resized nearest-neighbour (class ids stay ids), no photometric ops.
+
+        Example:
+            >>> view, labels = policy.apply_with_mask(image, mask, policy.sample(0, i, v, *mask.shape))
+        """
+        if mask.shape != image.shape[-2:]:
+            raise ValueError(f"mask of shape {tuple(mask.shape)} does not match its image {tuple(image.shape)}")
+        return self.apply(image, params, size), self._geometry(mask[None], params, size or self.size, mask=True)[0]
+
+    def _geometry(self, image: torch.Tensor, params: AugParams, size: int, mask: bool) -> torch.Tensor:
+        """The crop box resized to ``size`` (antialiased bilinear, or nearest for a mask) and the flip."""
         left, top, w, h = params.box
         if left < 0 or top < 0 or w <= 0 or h <= 0 or left + w > image.shape[-1] or top + h > image.shape[-2]:
             raise ValueError(f"crop box {params.box} lies outside the image of shape {tuple(image.shape)}")
-        view = F.resized_crop(image, top, left, h, w, [size, size], antialias=True)
-        if params.flip:
-            view = F.horizontal_flip(view)
-        return self._apply_ops(view, params.ops)
+        if mask:
+            view = F.resized_crop(image, top, left, h, w, [size, size], interpolation=InterpolationMode.NEAREST_EXACT)
+        else:
+            view = F.resized_crop(image, top, left, h, w, [size, size], antialias=True)
+        return F.horizontal_flip(view) if params.flip else view
 
     def _apply_ops(self, view: torch.Tensor, ops: tuple[tuple[int, int], ...]) -> torch.Tensor:
         if ops:
@@ -387,6 +403,11 @@ def eval_view(image: torch.Tensor, size: int) -> torch.Tensor:
     ``timm.data.create_transform`` on a model directory's data config gives these very pixels.
     """
     return _eval_transform(size)(F.to_pil_image(image))
+
+
+def eval_mask(mask: torch.Tensor, size: int) -> torch.Tensor:
+    """The class map under ``eval_view``'s squash: uint8 ``[H, W]`` -> ``[size, size]``, nearest (ids stay ids)."""
+    return F.resize(mask[None], [size, size], interpolation=InterpolationMode.NEAREST_EXACT)[0]
 
 
 @functools.lru_cache(maxsize=8)

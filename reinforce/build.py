@@ -43,7 +43,7 @@ from reinforce.sources import Source, open_source
 from reinforce.teachers import TeacherCard, TeacherModel, create_teacher
 from stores.catalog import find_store
 from stores.cli import cli_errors, debug_flag
-from stores.codecs import Codec, EmbeddingCodec, PatchCodec, TopKLogitsCodec, create_codec
+from stores.codecs import Codec, EmbeddingCodec, PatchCodec, SegTopKLogitsCodec, TopKLogitsCodec, create_codec
 from stores.lineage import library_version
 from stores.location import Location
 from stores.manifest import (
@@ -79,7 +79,7 @@ class BuildConfig:
     transfer_set: str
     out: str  # a local path or any fsspec URL (s3://bucket/prefix/store)
     format: str = "zarr"  # zarr (random access) | wds (tar shards with the images, streamed: stores.wds)
-    targets: tuple[str, ...] = ("logits",)  # any of logits, embedding, patch: one teacher pass gives all
+    targets: tuple[str, ...] = ("logits",)  # any of logits, embedding, patch (one pass gives all); or seg_logits
     views: int = 4
     topk: int = 5
     logit_precision: str = "uint8"  # uint8 (relative to the view's max, per-view scale) | fp16 (exact)
@@ -140,7 +140,7 @@ def check_teacher(card: TeacherCard, model: TeacherModel, config: BuildConfig) -
                         f"{','.join(model.target_kinds)}")
     if config.num_classes is not None and config.num_classes != card.num_classes:
         problems.append(f"--num-classes {config.num_classes} but teacher {card.name!r} predicts {card.num_classes}")
-    if "logits" in config.targets and config.topk > card.num_classes:
+    if {"logits", "seg_logits"} & set(config.targets) and config.topk > card.num_classes:
         problems.append(f"--topk {config.topk} exceeds the teacher's {card.num_classes} classes")
     if not config.targets:
         problems.append("--targets is empty")
@@ -169,6 +169,10 @@ def make_codecs(model: TeacherModel, card: TeacherCard, config: BuildConfig) -> 
         if kind == "logits":
             codecs[kind] = TopKLogitsCodec(k=config.topk, num_classes=card.num_classes,
                                            precision=config.logit_precision, index_coding=config.index_coding)
+        elif kind == "seg_logits":  # [C, S/8, S/8]: per-pixel top-k, the same math as logits
+            codecs[kind] = SegTopKLogitsCodec(k=config.topk, num_classes=card.num_classes, height=shape[1],
+                                              width=shape[2], precision=config.logit_precision,
+                                              index_coding=config.index_coding)
         elif kind == "embedding":
             codecs[kind] = EmbeddingCodec(dim=shape[-1], precision=config.feature_precision)
         else:
@@ -408,7 +412,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[BuildConfig, bool]:
                         help="new store = STORE's views byte for byte + --add-views more (its teacher, policy, codecs)")
     parser.add_argument("--add-views", type=int, default=0, metavar="M", help="with --extend: views K..K+M-1")
     parser.add_argument("--targets", default=",".join(defaults.targets),
-                        help="comma-separated targets from one teacher pass: logits, embedding, patch")
+                        help="comma-separated targets from one teacher pass: logits, embedding, patch; "
+                             "seg_logits (segmentation teachers: per-pixel top-k at 1/8 resolution)")
     parser.add_argument("--views", type=int, default=defaults.views, help="augmented views per sample (K)")
     parser.add_argument("--topk", type=int, default=defaults.topk, help="logits kept per view")
     parser.add_argument("--logit-precision", choices=("uint8", "fp16"), default=defaults.logit_precision,

@@ -20,6 +20,7 @@ Specs (``list_sources()`` names the registered prefixes; ``register_source`` add
     retrieved:FILE.parquet                      a ``reinforce.retrieve`` manifest: row i is the crop of gallery
                                                 image ``uri`` cut by its θ record (so is FILE.parquet with ``theta``)
     FILE.tar | URLS-{000..009}.tar              webdataset shards (local), one image per sample
+    fashion-mnist-seg:... | segfolder:DIR       images with class maps (``Source.load_mask``): reinforce.segmentation
 Any spec takes a query: ``?shots=10&seed=0&part=labeled|unlabeled`` (seeded few-shot split:
 N images per class labeled, the rest unlabeled) and ``&limit=N`` (first N after the split).
 The query ``seed`` seeds only the few-shot split; the crop seed of ``photo-crops`` lives in its base spec.
@@ -93,12 +94,19 @@ class Source:
     class_names: tuple[str, ...]
     loader: Callable[[str], torch.Tensor]
     content_id: str  # identifies the underlying bytes (file hashes / sizes), see fingerprint()
+    mask_loader: Callable[[str], torch.Tensor] | None = None  # segmentation sources: uri -> uint8 [H, W] class map
 
     def __len__(self) -> int:
         return len(self.keys)
 
     def load(self, index: int) -> torch.Tensor:
         return self.loader(str(self.uris[index]))
+
+    def load_mask(self, index: int) -> torch.Tensor:
+        """Image i's class map (uint8 ``[H, W]``, ``reinforce.segmentation.IGNORE_INDEX`` = unlabeled)."""
+        if self.mask_loader is None:
+            raise ValueError(f"source {self.spec!r} has no masks; segmentation sources: fashion-mnist-seg, segfolder")
+        return self.mask_loader(str(self.uris[index]))
 
     def encoded(self, index: int) -> tuple[bytes, str]:
         """Image i as encoded bytes + file extension, for a store that carries the images: the file's own bytes
@@ -580,3 +588,6 @@ _URI_LOADERS: tuple[tuple[str, Callable[[str], torch.Tensor]], ...] = (
     ("sklearn:digits#", _load_digit),
     ("photo-crops:", _load_photo_crop),
 )
+
+
+from reinforce import segmentation  # noqa: E402,F401  registers the segmentation sources (it imports this module)

@@ -276,7 +276,8 @@ def create_teacher(name_or_path: str, device: str | torch.device = "cpu") -> tup
     if card.weights_sha256 and digest != card.weights_sha256:
         raise ValueError(f"{directory} weights have sha256 {digest[:12]}…, teacher.json records "
                          f"{card.weights_sha256[:12]}…")
-    model = TeacherModel(create_backbone(card.library, card.backbone), card.num_classes, card.mean, card.std)
+    model = _teacher_class(card.library)(create_backbone(card.library, card.backbone), card.num_classes,
+                                         card.mean, card.std)
     state = load_file(str(directory / "model.safetensors"))
     if card.library == "timm":
         prefix = f"{model.backbone.pretrained_cfg['classifier']}."
@@ -287,6 +288,14 @@ def create_teacher(name_or_path: str, device: str | torch.device = "cpu") -> tup
     if model.head is not None:
         model.head.load_state_dict(head)
     return model.to(device, memory_format=torch.channels_last).eval(), card
+
+
+
+def _teacher_class(library: str) -> type[TeacherModel]:
+    """``SegmentationTeacher`` for the stride-8 library (``reinforce.dense``), else ``TeacherModel``."""
+    from reinforce.dense import DENSE_LIBRARY, SegmentationTeacher
+
+    return SegmentationTeacher if library == DENSE_LIBRARY else TeacherModel
 
 
 CHECKPOINT_LAYOUTS = (
@@ -444,3 +453,6 @@ def embedded_imagenet_teacher(input_size: int) -> tuple[TeacherModel, TeacherCar
     return pretrained_teacher("lite0_in1k", "timm", "tf_efficientnet_lite0",
                               embedded_weights("tf_efficientnet_lite0.in1k"), class_names=names,
                               input_size=input_size, mean=(0.5,) * 3, std=(0.5,) * 3)
+
+
+from reinforce import dense  # noqa: E402,F401  registers the stride-8 backbone library (it imports this module)

@@ -11,6 +11,7 @@ import sys
 
 from stores.catalog import list_stores, publish_store
 from stores.cli import cli_errors, debug_flag
+from stores.codecs import create_codec
 from stores.store import SHARDS_DIR, open_store
 from stores.verify import describe_store, verify_store
 from stores.wds import export_wds
@@ -34,6 +35,9 @@ def _inspect(path: str) -> int:
                              for metric, s in target["fidelity"].items())
         print(f"target       {name} [{target['kind']}] {codec}: {target['bytes_per_view']:.1f} B/view")
         print(f"  fidelity   {fidelity or 'not recorded'}")
+        dense = getattr(create_codec(**target["codec"]), "dense_bytes_per_view", None)
+        if dense:  # per-pixel targets: what float16 logit maps would cost
+            print(f"  vs dense   fp16 logits {dense} B/view: {dense / target['bytes_per_view']:.1f}x the stored bytes")
     print(f"layout       {json.dumps(info['layout'])}")
     print(f"bytes        {info['total_bytes']} total, {info['data_bytes']} under {info['data_dir']}")
     print(f"per view     {info['bytes_per_view']:.1f} B data, {info['total_bytes_per_view']:.1f} B with all files")

@@ -2,7 +2,7 @@
 
 A codec is a frozen dataclass registered by name, so a store's manifest (plain JSON) is all a
 reader needs to rebuild it: ``create_codec(**target.codec)``. Each codec knows its target *kind*
-(``logits``, ``embedding``, ``patch``), the arrays it stores per view, how to encode a batch
+(``logits``, ``embedding``, ``patch``, ``seg_logits``), the arrays it stores per view, how to encode a batch
 (torch in, numpy out), decode a batch (torch in, float32 torch out, on any device) and how faithful
 a round trip is (``fidelity``), which the build records and ``stores inspect`` prints.
 
@@ -22,8 +22,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["Codec", "EmbeddingCodec", "PatchCodec", "TopKLogitsCodec", "create_codec", "list_codecs",
-           "register_codec"]
+__all__ = ["Codec", "EmbeddingCodec", "PatchCodec", "SegTopKLogitsCodec", "TopKLogitsCodec", "create_codec",
+           "list_codecs", "register_codec"]
 
 _CODECS: dict[str, type[Codec]] = {}
 
@@ -280,3 +280,69 @@ class PatchCodec(Codec):
         pooled = self.pool(x)
         cosine = F.cosine_similarity(self.round_trip(x), pooled, dim=1)
         return {"cosine": cosine.flatten()}
+
+
+@register_codec
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class SegTopKLogitsCodec(Codec):
+    """Per-pixel logits ``[C, height, width]`` (1/8 of the view for DeepLab heads) as ``topk_logits`` at every
+    position: the same top-k + log-sum-exp math and decoding, arrays ``[height, width, ...]`` per view.
+
+    Class indices take one byte when ``num_classes <= 256`` (delta gaps and plain ids both fit), the largest
+    saving per pixel after the values themselves. ``dense_bytes_per_view`` is what float16 logits would cost.
+    """
+
+    name: ClassVar[str] = "seg_topk_logits"
+    kind: ClassVar[str] = "seg_logits"
+    k: int
+    num_classes: int
+    height: int
+    width: int
+    precision: str = "uint8"
+    value_bits: int = 6
+    index_coding: str = "delta"
+
+    def __post_init__(self):
+        if self.height < 1 or self.width < 1:
+            raise ValueError(f"logit map must be at least 1x1, got {self.height}x{self.width}")
+        self.pixel  # noqa: B018  validates k, precision, value_bits and index_coding
+
+    @property
+    def pixel(self) -> TopKLogitsCodec:
+        """The codec of one position's ``[C]`` logits."""
+        return TopKLogitsCodec(k=self.k, num_classes=self.num_classes, precision=self.precision,
+                               value_bits=self.value_bits, index_coding=self.index_coding)
+
+    @property
+    def index_dtype(self) -> np.dtype:
+        return np.dtype(np.uint8) if self.num_classes <= 256 else self.pixel.index_dtype
+
+    @property
+    def dense_bytes_per_view(self) -> int:
+        return self.num_classes * self.height * self.width * 2
+
+    def arrays(self) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+        grid = (self.height, self.width)
+        arrays = {name: (grid + shape, dtype) for name, (shape, dtype) in self.pixel.arrays().items()}
+        return {**arrays, "index": ((*grid, self.k), self.index_dtype)}
+
+    def encode(self, x: torch.Tensor) -> dict[str, np.ndarray]:
+        """``x [B, C, height, width]`` logits -> payload with leading dims ``[B, height, width]``."""
+        if x.dim() != 4 or tuple(x.shape[1:]) != (self.num_classes, self.height, self.width):
+            raise ValueError(f"codec expects logit maps [B, {self.num_classes}, {self.height}, {self.width}], "
+                             f"teacher gave {tuple(x.shape)}")
+        payload = self.pixel.encode(x.permute(0, 2, 3, 1).reshape(-1, self.num_classes))
+        payload["index"] = payload["index"].astype(self.index_dtype)
+        return {name: a.reshape(len(x), self.height, self.width, *a.shape[1:]) for name, a in payload.items()}
+
+    def decode(self, payload: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Payload -> dense ``[B, C, height, width] float32`` log-probabilities at T=1 (``topk_logits.decode``)."""
+        batch = payload["index"].shape[0]
+        flat = {name: a.reshape(-1, *a.shape[3:]) for name, a in payload.items()}
+        dense = self.pixel.decode(flat)
+        return dense.reshape(batch, self.height, self.width, self.num_classes).permute(0, 3, 1, 2)
+
+    def fidelity(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Per-view mean over pixels of KL(full softmax ‖ decoded) and of top-1 agreement (``[B]`` each)."""
+        per_pixel = self.pixel.fidelity(x.float().permute(0, 2, 3, 1).reshape(-1, self.num_classes))
+        return {metric: values.reshape(len(x), -1).mean(-1) for metric, values in per_pixel.items()}

@@ -27,13 +27,15 @@ def views_of(spec: str, views_per_sample: int, size: int) -> list[torch.Tensor]:
 @pytest.fixture(scope="module")
 def outputs(lite0_teacher, photo_dir) -> dict[str, torch.Tensor]:
     """One forward over 144 augmented 64 px views of Fashion-MNIST images and real photos: logits ``[N, 1000]``,
-    embedding ``[N, 1280]``, patch ``[N, 1280, 2, 2]``, plus ``patch4``: 4x4 maps of the photos at 128 px."""
+    embedding ``[N, 1280]``, patch ``[N, 1280, 2, 2]``, plus ``patch4``: 4x4 maps of the photos at 128 px and
+    ``seg_logits``: the ImageNet head at each of their positions ``[n, 1000, 4, 4]``."""
     model = lite0_teacher[0]
     views = views_of("fashion-mnist:test?limit=48", 2, 64) + views_of(f"folder:{photo_dir}", 8, 64)
     with torch.inference_mode():
         found = model.forward_targets(torch.stack(views), KINDS)
         large = torch.stack(views_of(f"folder:{photo_dir}", 4, 128))
         found["patch4"] = model.forward_targets(large, ("patch",))["patch"]
+        found["seg_logits"] = model.head(found["patch4"].permute(0, 2, 3, 1)).permute(0, 3, 1, 2)  # per position
     return {name: value.float() for name, value in found.items()}
 
 
@@ -41,6 +43,7 @@ EXAMPLES = {  # registered codec -> (arguments, the teacher output it encodes); 
     "topk_logits": ({"k": 10, "num_classes": 1000, "precision": "uint8", "index_coding": "delta"}, "logits"),
     "embedding": ({"dim": 1280, "precision": "int8"}, "embedding"),
     "patch": ({"channels": 1280, "grid": 2, "precision": "int8"}, "patch4"),
+    "seg_topk_logits": ({"k": 5, "num_classes": 1000, "height": 4, "width": 4}, "seg_logits"),
 }
 
 
@@ -63,7 +66,8 @@ def test_every_registered_codec_keeps_its_contract(outputs, name):
 
 
 def test_codec_errors_name_what_is_valid():
-    with pytest.raises(ValueError, match="unknown codec 'topk8'; registered: embedding, patch, topk_logits"):
+    registered = "embedding, patch, seg_topk_logits, topk_logits"
+    with pytest.raises(ValueError, match=f"unknown codec 'topk8'; registered: {registered}"):
         create_codec("topk8")
     with pytest.raises(ValueError, match=r"unknown \['bits'\]"):
         create_codec("embedding", dim=4, bits=8)

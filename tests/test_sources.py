@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 from skimage import data as skdata
 
-from reinforce import sources
+from reinforce import segmentation, sources
 from reinforce.sources import few_shot_split, list_sources, open_source, register_source
 
 PHOTOS = {"coffee": skdata.coffee, "chelsea": skdata.chelsea, "rocket": skdata.rocket}
@@ -128,9 +128,25 @@ def test_bad_specs_name_the_problem(tmp_path, photo_dir):
 LABELED = {"fashion-mnist", "imagefolder", "sklearn:digits"}
 
 
-def example_spec(prefix: str, photo_tree: Path, retrieval_manifest: Path) -> str:
+@pytest.fixture(scope="module")
+def seg_tree(tmp_path_factory) -> Path:
+    """A ``segfolder:`` of three Fashion-MNIST mosaics (PNG images + masks + classes.txt)."""
+    root = tmp_path_factory.mktemp("segfolder")
+    mosaics = open_source("fashion-mnist-seg:test?limit=3")
+    (root / "images").mkdir()
+    (root / "masks").mkdir()
+    (root / "classes.txt").write_text("\n".join(mosaics.class_names))
+    for i in range(3):
+        Image.fromarray(mosaics.load(i).permute(1, 2, 0).numpy()).save(root / "images" / f"{i}.png")
+        Image.fromarray(mosaics.load_mask(i).numpy()).save(root / "masks" / f"{i}.png")
+    return root
+
+
+def example_spec(prefix: str, photo_tree: Path, retrieval_manifest: Path, seg_tree: Path) -> str:
     """One quick spec per registered prefix; a new registration fails here until it gets one."""
     examples = {
+        "fashion-mnist-seg": "fashion-mnist-seg:test@64,grid=2?limit=50",
+        "segfolder": f"segfolder:{seg_tree}",
         "fashion-mnist": "fashion-mnist:test?limit=100",
         "folder": f"folder:{photo_tree}",
         "imagefolder": f"imagefolder:{photo_tree}",
@@ -148,13 +164,13 @@ def example_spec(prefix: str, photo_tree: Path, retrieval_manifest: Path) -> str
 def clear_caches() -> None:
     """Forget every decoded image, so the next load decodes from the packages again."""
     for fn in (sources._photo, sources._photos_digest, sources._digits, sources._read_idx,
-               sources._matplotlib_photo_paths):
+               sources._matplotlib_photo_paths, segmentation._mosaic, segmentation._item_order):
         fn.cache_clear()
 
 
 @pytest.mark.parametrize("prefix", list_sources())
-def test_every_registered_source_opens_deterministically(prefix, photo_tree, retrieval_manifest):
-    spec = example_spec(prefix, photo_tree, retrieval_manifest)
+def test_every_registered_source_opens_deterministically(prefix, photo_tree, retrieval_manifest, seg_tree):
+    spec = example_spec(prefix, photo_tree, retrieval_manifest, seg_tree)
     first = open_source(spec)
     indices = sorted({0, len(first) // 2, len(first) - 1})
     images = [first.load(i) for i in indices]

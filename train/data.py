@@ -17,13 +17,14 @@ from pathlib import Path
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
-from torchmetrics.classification import MulticlassAccuracy
+from torchmetrics.classification import MulticlassAccuracy, MulticlassJaccardIndex
 
-from reinforce.augment import RandAugCropFlip, eval_view
+from reinforce.augment import RandAugCropFlip, eval_mask, eval_view
+from reinforce.segmentation import IGNORE_INDEX
 from reinforce.sources import IMAGE_SUFFIXES, SPEC_FORMS, Source, open_source, with_query
 
-__all__ = ["IN_MEMORY_LIMIT", "LabeledViews", "accuracy", "evaluate_model", "labeled_classes",
-           "labeled_spec", "open_labeled", "predict"]
+__all__ = ["IN_MEMORY_LIMIT", "LabeledViews", "SegmentationViews", "accuracy", "evaluate_model",
+           "evaluate_segmentation", "labeled_classes", "labeled_spec", "open_labeled", "predict"]
 
 IN_MEMORY_LIMIT = 60_000  # images decoded once and kept (Fashion-MNIST train: ~140 MB as uint8)
 EPOCH_STRIDE = 1_000_003  # seed offset per epoch: epochs draw disjoint Philox keys
@@ -34,15 +35,19 @@ class LabeledViews(Dataset):
 
     def __init__(self, source: Source, size: int, *, train: bool, seed: int = 0,
                  policy: RandAugCropFlip | None = None):
+        self.check(source)
+        self.source, self.size, self.train, self.seed = source, size, train, seed
+        self.policy = policy or RandAugCropFlip(size=size)
+        self.labels = None if source.labels is None else torch.as_tensor(source.labels, dtype=torch.long)
+        self.in_memory = len(source) <= IN_MEMORY_LIMIT
+        self.images = [source.load(i) for i in range(len(source))] if self.in_memory else None
+        self.epoch = 0
+
+    @staticmethod
+    def check(source: Source) -> None:
         if source.labels is None:
             raise ValueError(f"{source.spec!r} has no labels; training and evaluation need a labeled source "
                              f"(spec forms: {SPEC_FORMS})")
-        self.source, self.size, self.train, self.seed = source, size, train, seed
-        self.policy = policy or RandAugCropFlip(size=size)
-        self.labels = torch.as_tensor(source.labels, dtype=torch.long)
-        small = len(source) <= IN_MEMORY_LIMIT
-        self.images = [source.load(i) for i in range(len(source))] if small else None
-        self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -119,3 +124,48 @@ def accuracy(predictions: torch.Tensor, labels: torch.Tensor, num_classes: int) 
     top1 = MulticlassAccuracy(num_classes, average="micro")(predictions, labels)
     balanced = MulticlassAccuracy(num_classes, average="macro")(predictions, labels)
     return {"top1": float(top1), "balanced_accuracy": float(balanced)}
+
+
+class SegmentationViews(LabeledViews):
+    """(uint8 view, int64 class map) pairs: one θ renders both (``apply_with_mask``); ignored pixels are -100,
+    cross-entropy's default ``ignore_index``, so ``train.optim.fit`` trains segmenters unchanged."""
+
+    def __init__(self, source: Source, size: int, *, train: bool, seed: int = 0,
+                 policy: RandAugCropFlip | None = None):
+        super().__init__(source, size, train=train, seed=seed, policy=policy)
+        self.masks = [source.load_mask(i) for i in range(len(source))] if self.in_memory else None
+
+    @staticmethod
+    def check(source: Source) -> None:
+        if source.mask_loader is None:
+            raise ValueError(f"{source.spec!r} has no masks; segmentation needs fashion-mnist-seg:... or segfolder:DIR")
+
+    def mask(self, index: int) -> torch.Tensor:
+        return self.masks[index] if self.masks is not None else self.source.load_mask(index)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        image, mask = self.image(index), self.mask(index)
+        if self.train:
+            theta = self.policy.sample(self.seed + self.epoch * EPOCH_STRIDE, index, 0, *mask.shape)
+            view, mask = self.policy.apply_with_mask(image, mask, theta, self.size)
+        else:
+            view, mask = eval_view(image, self.size), eval_mask(mask, self.size)
+        labels = mask.long()
+        return view, labels.masked_fill_(labels == IGNORE_INDEX, -100)
+
+
+@torch.inference_mode()
+def evaluate_segmentation(model: nn.Module, source: Source, size: int, num_classes: int,
+                          batch_size: int = 64) -> dict[str, float]:
+    """mIoU (torchmetrics ``MulticlassJaccardIndex``, macro over classes present) and pixel accuracy on the
+    deterministic eval views, ignored pixels left out."""
+    iou = MulticlassJaccardIndex(num_classes, average="macro", ignore_index=-100)
+    pixel = MulticlassAccuracy(num_classes, average="micro", ignore_index=-100)
+    was_training = model.training
+    model.eval()
+    for views, masks in DataLoader(SegmentationViews(source, size, train=False), batch_size=batch_size):
+        predicted = model(views.contiguous(memory_format=torch.channels_last)).argmax(1)
+        iou.update(predicted, masks)
+        pixel.update(predicted, masks)
+    model.train(was_training)
+    return {"miou": float(iou.compute()), "pixel_accuracy": float(pixel.compute())}

@@ -200,8 +200,10 @@ def distill(config: DistillConfig) -> dict[str, Any]:
     content = replay.store.manifest.content
     teacher = online_teacher(replay, config) if config.online else None
     torch.manual_seed(config.seed)  # same initial student and projections on every rank and every rerun
-    class_names = content.teacher.class_names if "logits" in replay.targets else ()
-    student, card = create_student(config.student, class_names=class_names, input_size=replay.size)
+    dense = "seg_logits" in replay.targets
+    class_names = content.teacher.class_names if {"logits", "seg_logits"} & set(replay.targets) else ()
+    student, card = create_student(config.student, class_names=class_names, input_size=replay.size,
+                                   task="segmentation" if dense else "classification")
     objective = build_objective(student, replay, config)
     rank, world = deepspeed_glue.init_distributed()
     Path(config.out).mkdir(parents=True, exist_ok=True)

@@ -1,5 +1,8 @@
 """Evaluate a student directory or a teacher zoo entry on a labeled source; prints JSON.
 
+A segmentation model (a ``SegmentationStudent`` or a ``timm_seg`` teacher) on image/mask pairs is scored by
+mIoU (torchmetrics ``MulticlassJaccardIndex``, macro) and pixel accuracy at its input size.
+
 ``--predictions FILE.npy`` also writes the predicted class of every image (``[N] int64``, in the
 source's order), e.g. to check that another runtime loading the directory predicts the same.
 
@@ -16,9 +19,11 @@ from typing import Any
 
 import numpy as np
 
+from reinforce.dense import SegmentationTeacher
+from reinforce.sources import open_source
 from stores.cli import cli_errors, debug_flag
-from train.data import accuracy, open_labeled, predict
-from train.models import load_classifier
+from train.data import accuracy, evaluate_segmentation, open_labeled, predict
+from train.models import SegmentationStudent, load_classifier
 
 __all__ = ["evaluate", "main"]
 
@@ -26,6 +31,13 @@ __all__ = ["evaluate", "main"]
 def evaluate(model_name: str, data: str, batch_size: int = 256, predictions: str | None = None) -> dict[str, Any]:
     """Top-1 / balanced accuracy of ``model_name`` at its own input size on ``data``; ``predictions``: a .npy path."""
     model, card = load_classifier(model_name)
+    if isinstance(model, (SegmentationTeacher, SegmentationStudent)):
+        source = open_source(data)
+        if source.class_names != card.class_names:
+            raise ValueError(f"{model_name!r} segments {len(card.class_names)} classes {card.class_names[:3]}..., "
+                             f"{data!r} has {len(source.class_names)} {source.class_names[:3]}...")
+        metrics = evaluate_segmentation(model, source, card.input_size, card.num_classes, min(batch_size, 64))
+        return {**metrics, "num_images": len(source), "model": model_name, "data": data}
     source, class_names = open_labeled(data, None, 0)
     if len(class_names) != card.num_classes:
         raise ValueError(f"{model_name!r} has {card.num_classes} classes but {data!r} has {len(class_names)}")

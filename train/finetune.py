@@ -9,7 +9,9 @@ the run, or with ``--cooldown N`` (constant learning rate until then) starts an 
 to zero, so a run that stops early still ends annealed (``train.optim``). ``student.json`` records
 the val top-1, the best step, the steps run and the whole validation curve, so a learning rate or step count can be
 chosen without ever looking at the test split. A student distilled from features (``num_classes``
-0, no classifier) gets a freshly initialised classifier for the labeled classes.
+0, no classifier) gets a freshly initialised classifier for the labeled classes. On a segmentation source
+(image/mask pairs) the student is a segmentation student trained with per-pixel cross-entropy (one θ
+renders view and mask; ``--shots``/``--val-fraction`` do not apply: size the set with ``?limit=N``).
 
 Example:
     python -m train.finetune --init runs/student --data fashion-mnist:train --shots 10 --out runs/student_ft
@@ -25,8 +27,10 @@ import time
 
 import torch
 
+from reinforce.segmentation import is_segmentation_spec
+from reinforce.sources import open_source
 from stores.cli import cli_errors, debug_flag
-from train.data import LabeledViews, open_labeled
+from train.data import LabeledViews, SegmentationViews, open_labeled
 from train.models import Student, StudentCard, create_student, load_student, save_student
 from train.optim import BestOnValidation, TrainSchedule, fit, split_labeled
 
@@ -59,9 +63,16 @@ def finetune(config: FinetuneConfig) -> StudentCard:
     """Train with cross-entropy on the labeled views, save to ``config.out``; returns the card."""
     if (config.init is None) == (config.student is None):
         raise ValueError("give exactly one of --init STUDENT_DIR or --student NAME")
-    source, class_names = open_labeled(config.data, config.shots, config.seed)
+    segmentation = is_segmentation_spec(config.data)  # image/mask pairs: per-pixel CE, no shots, no val split
+    if segmentation and config.val_fraction:
+        raise ValueError(f"--val-fraction needs image labels; {config.data!r} is a segmentation source")
+    if segmentation:
+        source = open_source(config.data)
+        class_names = source.class_names
+    else:
+        source, class_names = open_labeled(config.data, config.shots, config.seed)
     train_part, val_part = split_labeled(source, config.val_fraction, config.seed)
-    model, card = _initial_student(config, class_names)
+    model, card = _initial_student(config, class_names, "segmentation" if segmentation else "classification")
     size = config.size or card.input_size
     cooldown = -(-config.cooldown // config.eval_every) * config.eval_every  # ends on a validation step
     schedule = TrainSchedule(config.steps, config.lr, config.batch_size, config.weight_decay, seed=config.seed,
@@ -71,8 +82,8 @@ def finetune(config: FinetuneConfig) -> StudentCard:
     started = time.perf_counter()
     if keeper is not None:
         keeper(0)  # the starting point competes too: finetuning that only hurts on val is not kept
-    losses = fit(model, LabeledViews(train_part, size, train=True, seed=config.seed), schedule, on_step=keeper,
-                 workers=config.workers)
+    views = (SegmentationViews if segmentation else LabeledViews)(train_part, size, train=True, seed=config.seed)
+    losses = fit(model, views, schedule, on_step=keeper, workers=config.workers)
     validation = {"steps_run": len(losses)}
     if keeper is not None:
         keeper.restore()
@@ -86,14 +97,17 @@ def finetune(config: FinetuneConfig) -> StudentCard:
     return card
 
 
-def _initial_student(config: FinetuneConfig, class_names: tuple[str, ...]) -> tuple[Student, StudentCard]:
+def _initial_student(config: FinetuneConfig, class_names: tuple[str, ...],
+                     task: str) -> tuple[Student, StudentCard]:
     """The student to start from: ``--init`` (given a classifier if it has none) or a seeded random ``--student``."""
     if config.init is None:
         if config.size is None:
             raise ValueError("--student NAME trains from random init and needs --size")
         torch.manual_seed(config.seed)  # same random init on a rerun
-        return create_student(config.student, class_names=class_names, input_size=config.size)
+        return create_student(config.student, class_names=class_names, input_size=config.size, task=task)
     model, card = load_student(config.init)
+    if card.task != task:
+        raise ValueError(f"--init {config.init!r} is a {card.task} student; {config.data!r} is {task} data")
     if card.num_classes == 0:  # distilled from features: a new classifier for the labeled classes
         torch.manual_seed(config.seed)
         model.net.reset_classifier(len(class_names))

@@ -1,4 +1,5 @@
-"""Distillation losses by target kind, in a registry: KL for logits, contrastive for embeddings, cosine for patches.
+"""Distillation losses by target kind, in a registry: KL for logits, contrastive for embeddings, cosine for patches,
+per-pixel KL for segmentation logit maps.
 
 A loss is an ``nn.Module`` because feature losses own learnable projections (trained with the
 student, dropped after distillation). Each declares the target ``kind`` it reads and the student
@@ -19,11 +20,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["DEFAULT_LOSS", "ContrastiveLoss", "CosineLoss", "DistillObjective", "KLLoss", "create_loss",
-           "kl_divergence", "list_losses", "register_loss"]
+__all__ = ["DEFAULT_LOSS", "ContrastiveLoss", "CosineLoss", "DistillObjective", "KLLoss", "PixelKLLoss",
+           "create_loss", "kl_divergence", "list_losses", "register_loss"]
 
 _LOSSES: dict[str, type[nn.Module]] = {}
-DEFAULT_LOSS = {"logits": "kl", "embedding": "contrastive", "patch": "cosine"}  # --loss auto
+DEFAULT_LOSS = {"logits": "kl", "embedding": "contrastive", "patch": "cosine", "seg_logits": "pixel_kl"}  # auto
 
 
 def register_loss(cls: type[nn.Module]) -> type[nn.Module]:
@@ -67,6 +68,26 @@ class KLLoss(nn.Module):
 
     def forward(self, student: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return kl_divergence(student, target, self.temperature)
+
+
+@register_loss
+class PixelKLLoss(KLLoss):
+    """``kl`` at every position of a logit map ``[B, C, h, w]``, averaged over positions (not summed: the loss scale
+    does not grow with the map). The student's map is resized to the stored one when it renders at another size.
+
+    Stored teacher maps have no padding and no ignore index (views are whole resized crops, targets are the
+    teacher's own predictions), so every position counts.
+    """
+
+    name: ClassVar[str] = "pixel_kl"
+    kind: ClassVar[str] = "seg_logits"
+    student_output: ClassVar[str] = "seg_logits"
+
+    def forward(self, student: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        if student.shape[-2:] != target.shape[-2:]:
+            student = F.interpolate(student, size=target.shape[-2:], mode="bilinear", align_corners=False)
+        flat = [x.permute(0, 2, 3, 1).reshape(-1, x.shape[1]) for x in (student, target)]
+        return kl_divergence(*flat, self.temperature)
 
 
 @register_loss

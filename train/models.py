@@ -23,12 +23,15 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
+from reinforce.dense import DenseNet, upsample_logits
 from reinforce.layout import TASK_FIELDS, read_card, read_task_fields, timm_config, write_card, write_json
 from reinforce.teachers import normalize_views, tokens_to_map
 from reinforce.tensor_files import save_tensors
 
-__all__ = ["Student", "StudentCard", "create_student", "load_classifier", "load_student", "read_student_card",
-           "save_student"]
+__all__ = ["TASKS", "SegmentationStudent", "Student", "StudentCard", "create_student", "load_classifier",
+           "load_student", "read_student_card", "save_student"]
+
+TASKS = ("classification", "segmentation")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -42,6 +45,7 @@ class StudentCard:
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     history: tuple[dict[str, Any], ...] = ()
+    task: str = "classification"  # or "segmentation": a DenseNet (stride-8 backbone + DeepLab head), not a timm net
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -84,29 +88,53 @@ class Student(nn.Module):
         return parts
 
 
-def create_student(arch: str, *, class_names: tuple[str, ...], input_size: int) -> tuple[Student, StudentCard]:
+class SegmentationStudent(Student):
+    """A ``DenseNet`` student: ``forward`` gives full-resolution logits ``[B, C, S, S]`` (CE, mIoU),
+    ``forward_parts`` the 1/8 map ``seg_logits`` (distillation) and the backbone's ``feature_map``/``embedding``."""
+
+    def forward(self, views: torch.Tensor) -> torch.Tensor:
+        return upsample_logits(self.net(normalize_views(views, self.mean, self.std)), views.shape[-2:])
+
+    def forward_parts(self, views: torch.Tensor, outputs: set[str]) -> dict[str, torch.Tensor]:
+        features = self.net.backbone(normalize_views(views, self.mean, self.std))
+        parts = {"feature_map": features, "embedding": features.mean((-2, -1))}
+        if "seg_logits" in outputs:
+            parts["seg_logits"] = self.net.head(features)
+        return {name: parts[name] for name in outputs}
+
+
+def create_student(arch: str, *, class_names: tuple[str, ...], input_size: int,
+                   task: str = "classification") -> tuple[Student, StudentCard]:
     """A randomly initialised timm ``arch`` with a ``len(class_names)``-way head (none when ``class_names`` is
-    empty: a student distilled from features only gets its classifier when it is finetuned)."""
+    empty: a student distilled from features only gets its classifier when it is finetuned); ``task=
+    "segmentation"``: the same backbone at output stride 8 with a DeepLab head."""
     import timm
 
     if not timm.is_model(arch):
         close = timm.list_models(f"*{arch.split('_')[0]}*")[:5]
         raise ValueError(f"timm has no model named {arch!r}" + (f"; similar: {', '.join(close)}" if close else ""))
-    net = timm.create_model(arch, pretrained=False, num_classes=len(class_names))
+    if task not in TASKS:
+        raise ValueError(f"task must be one of {', '.join(TASKS)}, got {task!r}")
+    dense = task == "segmentation"
+    net = DenseNet(arch, len(class_names)) if dense else timm.create_model(arch, pretrained=False,
+                                                                            num_classes=len(class_names))
     config = net.pretrained_cfg
     card = StudentCard(arch=arch, num_classes=len(class_names), class_names=tuple(class_names),
-                       input_size=input_size, mean=tuple(config["mean"]), std=tuple(config["std"]))
-    return Student(net, card.mean, card.std).to(memory_format=torch.channels_last), card
+                       input_size=input_size, mean=tuple(config["mean"]), std=tuple(config["std"]), task=task)
+    model = (SegmentationStudent if dense else Student)(net, card.mean, card.std)
+    return model.to(memory_format=torch.channels_last), card
 
 
 def save_student(model: Student, card: StudentCard, directory: str | os.PathLike) -> None:
-    """Write ``DIR/{config.json, model.safetensors, student.json}``: a plain timm model plus its history."""
+    """Write ``DIR/{config.json, model.safetensors, student.json}``: a plain timm model plus its history (a
+    segmentation student: the ``DenseNet``'s keys; ``student.json`` says its task)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     save_tensors(model.net.state_dict(), directory / "model.safetensors")
     task = {k: getattr(card, k) for k in TASK_FIELDS}
     write_json(directory / "config.json", timm_config(card.arch, model.net, **task))
-    write_card(directory / "student.json", {"history": list(card.history)})
+    dense = {"task": card.task} if card.task != "classification" else {}
+    write_card(directory / "student.json", {"history": list(card.history), **dense})
 
 
 def read_student_card(directory: str | os.PathLike) -> StudentCard:
@@ -114,15 +142,15 @@ def read_student_card(directory: str | os.PathLike) -> StudentCard:
     directory = Path(directory)
     if not (directory / "student.json").exists():
         raise FileNotFoundError(f"{str(directory)!r} is not a student directory (no student.json)")
-    history = read_card(directory / "student.json")["history"]
+    stored = read_card(directory / "student.json")
     fields = read_task_fields(directory)
     return StudentCard.from_dict({"arch": fields["architecture"], **{k: fields[k] for k in TASK_FIELDS},
-                                  "history": history})
+                                  "history": stored["history"], "task": stored.get("task", "classification")})
 
 
 def load_student(directory: str | os.PathLike) -> tuple[Student, StudentCard]:
     card = read_student_card(directory)
-    model, _ = create_student(card.arch, class_names=card.class_names, input_size=card.input_size)
+    model, _ = create_student(card.arch, class_names=card.class_names, input_size=card.input_size, task=card.task)
     model.net.load_state_dict(load_file(str(Path(directory) / "model.safetensors")))
     return model, card
 

@@ -37,8 +37,9 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
+from reinforce.dense import DENSE_LIBRARY, SegmentationTeacher
 from reinforce.progress import progress_bar
-from reinforce.sources import Source
+from reinforce.sources import Source, open_source
 from reinforce.teachers import (
     TeacherCard,
     TeacherModel,
@@ -51,7 +52,7 @@ from reinforce.teachers import (
     teacher_zoo,
 )
 from stores.cli import cli_errors, debug_flag
-from train.data import LabeledViews, evaluate_model, labeled_classes, open_labeled
+from train.data import LabeledViews, SegmentationViews, evaluate_model, labeled_classes, open_labeled
 from train.optim import TrainSchedule, fit, split_labeled
 
 __all__ = ["TeacherConfig", "adapt_teacher", "main"]
@@ -87,6 +88,7 @@ class TeacherConfig:
     baseline_size: int = 32
     baseline_steps: int = 600
     baseline_lr: float = 3e-3
+    task: str = "classification"  # segmentation: stride-8 backbone + DeepLab head on image/mask pairs (lp | ft)
 
 
 def adapt_teacher(config: TeacherConfig) -> TeacherCard:
@@ -97,6 +99,8 @@ def adapt_teacher(config: TeacherConfig) -> TeacherCard:
         raise ValueError("--mode auto selects by cross-validation and needs --folds >= 2")
     if config.mode == "frozen":
         return _save_frozen(config)
+    if config.task == "segmentation":
+        return _adapt_segmentation(config)
     if not config.data:
         raise ValueError(f"--mode {config.mode} teaches a task and needs --data (only --mode frozen does not)")
     if config.baseline_student and not config.val_fraction:
@@ -159,6 +163,39 @@ def _labels_only_baseline(config: TeacherConfig) -> dict[str, object]:
     stage = card.history[-1]
     return {"student": config.baseline_student, "size": config.baseline_size, "val_top1": stage["val_top1"],
             "steps_run": stage["steps_run"], "lr": config.baseline_lr}
+
+
+def _adapt_segmentation(config: TeacherConfig) -> TeacherCard:
+    """Lite0-style CNN at output stride 8 (ViTs: patch tokens resized to 1/8) + DeepLab head, trained with per-pixel
+    CE on ``config.data``'s image/mask pairs: ``lp`` trains the head only, ``ft`` everything (backbone BatchNorm
+    statistics frozen either way). ``--shots`` does not apply (no image labels): size the set with ``?limit=N``."""
+    if config.mode not in ("lp", "ft"):
+        raise ValueError(f"--task segmentation takes --mode lp (head only) or ft (all), got {config.mode!r}")
+    if config.library != "timm" or config.pretrained or config.val_fraction:
+        raise ValueError("--task segmentation supports timm backbones with local/embedded --weights and no "
+                         "--val-fraction")
+    if not config.data:
+        raise ValueError("--task segmentation needs --data (image/mask pairs: fashion-mnist-seg:..., segfolder:DIR)")
+    source = open_source(config.data)
+    weights_file = _weights_file(config)
+    backbone = create_backbone(DENSE_LIBRARY, config.backbone)
+    load_backbone_weights(backbone, weights_file)  # the classifier's extra keys are not used
+    size = config.size[0] if isinstance(config.size, tuple) else (config.size or int(source.load(0).shape[-1]))
+    torch.manual_seed(config.seed)
+    stats = backbone.pretrained_cfg["mean"], backbone.pretrained_cfg["std"]
+    model = SegmentationTeacher(backbone, len(source.class_names), *stats).to(memory_format=torch.channels_last)
+    steps, lr = (config.lp_steps, config.lp_lr) if config.mode == "lp" else (config.steps, config.lr)
+    model.backbone.requires_grad_(config.mode == "ft")
+    started = time.perf_counter()
+    losses = fit(model, SegmentationViews(source, size, train=True, seed=config.seed),
+                 TrainSchedule(steps, lr, config.batch_size, seed=config.seed), desc=f"segmentation {config.mode}")
+    adaptation = {"task": "segmentation", "mode": config.mode, "weights": weights_file.name, "data": source.spec,
+                  "train_images": len(source), "steps": steps, "lr": lr, "final_loss": round(losses[-1], 4),
+                  "train_seconds": round(time.perf_counter() - started, 1)}
+    card = TeacherCard(name=config.name, library=DENSE_LIBRARY, backbone=config.backbone,
+                       num_classes=len(source.class_names), class_names=source.class_names, input_size=size,
+                       mean=tuple(stats[0]), std=tuple(stats[1]), adaptation=adaptation)
+    return save_teacher(model.eval(), card, _out_dir(config) / config.name, weights_file)
 
 
 def _save_frozen(config: TeacherConfig) -> TeacherCard:
@@ -274,6 +311,8 @@ def main(argv: list[str] | None = None) -> TeacherCard:
     parser.add_argument("--data", help="labeled source spec, e.g. fashion-mnist:train (not for --mode frozen)")
     parser.add_argument("--shots", type=int, default=10, help="labeled images per class (0: the whole source)")
     parser.add_argument("--mode", default="auto", choices=MODES)
+    parser.add_argument("--task", default="classification", choices=("classification", "segmentation"),
+                        help="segmentation: stride-8 backbone + DeepLab head on image/mask pairs, --mode lp or ft")
     parser.add_argument("--name", required=True, help="zoo entry name (OUT_DIR/NAME)")
     parser.add_argument("--size", type=lambda text: tuple(int(v) for v in text.split(",")), default=None,
                         help="view size(s) in px (default: the backbone's pretrained size); several: auto chooses")
