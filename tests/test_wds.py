@@ -108,7 +108,9 @@ def test_export_holds_the_zarr_stores_theta_and_targets(wds_store, zarr_store, c
     assert find_store(root, store_id, "wds").url == str(wds_store)  # one id, two formats: the catalog tells them apart
     assert find_store(root, store_id, "zarr").url == str(zarr_store)
     capsys.readouterr()
-    assert stores_main(["export-wds", str(zarr_store), "--out", str(wds_store)]) == 1  # published: never rewritten
+    with pytest.raises(SystemExit) as exit_:  # published: never rewritten
+        stores_main(["export-wds", str(zarr_store), "--out", str(wds_store)])
+    assert exit_.value.code == 2
     assert capsys.readouterr().err.strip().endswith("already holds a published store; choose another --out")
 
 
