@@ -9,8 +9,10 @@ Specs (registered with ``reinforce.sources.register_source``; ``?limit=N`` works
         published segmentation benchmark.
     segfolder:DIR    DIR/images/NAME.{png,jpg,...}, DIR/masks/NAME.png (one channel, pixel = class id,
         ``IGNORE_INDEX`` = unlabeled), DIR/classes.txt (one class name per line, id = line number).
-        Every mask is checked when the source is opened: a mask of another size than its image, or with a
-        class id beyond classes.txt, fails naming the file, before anything is built from it.
+    FILE.parquet | FILE.csv with columns ``uri`` and ``mask`` (paths relative to the manifest's folder or
+        absolute) and ``classes.txt`` beside it: image/mask pairs listed rather than laid out in folders.
+Every mask is checked when the source is opened: a missing mask, a mask of another size than its image, or
+with a class id beyond classes.txt, fails naming the file, before anything is built from it.
 
 Example:
     >>> source = open_source("fashion-mnist-seg:train@64,grid=2?limit=100")
@@ -19,6 +21,7 @@ Example:
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import re
 from functools import cache, lru_cache
@@ -44,9 +47,8 @@ __all__ = [
     "BACKGROUND",
     "FOREGROUND_THRESHOLD",
     "IGNORE_INDEX",
-    "SEGMENTATION_PREFIXES",
     "SEG_CLASSES",
-    "is_segmentation_spec",
+    "mask_manifest",
 ]
 
 IGNORE_INDEX = 255  # mask value of unlabeled pixels: no loss, no metric
@@ -54,13 +56,7 @@ BACKGROUND = "background"
 SEG_CLASSES = (BACKGROUND, *FASHION_MNIST_CLASSES)
 FOREGROUND_THRESHOLD = 32  # Fashion-MNIST items lie on exact 0; faint halo pixels below this count as background
 ITEM = 28  # Fashion-MNIST item side
-SEGMENTATION_PREFIXES = ("fashion-mnist-seg", "segfolder")
 _MOSAIC_SPEC = re.compile(r"(train|test)(?:@(\d+))?(?:,grid=(\d+))?")
-
-
-def is_segmentation_spec(spec: str) -> bool:
-    """Whether ``spec`` opens image/mask pairs, known from its prefix without opening it."""
-    return spec.startswith(tuple(f"{prefix}:" for prefix in SEGMENTATION_PREFIXES))
 
 
 @register_source("fashion-mnist-seg")
@@ -120,23 +116,39 @@ def _mosaic_mask(uri: str) -> torch.Tensor:
 @register_source("segfolder")
 def _segfolder(root: str) -> Source:
     directory = Path(root)
-    classes_file, masks = directory / "classes.txt", directory / "masks"
-    if not (directory / "images").is_dir() or not masks.is_dir() or not classes_file.is_file():
+    if not (directory / "images").is_dir() or not (directory / "masks").is_dir():
         raise FileNotFoundError(f"segfolder {root!r} needs images/, masks/ and classes.txt (one class name per "
                                 "line; mask pixel = line number, 255 = ignore)")
-    class_names = tuple(line.strip() for line in classes_file.read_text().splitlines() if line.strip())
+    class_names = _read_classes(directory / "classes.txt", f"segfolder {root!r}")
     paths = sorted(p for p in (directory / "images").iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
     if not paths:
         raise ValueError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in {str(directory / 'images')!r}")
-    for path in paths:
-        _check_mask(path, _mask_path(path), len(class_names))
-    mask_files = [_mask_path(p) for p in paths]
-    return Source(f"segfolder:{root}", np.array([p.name for p in paths]), np.array([str(p) for p in paths]), None,
-                  class_names, _load_file, _files_content_id(paths + mask_files), mask_loader=_load_mask_file)
+    masks = [directory / "masks" / f"{p.stem}.png" for p in paths]
+    return _paired(f"segfolder:{root}", [p.name for p in paths], paths, masks, class_names)
 
 
-def _mask_path(image: Path) -> Path:
-    return image.parent.parent / "masks" / f"{image.stem}.png"
+def mask_manifest(path: str, keys: list[str], images: list[Path], masks: list[Path]) -> Source:
+    """A manifest's image/mask pairs (``reinforce.sources`` opens FILE.parquet|csv and hands a ``mask`` column
+    here); the class names come from ``classes.txt`` beside it, as in a segfolder."""
+    classes = Path(path).parent / "classes.txt"
+    return _paired(path, keys, images, masks, _read_classes(classes, f"mask manifest {path!r}"))
+
+
+def _read_classes(classes_file: Path, owner: str) -> tuple[str, ...]:
+    if not classes_file.is_file():
+        raise FileNotFoundError(f"{owner} needs {str(classes_file)!r}: one class name per line (mask pixel = line "
+                                f"number, {IGNORE_INDEX} = ignore)")
+    return tuple(line.strip() for line in classes_file.read_text().splitlines() if line.strip())
+
+
+def _paired(spec: str, keys: list[str], images: list[Path], masks: list[Path], class_names: tuple[str, ...]) -> Source:
+    """Image files with their mask files, every mask checked first; the mask of an image is found by its URI."""
+    for image, mask in zip(images, masks):
+        _check_mask(image, mask, len(class_names))
+    uris = [str(p) for p in images]
+    mask_loader = functools.partial(_load_listed_mask, dict(zip(uris, map(str, masks))))  # picklable for workers
+    return Source(spec, np.array(keys), np.array(uris), None, class_names, _load_file,
+                  _files_content_id(list(images) + list(masks)), mask_loader=mask_loader)
 
 
 def _check_mask(image: Path, mask: Path, num_classes: int) -> None:
@@ -156,6 +168,6 @@ def _check_mask(image: Path, mask: Path, num_classes: int) -> None:
                          f"classes.txt (ids 0..{num_classes - 1}, {IGNORE_INDEX} = ignore)")
 
 
-def _load_mask_file(uri: str) -> torch.Tensor:
-    with Image.open(_mask_path(Path(uri))) as labels:
+def _load_listed_mask(masks: dict[str, str], uri: str) -> torch.Tensor:
+    with Image.open(masks[uri]) as labels:
         return torch.from_numpy(np.asarray(labels).copy())

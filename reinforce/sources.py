@@ -16,13 +16,15 @@ Specs (``list_sources()`` names the registered prefixes; ``register_source`` add
                                                 when matplotlib is installed), resized to SIZE px (default 96,
                                                 seed 0); crop i is the same for every N, so ``photo-crops:64`` is
                                                 the first 64 of ``photo-crops:20000``
-    FILE.parquet | FILE.csv                     manifest with column ``uri`` (+ optional ``label``)
+    FILE.parquet | FILE.csv                     manifest with column ``uri`` (+ optional ``label``; with ``mask``:
+                                                image/mask pairs, reinforce.segmentation)
     retrieved:FILE.parquet                      a ``reinforce.retrieve`` manifest: row i is the crop of gallery
                                                 image ``uri`` cut by its θ record (so is FILE.parquet with ``theta``)
     FILE.tar | URLS-{000..009}.tar              webdataset shards (local), one image per sample
     fashion-mnist-seg:... | segfolder:DIR       images with class maps (``Source.load_mask``): reinforce.segmentation
 Any spec takes a query: ``?shots=10&seed=0&part=labeled|unlabeled`` (seeded few-shot split:
-N images per class labeled, the rest unlabeled) and ``&limit=N`` (first N after the split).
+N images per class labeled, the rest unlabeled; on a segmentation source, which has no image labels, N images
+in all) and ``&limit=N`` (first N after the split).
 The query ``seed`` seeds only the few-shot split; the crop seed of ``photo-crops`` lives in its base spec.
 
 Example:
@@ -52,7 +54,8 @@ import torch
 from PIL import Image
 
 __all__ = [
-    "DEFAULT_GENERIC_TRANSFER_SET", "IMAGE_SUFFIXES", "SPEC_FORMS", "Source", "fashion_mnist_dir", "few_shot_split",
+    "DEFAULT_GENERIC_TRANSFER_SET", "IMAGE_SUFFIXES", "SPEC_FORMS", "Source", "fashion_mnist_dir", "few_images_split",
+    "few_shot_split",
     "list_sources", "load_image_bytes", "open_source", "register_source", "with_query",
 ]
 
@@ -166,6 +169,14 @@ def few_shot_split(labels: np.ndarray, shots: int, seed: int = 0) -> tuple[np.nd
     return labeled, np.setdiff1d(np.arange(len(labels)), labeled)
 
 
+def few_images_split(count: int, shots: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Seeded split of a source without image labels (segmentation): ``shots`` images labeled, the rest not."""
+    if not 0 < shots <= count:
+        raise ValueError(f"shots={shots} labeled images asked of a source with {count} images")
+    labeled = np.sort(np.random.default_rng(seed).choice(count, size=shots, replace=False))
+    return labeled, np.setdiff1d(np.arange(count), labeled)
+
+
 def open_source(spec: str) -> Source:
     """Open a source from its spec (see module docstring); errors name the spec and the fix."""
     base, _, query = spec.partition("?")
@@ -176,9 +187,11 @@ def open_source(spec: str) -> Source:
         raise ValueError(f"unknown source option(s) {sorted(unknown)} in {spec!r}; valid: shots, seed, part, limit")
     indices = np.arange(len(source))
     if "shots" in options:
-        if source.labels is None:
+        if source.labels is None and source.mask_loader is None:
             raise ValueError(f"{base!r} has no labels, so it cannot be split with shots= (spec forms: {SPEC_FORMS})")
-        labeled, unlabeled = few_shot_split(source.labels, int(options["shots"]), int(options.get("seed", 0)))
+        shots, seed = int(options["shots"]), int(options.get("seed", 0))
+        labeled, unlabeled = (few_shot_split(source.labels, shots, seed) if source.labels is not None
+                              else few_images_split(len(source), shots, seed))
         part = options.get("part", "labeled")
         if part not in ("labeled", "unlabeled"):
             raise ValueError(f"part must be 'labeled' or 'unlabeled', got {part!r}")
@@ -352,6 +365,10 @@ def _manifest(path: str) -> Source:
     uris = np.array([u if (":" in u and not Path(u).is_absolute()) or Path(u).is_absolute() else str(base / u)
                      for u in frame["uri"].to_list()])
     keys = np.array(frame["key"].to_list() if "key" in frame.columns else [str(u) for u in frame["uri"].to_list()])
+    if "mask" in frame.columns:  # image/mask pairs: a segmentation source
+        from reinforce.segmentation import mask_manifest
+
+        return mask_manifest(path, keys.tolist(), [Path(u) for u in uris], [base / m for m in frame["mask"].to_list()])
     labels = frame["label"].to_numpy().astype(np.int64) if "label" in frame.columns else None
     class_names = tuple(str(c) for c in range(int(labels.max()) + 1)) if labels is not None else ()
     content = hashlib.sha256(Path(path).read_bytes()).hexdigest()

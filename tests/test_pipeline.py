@@ -184,3 +184,54 @@ def test_bad_recipe_is_one_line(tmp_path, capsys):
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("train.pipeline: error:") and "['out']" in err and "\n" not in err
+
+
+SEG_RECIPE = {  # train/recipes/segmentation.yaml in miniature: one real item per 32 px mosaic
+    "data": "fashion-mnist-seg:train@32,grid=1",
+    "test": "fashion-mnist-seg:test@32,grid=1?limit=64",
+    "seed": 0,
+    "val_fraction": 0.25,
+    "grid": {"shots": [8], "transfer": ["task-related"],
+             "method": ["labeled-only", "task-oriented", "task-oriented-online"], "teacher_mode": ["lp"]},
+    "reference_teachers": ["lp"],
+    "transfer_sets": {"task-related": "fashion-mnist-seg:train@32,grid=1?shots=8&seed={seed}&part=unlabeled&limit=64"},
+    "teacher": {"backbone": "tf_efficientnet_lite0", "library": "timm", "weights": "embedded", "size": 32,
+                "lp_steps": 10, "lp_lr": 0.01, "batch_size": 8},
+    "build": {"views": 1, "topk": 3, "batch_size": 64, "workers": 0},
+    "student": {"arch": "mobilenetv3_small_050", "size": 32},
+    "distill": {"epochs": 1, "batch_size": 16, "workers": 0},
+    "finetune": {"lr": [0.001, 0.003], "steps": 4, "eval_every": 2, "batch_size": 8},
+}
+
+
+@pytest.mark.slow
+def test_segmentation_recipe_rows_are_tuned_on_validation_miou(tmp_path, vfm_home):
+    """The segmentation recipe's rows (labeled-only, cached and online task-oriented, teacher) through the same
+    pipeline: per-pixel targets in the store, every choice made on validation mIoU, test mIoU reported."""
+    recipe = tmp_path / "seg.yaml"
+    recipe.write_text(yaml.safe_dump(SEG_RECIPE))
+    assert pipeline.main([str(recipe), "--run-dir", str(tmp_path / "run")]) == 0
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert results["title"] == f"seg.yaml: mIoU on {SEG_RECIPE['test']}"
+    rows = {r["method"]: r for r in results["rows"]}
+    assert set(rows) == {"labeled-only", "task-oriented", "task-oriented-online", "teacher"}
+    for method, row in rows.items():
+        assert 0 <= row["miou"] <= 1 and 0 <= row["pixel_accuracy"] <= 1 and row["top1"] is None, method
+        assert row["val_miou"] is not None, method
+        if method == "teacher":
+            continue
+        label = Path(row["model"]).name.rsplit("-lr", 1)[0]  # the row's finetunes differ only by the lr
+        finetunes = [d for d in (tmp_path / "run" / "finetunes").iterdir() if d.name.rsplit("-lr", 1)[0] == label]
+        scores = [json.loads((d / "student.json").read_text())["history"][-1]["val_miou"] for d in finetunes]
+        assert len(scores) == 2 and row["val_miou"] == max(scores)  # the lr with the best val mIoU was kept
+    for method in ("task-oriented", "task-oriented-online"):
+        assert rows[method]["teacher_val_miou"] == rows["teacher"]["val_miou"]
+        assert rows[method]["labels_only_val_miou"] == rows["labeled-only"]["val_miou"]
+    (store_dir,) = (tmp_path / "run" / "builds").iterdir()
+    store = json.loads((store_dir / "manifest.json").read_text())
+    assert list(store["content"]["targets"]) == ["seg_logits"]
+    history = {m: json.loads((Path(rows[m]["model"]) / "student.json").read_text())["history"][0]
+               for m in ("task-oriented", "task-oriented-online")}
+    assert history["task-oriented-online"]["online"] and not history["task-oriented"]["online"]
+    table = (tmp_path / "run" / "results.md").read_text()
+    assert "| labeled images | transfer set | labeled-only |" in table and "| mIoU | pixel acc | val mIoU |" in table

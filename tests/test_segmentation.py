@@ -104,6 +104,35 @@ def test_segfolder_reads_pairs_and_names_bad_masks(tmp_path, mosaics):
         open_source(f"segfolder:{root}")
 
 
+@pytest.mark.parametrize("suffix", ["parquet", "csv"])
+def test_mask_manifest_lists_pairs_and_names_bad_masks(tmp_path, mosaics, suffix):
+    """FILE.parquet|csv with ``uri`` and ``mask`` columns (+ classes.txt beside it) is a segmentation source: the
+    pairs a segfolder holds, listed; the labeled draw (``shots``) and training read it like any other."""
+    import polars as pl
+
+    from train.data import open_labeled
+
+    root = _write_segfolder(tmp_path / "pairs", mosaics, 4)
+    manifest = root / f"pairs.{suffix}"
+    frame = pl.DataFrame({"uri": [f"images/{i:03d}.png" for i in range(4)],
+                          "mask": [f"masks/{i:03d}.png" for i in range(4)]})
+    frame.write_parquet(manifest) if suffix == "parquet" else frame.write_csv(manifest)
+    source = open_source(str(manifest))
+    assert len(source) == 4 and source.class_names == SEG_CLASSES
+    for i in range(4):
+        assert torch.equal(source.load_mask(i), mosaics.load_mask(i)) and torch.equal(source.load(i), mosaics.load(i))
+    labeled, classes = open_labeled(str(manifest), 2, 0)
+    assert len(labeled) == 2 and classes == SEG_CLASSES
+    assert all(torch.equal(labeled.load_mask(i), source.load_mask(int(labeled.keys[i][7:10]))) for i in range(2))
+
+    Image.fromarray(np.zeros((60, 64), np.uint8)).save(root / "masks" / "003.png")
+    with pytest.raises(ValueError, match=r"mask '.*masks/003.png' is 64x60 but its image '.*images/003.png'"):
+        open_source(str(manifest))
+    (root / "classes.txt").unlink()
+    with pytest.raises(FileNotFoundError, match=r"mask manifest .* needs '.*classes.txt'"):
+        open_source(str(manifest))
+
+
 @pytest.fixture(scope="module")
 def pixel_logits(lite0_teacher, mosaics) -> torch.Tensor:
     """Real per-pixel logits ``[48, 1000, 8, 8]``: the embedded ImageNet Lite0 run at output stride 8 (dilated,
@@ -177,8 +206,8 @@ def test_segmentation_end_to_end_through_the_clis(tmp_path, vfm_home, capsys):
 
     zoo, store, student, tuned = (tmp_path / name for name in ("zoo", "store", "student", "tuned"))
     teacher.main(["--task", "segmentation", "--backbone", "tf_efficientnet_lite0", "--data", f"{SEG_TRAIN}?limit=64",
-                  "--mode", "lp", "--lp-steps", "40", "--lp-lr", "0.01", "--batch-size", "16", "--size", "32",
-                  "--name", "seg_lite0", "--out-dir", str(zoo)])
+                  "--shots", "0", "--mode", "lp", "--lp-steps", "40", "--lp-lr", "0.01", "--batch-size", "16",
+                  "--size", "32", "--name", "seg_lite0", "--out-dir", str(zoo)])
     assert build.main(["--teacher", str(zoo / "seg_lite0"), "--transfer-set", f"{SEG_TRAIN}?limit=64",
                        "--targets", "seg_logits", "--views", "2", "--topk", "3", "--workers", "0",
                        "--batch-size", "64", "--out", str(store)]) == 0
@@ -203,8 +232,13 @@ def test_segmentation_end_to_end_through_the_clis(tmp_path, vfm_home, capsys):
                           "mobilenetv3_small_050", "--epochs", "2", "--batch-size", "16", "--workers", "0",
                           "--out", str(student)], env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
-    finetune.main(["--init", str(student), "--data", f"{SEG_TRAIN}?limit=64", "--steps", "10", "--batch-size", "16",
-                   "--out", str(tuned)])
+    card = finetune.main(["--init", str(student), "--data", f"{SEG_TRAIN}?limit=64", "--shots", "48",
+                          "--val-fraction", "0.25", "--eval-every", "5", "--steps", "10", "--batch-size", "16",
+                          "--out", str(tuned)])
+    stage = card.history[-1]  # 12 of the 48 drawn images validate: the best-val mIoU step is the one kept
+    assert (stage["train_images"], stage["val_images"]) == (36, 12)
+    assert [step for step, _ in stage["val_curve"]] == [0, 5, 10]
+    assert stage["val_miou"] == max(score for _, score in stage["val_curve"])
     test = "fashion-mnist-seg:test@32,grid=1?limit=64"
     scores = {name: evaluate.main(["--model", str(path), "--data", test])
               for name, path in (("teacher", zoo / "seg_lite0"), ("student", tuned))}

@@ -28,6 +28,8 @@ __all__ = ["main", "render_card"]
 
 MARKER = ".pipeline-done.json"  # train.pipeline's record of the step that made a directory
 EVAL_FILES = ("eval.json", "test.json")
+METRIC_LABELS = {"top1": "top-1", "balanced_accuracy": "balanced accuracy",  # train.evaluate: classification
+                 "miou": "mIoU", "pixel_accuracy": "pixel accuracy"}  # segmentation
 
 
 def _table(rows: list[tuple[str, Any]]) -> list[str]:
@@ -48,9 +50,8 @@ def _metrics(directory: Path, eval_file: Path | None) -> list[str]:
     if found is None:
         return []
     metrics = json.loads(found.read_text())
-    return ["## Metrics", *_table([("data", f"`{metrics['data']}` ({metrics['num_images']} images)"),
-                                   ("top-1", f"{metrics['top1']:.2%}"),
-                                   ("balanced accuracy", f"{metrics['balanced_accuracy']:.2%}")])]
+    scores = [(label, f"{metrics[key]:.2%}") for key, label in METRIC_LABELS.items() if key in metrics]
+    return ["## Metrics", *_table([("data", f"`{metrics['data']}` ({metrics['num_images']} images)"), *scores])]
 
 
 def _versions(lineage: dict[str, Any]) -> str:
@@ -81,9 +82,9 @@ def _student_lineage(directory: Path) -> list[list[str]]:
         elif "data" in stage:
             rows.append((f"{stage['stage']} data", f"`{stage['data']}`"))
     rows += [*_made_by(directory), ("versions", _versions(read_lineage(directory / "student.json")))]
-    steps = [f"{i + 1}. **{s['stage']}**: " + ", ".join(f"{k} {s[k]}" for k in ("steps", "steps_run", "lr", "size",
-                                                                                    "epochs", "val_top1", "best_step")
-                                                   if s.get(k) is not None) for i, s in enumerate(history)]
+    shown = ("steps", "steps_run", "lr", "size", "epochs", "val_top1", "val_miou", "best_step")
+    steps = [f"{i + 1}. **{s['stage']}**: " + ", ".join(f"{k} {s[k]}" for k in shown if s.get(k) is not None)
+             for i, s in enumerate(history)]
     return [["## Lineage", *_table(rows)], ["## History", *steps]]
 
 
@@ -97,6 +98,7 @@ def _teacher_lineage(directory: Path) -> list[str]:
                                      if adaptation.get(k) is not None)),
             ("data", adaptation.get("data") and f"`{adaptation['data']}`"),
             ("validation top-1", card.val_accuracy is not None and f"{card.val_accuracy:.2%}"),
+            ("validation mIoU", adaptation.get("val_miou") is not None and f"{adaptation['val_miou']:.2%}"),
             *_made_by(directory), ("versions", _versions(lineage))]
     return ["## Lineage", *_table(rows)]
 

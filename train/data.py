@@ -24,7 +24,7 @@ from reinforce.segmentation import IGNORE_INDEX
 from reinforce.sources import IMAGE_SUFFIXES, SPEC_FORMS, Source, open_source, with_query
 
 __all__ = ["IN_MEMORY_LIMIT", "LabeledViews", "SegmentationViews", "accuracy", "evaluate_model",
-           "evaluate_segmentation", "labeled_classes", "labeled_spec", "open_labeled", "predict"]
+           "evaluate_segmentation", "headline_metric", "labeled_classes", "labeled_spec", "open_labeled", "predict"]
 
 IN_MEMORY_LIMIT = 60_000  # images decoded once and kept (Fashion-MNIST train: ~140 MB as uint8)
 EPOCH_STRIDE = 1_000_003  # seed offset per epoch: epochs draw disjoint Philox keys
@@ -67,7 +67,8 @@ class LabeledViews(Dataset):
 
 
 def open_labeled(data: str, shots: int | None, seed: int) -> tuple[Source, tuple[str, ...]]:
-    """The labeled few-shot part of ``data`` (all of it when ``shots`` is falsy) and its class names."""
+    """The labeled few-shot part of ``data`` (all of it when ``shots`` is falsy) and its class names; on a
+    segmentation source ``shots`` counts images in all and the masks are the labels."""
     data = labeled_spec(data)
     source = open_source(with_query(data, shots=shots, seed=seed, part="labeled") if shots else data)
     return source, labeled_classes(source)
@@ -94,6 +95,8 @@ def labeled_spec(data: str) -> str:
 
 def labeled_classes(source: Source) -> tuple[str, ...]:
     """The source's class names, checked against its labels (a model head needs them all)."""
+    if source.mask_loader is not None:  # masks were checked against the class names when the source was opened
+        return source.class_names
     if source.labels is None:
         raise ValueError(f"{source.spec!r} has no labels")
     names = source.class_names or tuple(str(i) for i in range(int(source.labels.max()) + 1))
@@ -115,8 +118,16 @@ def predict(model: nn.Module, source: Source, size: int, batch_size: int = 256) 
 
 
 def evaluate_model(model: nn.Module, source: Source, size: int, batch_size: int = 256) -> dict[str, float]:
-    """Top-1 and balanced accuracy (mean per-class recall) on the deterministic eval views."""
+    """Top-1 and balanced accuracy (mean per-class recall) on the deterministic eval views; on image/mask pairs
+    mIoU and pixel accuracy (``evaluate_segmentation``)."""
+    if source.mask_loader is not None:
+        return evaluate_segmentation(model, source, size, len(source.class_names), min(batch_size, 64))
     return accuracy(*predict(model, source, size, batch_size), num_classes=len(labeled_classes(source)))
+
+
+def headline_metric(source: Source) -> str:
+    """The metric a model on ``source`` is chosen and reported by: ``miou`` on image/mask pairs, else ``top1``."""
+    return "miou" if source.mask_loader is not None else "top1"
 
 
 def accuracy(predictions: torch.Tensor, labels: torch.Tensor, num_classes: int) -> dict[str, float]:

@@ -115,8 +115,9 @@ def build_objective(student: Student, replay: Replay, config: DistillConfig) -> 
 
 def online_teacher(replay: ReplayDataset, config: DistillConfig) -> TeacherModel:
     """The store's teacher, for ``--online``: refused unless its card is the one the store records."""
-    if replay.targets != ("logits",):  # checked before the teacher's weights are read and hashed
-        raise ValueError(f"--online distills the teacher's logits only; --targets gives {list(replay.targets)}")
+    if replay.targets not in (("logits",), ("seg_logits",)):  # checked before the weights are read and hashed
+        raise ValueError(f"--online distills the teacher's task predictions (logits or seg_logits) only; "
+                         f"--targets gives {list(replay.targets)}")
     expected = replay.store.manifest.content.teacher
     model, card = create_teacher(config.teacher or expected.name)
     if card.to_dict() != expected.to_dict():
@@ -163,12 +164,13 @@ def resume(engine, config: DistillConfig, identity: dict[str, Any]) -> tuple[int
 
 def batch_targets(batch: dict[str, Any], replay: Replay, teacher: TeacherModel | None,
                   device: torch.device) -> dict[str, torch.Tensor]:
-    """Cached targets decoded, or (online) the teacher's logits on this batch's fresh views."""
+    """Cached targets decoded, or (online) the teacher's predictions (logits, 1/8 seg_logits) on this batch's
+    fresh views."""
     if teacher is None:
         return replay.decode(batch["targets"], device)
     views = batch["teacher_views"].to(device).contiguous(memory_format=torch.channels_last)
     with torch.inference_mode(), torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
-        return {"logits": teacher(views).float()}
+        return {kind: value.float() for kind, value in teacher.forward_targets(views, replay.targets).items()}
 
 
 def train_epoch(engine, loader: DataLoader | wds.WebLoader, replay: Replay, config: DistillConfig, epoch: int,

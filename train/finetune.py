@@ -11,7 +11,8 @@ the val top-1, the best step, the steps run and the whole validation curve, so a
 chosen without ever looking at the test split. A student distilled from features (``num_classes``
 0, no classifier) gets a freshly initialised classifier for the labeled classes. On a segmentation source
 (image/mask pairs) the student is a segmentation student trained with per-pixel cross-entropy (one θ
-renders view and mask; ``--shots``/``--val-fraction`` do not apply: size the set with ``?limit=N``).
+renders view and mask; ``--shots N`` draws N images in all, ``--val-fraction`` holds out images and the best
+validation mIoU is kept).
 
 Example:
     python -m train.finetune --init runs/student --data fashion-mnist:train --shots 10 --out runs/student_ft
@@ -27,8 +28,6 @@ import time
 
 import torch
 
-from reinforce.segmentation import is_segmentation_spec
-from reinforce.sources import open_source
 from stores.cli import cli_errors, debug_flag
 from train.data import LabeledViews, SegmentationViews, open_labeled
 from train.models import Student, StudentCard, create_student, load_student, save_student
@@ -53,7 +52,7 @@ class FinetuneConfig:
     lr: float = 1e-3
     weight_decay: float = 0.05
     val_fraction: float = 0.0  # labeled images held out per class for validation (0: none)
-    eval_every: int = 50  # validation top-1 every N steps (and at the last step)
+    eval_every: int = 50  # validation top-1 (segmentation: mIoU) every N steps (and at the last step)
     patience: int = 0  # plateau after this many evaluations below the best (0: run every step)
     cooldown: int = 0  # 0: cosine over --steps, a plateau stops; N: constant lr, a plateau starts an N-step decay
     workers: int = 1  # loader processes rendering augmented views while the model trains (same batches for any)
@@ -63,14 +62,8 @@ def finetune(config: FinetuneConfig) -> StudentCard:
     """Train with cross-entropy on the labeled views, save to ``config.out``; returns the card."""
     if (config.init is None) == (config.student is None):
         raise ValueError("give exactly one of --init STUDENT_DIR or --student NAME")
-    segmentation = is_segmentation_spec(config.data)  # image/mask pairs: per-pixel CE, no shots, no val split
-    if segmentation and config.val_fraction:
-        raise ValueError(f"--val-fraction needs image labels; {config.data!r} is a segmentation source")
-    if segmentation:
-        source = open_source(config.data)
-        class_names = source.class_names
-    else:
-        source, class_names = open_labeled(config.data, config.shots, config.seed)
+    source, class_names = open_labeled(config.data, config.shots, config.seed)
+    segmentation = source.mask_loader is not None  # image/mask pairs: per-pixel CE, validation by mIoU
     train_part, val_part = split_labeled(source, config.val_fraction, config.seed)
     model, card = _initial_student(config, class_names, "segmentation" if segmentation else "classification")
     size = config.size or card.input_size
@@ -125,7 +118,8 @@ def main(argv: list[str] | None = None) -> StudentCard:
     parser.add_argument("--data", required=True, help="labeled source spec")
     parser.add_argument("--out", required=True, help="output student directory")
     defaults = FinetuneConfig("", "")
-    parser.add_argument("--shots", type=int, default=defaults.shots, help="labeled images per class (0: all)")
+    parser.add_argument("--shots", type=int, default=defaults.shots,
+                        help="labeled images per class; segmentation: images in all (0: all)")
     parser.add_argument("--size", type=int, default=None, help="view size (default: the student's)")
     for flag in ("seed", "steps", "batch_size", "lr", "weight_decay", "val_fraction", "eval_every", "patience",
                  "cooldown", "workers"):
@@ -135,7 +129,9 @@ def main(argv: list[str] | None = None) -> StudentCard:
     with cli_errors(parser.prog, args.pop("debug")):
         card = finetune(FinetuneConfig(**args))
     last = card.history[-1]
-    scored = "" if last.get("val_top1") is None else f", val top-1 {last['val_top1']:.2%} at step {last['best_step']}"
+    metric = "miou" if card.task == "segmentation" else "top1"
+    score = last.get(f"val_{metric}")
+    scored = "" if score is None else f", val {metric} {score:.2%} at step {last['best_step']}"
     print(f"train.finetune: wrote {args['out']} ({card.arch}, {last['stage']}, {last['steps_run']} steps{scored})")
     return card
 

@@ -35,7 +35,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from reinforce.progress import progress_bar
 from reinforce.sources import Source
-from train.data import evaluate_model
+from train.data import evaluate_model, headline_metric
 
 __all__ = ["BestOnValidation", "LearningRate", "TrainSchedule", "fit", "make_optimizer", "set_train_mode",
            "split_labeled"]
@@ -178,31 +178,39 @@ def split_labeled(source: Source, fraction: float, seed: int = 0) -> tuple[Sourc
     """Seeded stratified (train, val) split of the labeled images; ``(source, None)`` when ``fraction`` is 0.
 
     Each class puts ``round(fraction * n)`` images, at least 1, in val and keeps at least 1 for
-    training, so every class is both learned and scored. The same (labels, fraction, seed) always
+    training, so every class is both learned and scored (image/mask pairs, without image classes: the
+    same over all images). The same (labels, fraction, seed) always
     gives the same split, so a teacher and the students tuned against it never see each other's val.
     """
     if not fraction:
         return source, None
     if not 0 < fraction < 1:
         raise ValueError(f"--val-fraction must be in [0, 1), got {fraction}")
+    rng = np.random.default_rng([seed, 7919])  # independent of the few-shot draw that picked the images
+    tag = f"{fraction:g}"
+    if source.labels is None:  # image/mask pairs: no image classes to stratify by
+        if len(source) < 2:
+            raise ValueError(f"a validation split needs at least 2 labeled images; {source.spec!r} has {len(source)}")
+        val = np.sort(rng.permutation(len(source))[: min(len(source) - 1, max(1, round(fraction * len(source))))])
+        train = np.setdiff1d(np.arange(len(source)), val)
+        return source.subset(train, f"{source.spec}#train{tag}"), source.subset(val, f"{source.spec}#val{tag}")
     labels = source.labels
     counts = np.unique(labels, return_counts=True)[1]
     if counts.min() < 2:
         raise ValueError(f"a validation split needs at least 2 labeled images per class; {source.spec!r} has "
                          f"{counts.min()} for some class (use more shots or --val-fraction 0)")
-    rng = np.random.default_rng([seed, 7919])  # independent of the few-shot draw that picked the images
     val = []
     for cls in np.unique(labels):
         members = rng.permutation(np.flatnonzero(labels == cls))
         val.append(members[: min(len(members) - 1, max(1, round(fraction * len(members))))])
     val = np.sort(np.concatenate(val))
     train = np.setdiff1d(np.arange(len(labels)), val)
-    tag = f"{fraction:g}"
     return source.subset(train, f"{source.spec}#train{tag}"), source.subset(val, f"{source.spec}#val{tag}")
 
 
 class BestOnValidation:
-    """``fit`` callback: top-1 on the val part every ``every`` steps (and at the last); keeps the best weights.
+    """``fit`` callback: top-1 (mIoU on image/mask pairs: ``headline_metric``) on the val part every ``every``
+    steps (and at the last); keeps the best weights.
 
     ``patience`` > 0 marks a plateau after that many evaluations below the best (``fit`` then stops or
     cools down). A tie counts as progress (with a few val images ties are common and mean "not worse
@@ -210,7 +218,7 @@ class BestOnValidation:
     """
 
     def __init__(self, model: nn.Module, val: Source, size: int, *, every: int, steps: int, patience: int = 0):
-        self.model, self.val, self.size = model, val, size
+        self.model, self.val, self.size, self.metric = model, val, size, headline_metric(val)
         self.every, self.steps, self.patience = max(1, every), steps, patience
         self.curve: list[tuple[int, float]] = []
         self.best, self.best_step, self.state, self.stale = -1.0, 0, None, 0
@@ -218,12 +226,12 @@ class BestOnValidation:
     def __call__(self, step: int) -> bool:
         if step % self.every and step != self.steps:
             return False
-        top1 = evaluate_model(self.model, self.val, self.size)["top1"]
-        self.curve.append((step, round(top1, 4)))
-        if top1 > self.best:
-            self.best, self.best_step, self.stale = top1, step, 0
+        score = evaluate_model(self.model, self.val, self.size)[self.metric]
+        self.curve.append((step, round(score, 4)))
+        if score > self.best:
+            self.best, self.best_step, self.stale = score, step, 0
             self.state = copy.deepcopy(self.model.state_dict())
-        elif top1 == self.best:
+        elif score == self.best:
             self.stale = 0
         else:
             self.stale += 1
@@ -235,7 +243,7 @@ class BestOnValidation:
             self.model.load_state_dict(self.state)
 
     def record(self) -> dict[str, Any]:
-        """What a card stores: best val top-1, its step, steps run and the whole curve."""
-        return {"val_top1": round(self.best, 4) if self.curve else None, "best_step": self.best_step,
+        """What a card stores: best val top-1 (``val_miou`` for segmentation), its step, steps run and the curve."""
+        return {f"val_{self.metric}": round(self.best, 4) if self.curve else None, "best_step": self.best_step,
                 "steps_run": self.curve[-1][0] if self.curve else 0, "val_curve": self.curve,
                 "val_images": len(self.val), "eval_every": self.every, "patience": self.patience}

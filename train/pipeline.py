@@ -53,7 +53,9 @@ from typing import Any
 
 import yaml
 
+from reinforce.sources import open_source
 from stores.cli import cli_errors, debug_flag
+from stores.manifest import TeacherCard
 from train import card, report
 
 __all__ = ["METHODS", "Cell", "Planner", "Runner", "Step", "grid_cells", "load_recipe", "main", "run_grid"]
@@ -65,6 +67,9 @@ DONE = ".pipeline-done.json"
 METHODS = {"labeled-only": None, "task-agnostic-embedding": "embedding", "task-agnostic-patch": "patch",
            "task-oriented": "logits", "task-oriented-online": "logits"}
 ONLINE = {"task-oriented-online"}  # the teacher runs in the distillation loop: the uncached ceiling
+# task -> (the task teacher's cached target, the headline and second metric); the task is the labeled data's
+TASKS = {"classification": ("logits", "top1", "balanced_accuracy"),
+         "segmentation": ("seg_logits", "miou", "pixel_accuracy")}
 TEACHER_MODES = ("lp", "ft", "auto")
 STAGES = ("teacher", "build", "distill", "finetune")
 REQUIRED = ("data", "test", "grid", "transfer_sets", "teacher", "student", "finetune")
@@ -126,10 +131,20 @@ def load_recipe(path: str | os.PathLike) -> dict[str, Any]:
         clash = reserved & set(recipe.get(section) or {})
         if clash:
             raise ValueError(f"{path}: {section}: sets {sorted(clash)}, which the pipeline sets per cell; remove them")
+    if task_of(recipe) == "segmentation":
+        agnostic = [m for m in grid["method"] if m.startswith("task-agnostic")]
+        if agnostic or "auto" in grid.get("teacher_mode", ["lp"]):
+            raise ValueError(f"{path}: a segmentation recipe takes methods labeled-only, task-oriented, "
+                             f"task-oriented-online and teacher modes lp, ft; not {agnostic or ['auto']}")
     lrs = recipe["finetune"]["lr"]
     if isinstance(lrs, list) and len(lrs) > 1 and not recipe.get("val_fraction"):
         raise ValueError(f"{path}: an lr grid {lrs} is chosen on a validation split; set val_fraction > 0")
     return recipe
+
+
+def task_of(recipe: dict[str, Any]) -> str:
+    """``segmentation`` when the labeled data are image/mask pairs (any source with masks), else ``classification``."""
+    return "segmentation" if open_source(recipe["data"]).mask_loader is not None else "classification"
 
 
 def grid_cells(recipe: dict[str, Any]) -> list[Cell]:
@@ -165,6 +180,8 @@ class Planner:
 
     def __init__(self, recipe: dict[str, Any], run_dir: Path):
         self.recipe, self.run_dir = recipe, run_dir
+        self.task = task_of(recipe)
+        self.task_target, self.metric, self.second_metric = TASKS[self.task]
         methods = recipe["grid"]["method"]
         self.agnostic_targets = ",".join(METHODS[m] for m in METHODS if m in methods and m.startswith("task-agnostic"))
 
@@ -184,6 +201,8 @@ class Planner:
             return self.step("teacher", "train.teacher", "frozen", ["--mode", "frozen", *flags(section)])
         argv = ["--data", r["data"], "--shots", str(shots), "--seed", str(r.get("seed", 0)), "--mode", mode,
                 "--val-fraction", str(r.get("val_fraction", 0)), *flags(r["teacher"])]
+        if self.task == "segmentation":
+            argv += ["--task", "segmentation"]
         return self.step("teacher", "train.teacher", f"{mode}-s{shots}", argv)
 
     def store(self, teacher: Step, transfer: str, targets: str) -> Step:
@@ -208,8 +227,10 @@ class Planner:
         if target is None:
             return [], self.finetunes(cell, None)
         teacher = self.teacher(None if cell.teacher_mode == "frozen" else cell.shots, cell.teacher_mode)
-        store = self.store(teacher, cell.transfer, self.agnostic_targets if cell.teacher_mode == "frozen" else "logits")
-        distilled = self.distilled(store, target, teacher if cell.method in ONLINE else None)
+        frozen = cell.teacher_mode == "frozen"
+        store = self.store(teacher, cell.transfer, self.agnostic_targets if frozen else self.task_target)
+        distilled = self.distilled(store, target if frozen else self.task_target,
+                                   teacher if cell.method in ONLINE else None)
         return [teacher, store, distilled], self.finetunes(cell, distilled)
 
     def cell_hash(self, cell: Cell) -> str:
@@ -305,13 +326,14 @@ def run_cell(cell: Cell, planner: Planner, runner: Runner, flops: report.FlopsCo
         seconds[f"{step.stage}_seconds"] += runner.ensure(step)["seconds"]
     for step in candidates:
         seconds["finetune_seconds"] += runner.ensure(step)["seconds"]
-    chosen = choose_on_validation(candidates)
+    chosen = choose_on_validation(candidates, planner.metric)
     evaluation = planner.evaluation(chosen)
     seconds["eval_seconds"] += runner.ensure(evaluation)["seconds"]
     metrics = report.read_json(evaluation.out / "test.json")
     tuned = last_stage(chosen.out)
-    row = {**dataclasses.asdict(cell), "top1": metrics["top1"], "balanced_accuracy": metrics["balanced_accuracy"],
-           "val_top1": tuned.get("val_top1"), "lr": tuned["lr"], "best_step": tuned.get("best_step"),
+    metric, second = planner.metric, planner.second_metric
+    row = {**dataclasses.asdict(cell), metric: metrics[metric], second: metrics[second],
+           f"val_{metric}": tuned.get(f"val_{metric}"), "lr": tuned["lr"], "best_step": tuned.get("best_step"),
            "steps_run": tuned.get("steps_run"), "max_steps": tuned["steps"],
            "lr_grid": ",".join(f"{last_stage(s.out)['lr']:g}" for s in candidates),
            **{k: round(v, 1) for k, v in seconds.items()}, "model": str(chosen.out)}
@@ -325,9 +347,9 @@ def write_card(model_dir: Path, evaluation: Step) -> None:
     (model_dir / "card.md").write_text(card.render_card(model_dir, evaluation.out / "test.json"))
 
 
-def choose_on_validation(candidates: list[Step]) -> Step:
-    """The finetune with the best validation top-1 (the first on ties; the only one without a val split)."""
-    scores = [last_stage(step.out).get("val_top1") for step in candidates]
+def choose_on_validation(candidates: list[Step], metric: str = "top1") -> Step:
+    """The finetune with the best validation top-1 / mIoU (the first on ties; the only one without a val split)."""
+    scores = [last_stage(step.out).get(f"val_{metric}") for step in candidates]
     if None in scores:
         return candidates[0]
     return candidates[scores.index(max(scores))]
@@ -343,9 +365,10 @@ def teacher_row(shots: int, mode: str, planner: Planner, runner: Runner,
     metrics, teacher_card = report.read_json(evaluation.out / "test.json"), report.teacher_card(teacher.out)
     adapt = flops.teacher_adapt(teacher.out)
     write_card(teacher.out, evaluation)
+    metric, second = planner.metric, planner.second_metric
     return {"shots": shots, "transfer": None, "method": "teacher", "teacher_mode": mode,  # as its cells name it
-            "top1": metrics["top1"], "balanced_accuracy": metrics["balanced_accuracy"],
-            "val_top1": teacher_card.val_accuracy, "lr": teacher_card.adaptation.get("lr"),
+            metric: metrics[metric], second: metrics[second],
+            f"val_{metric}": teacher_val(teacher_card, metric), "lr": teacher_card.adaptation.get("lr"),
             "teacher_seconds": record["seconds"], "eval_seconds": eval_record["seconds"], "model": str(teacher.out),
             "teacher_adapt_flops": adapt, "teacher_pass_flops": 0, "student_flops": 0, "compute_flops": adapt}
 
@@ -367,7 +390,7 @@ def run_grid(recipe: dict[str, Any], run_dir: Path) -> list[dict[str, Any]]:
         _atomic_write(done, json.dumps(row, indent=1))
         rows.append(row)
     mark_teacher_ahead(rows, planner)
-    task_cells = [c for c in grid_cells(recipe) if METHODS[c.method] == "logits"]
+    task_cells = [c for c in grid_cells(recipe) if METHODS[c.method] == "logits"]  # the task teacher's cells
     modes = recipe.get("reference_teachers", True)  # true: the modes the grid distills from; or a list of modes
     modes = list(dict.fromkeys(c.teacher_mode for c in task_cells)) if modes is True else modes or []
     shots = dict.fromkeys(c.shots for c in task_cells) if task_cells else dict.fromkeys(recipe["grid"]["shots"])
@@ -375,17 +398,24 @@ def run_grid(recipe: dict[str, Any], run_dir: Path) -> list[dict[str, Any]]:
     return rows
 
 
+def teacher_val(teacher_card: TeacherCard, metric: str) -> float | None:
+    """The task teacher's score on the validation part: top-1 (its card's) or mIoU (its adaptation record)."""
+    return teacher_card.val_accuracy if metric == "top1" else teacher_card.adaptation.get(f"val_{metric}")
+
+
 def mark_teacher_ahead(rows: list[dict[str, Any]], planner: Planner) -> None:
-    """Task-oriented rows get their teacher's val top-1 and the labeled-only row's (same val images) and
+    """Task-oriented rows get their teacher's val top-1 (mIoU) and the labeled-only row's (same val images) and
     ``teacher_ahead``; a teacher that is not ahead is reported, since the student cannot learn more than it."""
-    labels_only = {r["shots"]: r["val_top1"] for r in rows if r["method"] == "labeled-only"}
+    key = f"val_{planner.metric}"
+    labels_only = {r["shots"]: r[key] for r in rows if r["method"] == "labeled-only"}
     for row in rows:
         if METHODS.get(row["method"]) != "logits":
             continue
-        teacher = report.teacher_card(planner.teacher(row["shots"], row["teacher_mode"]).out).val_accuracy
+        teacher = teacher_val(report.teacher_card(planner.teacher(row["shots"], row["teacher_mode"]).out),
+                              planner.metric)
         baseline = labels_only.get(row["shots"])
-        row.update(teacher_val_top1=teacher, labels_only_val_top1=baseline,
-                   teacher_ahead=None if None in (teacher, baseline) else teacher > baseline)
+        row.update({f"teacher_{key}": teacher, f"labels_only_{key}": baseline,
+                    "teacher_ahead": None if None in (teacher, baseline) else teacher > baseline})
         if row["teacher_ahead"] is False:
             print(f"warning: {row['teacher_mode']} teacher at {row['shots']} labels/class is not ahead of the "
                   f"labeled-only student on validation ({teacher:.3f} vs {baseline:.3f}): distilling it cannot "
@@ -424,7 +454,8 @@ def main(argv: list[str] | None = None) -> int:
             print_plan(recipe, Path(args.run_dir))
             return 0
         rows = run_grid(recipe, Path(args.run_dir))
-    title = f"{Path(args.recipe).name}: top-1 on {recipe['test']}"
+    metric = report.METRICS[TASKS[task_of(recipe)][1]][0]
+    title = f"{Path(args.recipe).name}: {metric} on {recipe['test']}"
     total = round(time.perf_counter() - start, 1)
     files = report.write_report(rows, Path(args.run_dir), title=title,
                                 extra={"recipe": str(args.recipe), "total_seconds": total})

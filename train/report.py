@@ -36,13 +36,17 @@ __all__ = ["COLUMNS", "FlopsCounter", "main", "write_report"]
 COLUMNS = {
     "shots": pl.Int64, "transfer": pl.Utf8, "method": pl.Utf8, "teacher_mode": pl.Utf8,
     "top1": pl.Float64, "balanced_accuracy": pl.Float64, "val_top1": pl.Float64,
+    "miou": pl.Float64, "pixel_accuracy": pl.Float64, "val_miou": pl.Float64,
     "lr": pl.Float64, "lr_grid": pl.Utf8, "best_step": pl.Int64, "steps_run": pl.Int64, "max_steps": pl.Int64,
     "teacher_seconds": pl.Float64, "build_seconds": pl.Float64, "distill_seconds": pl.Float64,
     "finetune_seconds": pl.Float64, "eval_seconds": pl.Float64,
     "teacher_adapt_flops": pl.Int64, "teacher_pass_flops": pl.Int64, "student_flops": pl.Int64,
     "compute_flops": pl.Int64, "teacher_val_top1": pl.Float64, "labels_only_val_top1": pl.Float64,
-    "teacher_ahead": pl.Boolean, "model": pl.Utf8,
+    "teacher_val_miou": pl.Float64, "labels_only_val_miou": pl.Float64, "teacher_ahead": pl.Boolean, "model": pl.Utf8,
 }
+# headline metric -> (its label, the second metric, that one's label, what "shots" counts)
+METRICS = {"top1": ("top-1", "balanced_accuracy", "bal. acc", "labeled images per class"),
+           "miou": ("mIoU", "pixel_accuracy", "pixel acc", "labeled images")}
 METHOD_ORDER = ("labeled-only", "task-agnostic-embedding", "task-agnostic-patch", "task-oriented",
                 "task-oriented-online", "teacher")
 LABELS = {"task-agnostic-embedding": "task-agnostic (embedding)", "task-agnostic-patch": "task-agnostic (patch)",
@@ -95,17 +99,19 @@ class FlopsCounter:
             from reinforce.teachers import create_teacher
 
             model, loaded = create_teacher(str(teacher_dir))
-            return model.features, loaded.input_size  # the backbone; a head adds ~nothing
+            # a classifier: the backbone (its head adds ~nothing); a segmenter: backbone + DeepLab head at stride 8
+            return (model if dense else model.features), loaded.input_size
 
-        return self.forward(f"teacher:{card.library}:{card.backbone}@{card.input_size}", build)
+        dense = card.adaptation.get("task") == "segmentation"
+        return self.forward(f"teacher:{card.library}:{card.backbone}@{card.input_size}" + ("/seg" * dense), build)
 
-    def student_forward(self, arch: str, size: int) -> int:
+    def student_forward(self, arch: str, size: int, task: str = "classification") -> int:
         def build():
             from train.models import create_student
 
-            return create_student(arch, class_names=tuple("0123456789"), input_size=size)[0].eval(), size
+            return create_student(arch, class_names=tuple("0123456789"), input_size=size, task=task)[0].eval(), size
 
-        return self.forward(f"student:{arch}@{size}", build)
+        return self.forward(f"student:{arch}@{size}" + ("/seg" if task == "segmentation" else ""), build)
 
     def teacher_adapt(self, teacher_dir: Path) -> int:
         """Teacher passes spent on adaptation: probe features (lp) or 3x per trained image (ft), CV folds included."""
@@ -120,8 +126,8 @@ class FlopsCounter:
         folds, cv_modes = adaptation.get("folds", 0), len(adaptation.get("cv_accuracy") or {})
         return self.teacher_forward(teacher_dir) * passes * (1 + (folds - 1) * cv_modes if folds > 1 else 1)
 
-    def student_images(self, model_dir: Path) -> tuple[str, int, int]:
-        """(arch, size, images seen in every training stage of a student directory)."""
+    def student_images(self, model_dir: Path) -> tuple[str, int, int, str]:
+        """(arch, size, images seen in every training stage, task) of a student directory."""
         card = read_student_card(model_dir)
         images = 0
         for stage in card.history:
@@ -130,12 +136,12 @@ class FlopsCounter:
             else:
                 batch = min(stage["batch_size"], stage.get("train_images", stage["batch_size"]))
                 images += stage.get("steps_run", stage["steps"]) * batch
-        return card.arch, card.input_size, images
+        return card.arch, card.input_size, images, card.task
 
     def cell(self, teacher_dir: Path | None, store_dir: Path | None, model_dir: Path) -> dict[str, int]:
         """The compute columns of one result row (teacher and store are None for labeled-only)."""
-        arch, size, images = self.student_images(model_dir)
-        student = 3 * self.student_forward(arch, size) * images
+        arch, size, images, task = self.student_images(model_dir)
+        student = 3 * self.student_forward(arch, size, task) * images
         adapt = passes = 0
         if teacher_dir is not None and store_dir is not None:
             manifest = read_manifest(Location(store_dir))
@@ -159,6 +165,11 @@ def teacher_card(teacher_dir: Path) -> TeacherCard:
 def to_frame(rows: list[dict[str, Any]]) -> pl.DataFrame:
     """Rows -> a frame with exactly ``COLUMNS`` (missing values null), whatever subset each row has."""
     return pl.DataFrame([{name: row.get(name) for name in COLUMNS} for row in rows], schema=COLUMNS, orient="row")
+
+
+def headline(frame: pl.DataFrame) -> str:
+    """The metric rows are compared by: ``miou`` for a segmentation run, else ``top1``."""
+    return "miou" if "miou" in frame.columns and frame["miou"].is_not_null().any() else "top1"
 
 
 def color(method: str, mode: str | None) -> str | None:
@@ -188,8 +199,8 @@ def _pct(value: float | None) -> str:
 
 
 def summary_table(frame: pl.DataFrame) -> str:
-    """One row per shots x transfer set, one column per method (+ the teacher), top-1 in %."""
-    columns = _ordered_columns(frame)
+    """One row per shots x transfer set, one column per method (+ the teacher), top-1 (mIoU) in %."""
+    columns, metric = _ordered_columns(frame), headline(frame)
     cells = frame.filter(pl.col("method") != "teacher")
     body = []
     for shots, transfer in cells.select("shots", "transfer").unique(maintain_order=True).sort("shots").iter_rows():
@@ -198,14 +209,16 @@ def summary_table(frame: pl.DataFrame) -> str:
             match = frame.filter((pl.col("shots") == shots) & (pl.col("method") == method)
                                  & pl.col("teacher_mode").eq_missing(mode)
                                  & (pl.col("transfer").eq_missing(transfer) | pl.col("transfer").is_null()))
-            row.append(_pct(match["top1"][0]) if len(match) else "–")
+            row.append(_pct(match[metric][0]) if len(match) else "–")
         body.append(row)
-    header = ["labels / class", "transfer set", *(column_label(m, t) for m, t in columns)]
+    header = [METRICS[metric][3], "transfer set", *(column_label(m, t) for m, t in columns)]
     return _md_table(header, body, right={0, *range(2, len(header))})
 
 
 def details_table(frame: pl.DataFrame) -> str:
     """Every row: how it was tuned (val top-1, chosen lr of the grid, best step / steps run), time and compute."""
+    metric = headline(frame)
+    label, second, second_label, _ = METRICS[metric]
     body = []
     for r in frame.sort("shots", "transfer", "method", nulls_last=True).iter_rows(named=True):
         steps = "–" if r["best_step"] is None else f"{r['best_step']} / {r['steps_run']} (max {r['max_steps']})"
@@ -215,9 +228,9 @@ def details_table(frame: pl.DataFrame) -> str:
                              for s in ("teacher", "build", "distill", "finetune", "eval"))
         lr = "–" if r["lr"] is None else f"{r['lr']:g}" + (f" of {r['lr_grid']}" if r["lr_grid"] else "")
         body.append([str(r["shots"]), r["transfer"] or "(all)", column_label(r["method"], r["teacher_mode"]),
-                     _pct(r["top1"]), _pct(r["balanced_accuracy"]), _pct(r["val_top1"]), lr, steps, seconds,
+                     _pct(r[metric]), _pct(r[second]), _pct(r[f"val_{metric}"]), lr, steps, seconds,
                      f"{(r['compute_flops'] or 0) / 1e12:.3g}"])
-    header = ["shots", "transfer", "row", "top-1", "bal. acc", "val top-1", "lr (chosen of grid)",
+    header = ["shots", "transfer", "row", label, second_label, f"val {label}", "lr (chosen of grid)",
               "best step / run", "seconds: teacher + build + distill + finetune + eval", "TFLOPs"]
     return _md_table(header, body, right={0, 3, 4, 5, 9})
 
@@ -242,7 +255,8 @@ def _figure(panels: int):
 
 
 def plot_labels(frame: pl.DataFrame, path: Path) -> None:
-    """Top-1 vs labels per class, one panel per transfer set, one line per method (teacher dashed)."""
+    """Top-1 (mIoU) vs labels per class, one panel per transfer set, one line per method (teacher dashed)."""
+    metric = headline(frame)
     transfers = [t for t in frame["transfer"].unique(maintain_order=True).to_list() if t is not None]
     plt, fig, axes = _figure(max(1, len(transfers)))
     for ax, transfer in zip(axes, transfers or [None]):
@@ -251,18 +265,18 @@ def plot_labels(frame: pl.DataFrame, path: Path) -> None:
                                 & (pl.col("transfer").eq_missing(transfer) | pl.col("transfer").is_null()))
             part = part.sort("shots")
             if len(part):
-                ax.plot(part["shots"], 100 * part["top1"], marker="o", color=color(method, mode),
+                ax.plot(part["shots"], 100 * part[metric], marker="o", color=color(method, mode),
                         linestyle="--" if method == "teacher" else "-", label=column_label(method, mode))
-        ax.set(title=f"transfer set: {transfer}", xlabel="labeled images per class", xscale="log")
+        ax.set(title=f"transfer set: {transfer}", xlabel=METRICS[metric][3], xscale="log")
         ax.minorticks_off()
         ax.set_xticks(sorted(frame["shots"].unique()), labels=[str(s) for s in sorted(frame["shots"].unique())])
         ax.grid(alpha=0.3)
-    _finish(plt, fig, axes, path)
+    _finish(plt, fig, axes, path, METRICS[metric][0])
 
 
-def _finish(plt, fig, axes, path: Path) -> None:
+def _finish(plt, fig, axes, path: Path, label: str) -> None:
     """One legend below the panels (duplicates merged), then save."""
-    axes[0].set_ylabel("top-1 (%)")
+    axes[0].set_ylabel(f"{label} (%)")
     entries = {}
     for ax in axes:
         entries.update(zip(*reversed(ax.get_legend_handles_labels())))
@@ -275,7 +289,8 @@ def _finish(plt, fig, axes, path: Path) -> None:
 
 
 def plot_compute(frame: pl.DataFrame, path: Path) -> None:
-    """Top-1 vs training compute (log x), one panel per labels-per-class, marker = transfer set (cf. paper Fig. 3)."""
+    """Top-1 (mIoU) vs training compute (log x), one panel per labels-per-class, marker = transfer set (Fig. 3)."""
+    metric = headline(frame)
     shots_levels = sorted(frame["shots"].unique())
     transfers = [t for t in frame["transfer"].unique(maintain_order=True).to_list() if t is not None]
     plt, fig, axes = _figure(len(shots_levels))
@@ -284,16 +299,16 @@ def plot_compute(frame: pl.DataFrame, path: Path) -> None:
             part = frame.filter((pl.col("shots") == shots) & (pl.col("method") == method)
                                 & pl.col("teacher_mode").eq_missing(mode))
             if method == "teacher":
-                for value in part["top1"]:
+                for value in part[metric]:
                     ax.axhline(100 * value, color=color(method, mode), linestyle="--", label=column_label(method, mode))
                 continue
             for i, transfer in enumerate(transfers):
                 sub = part.filter(pl.col("transfer") == transfer)
-                ax.scatter(sub["compute_flops"].cast(pl.Float64), 100 * sub["top1"], color=color(method, mode),
+                ax.scatter(sub["compute_flops"].cast(pl.Float64), 100 * sub[metric], color=color(method, mode),
                            marker=MARKERS[i % len(MARKERS)], s=45, label=f"{column_label(method, mode)}, {transfer}")
-        ax.set(title=f"{shots} labeled images per class", xlabel="training compute (FLOPs)", xscale="log")
+        ax.set(title=f"{shots} {METRICS[metric][3]}", xlabel="training compute (FLOPs)", xscale="log")
         ax.grid(alpha=0.3)
-    _finish(plt, fig, axes, path)
+    _finish(plt, fig, axes, path, METRICS[metric][0])
 
 
 def render(frame: pl.DataFrame, run_dir: Path, title: str) -> dict[str, Path]:
@@ -319,20 +334,21 @@ def write_report(rows: list[dict[str, Any]], run_dir: Path, title: str = "result
 
 
 def spread_table(frames: list[pl.DataFrame]) -> str:
-    """Mean ± std (sample std over runs) of top-1, balanced accuracy and seconds per row of the recipe."""
+    """Mean ± std (sample std over runs) of top-1 (mIoU), the second metric and seconds per row of the recipe."""
     keys = ["shots", "transfer", "method", "teacher_mode"]
     seconds = pl.sum_horizontal(pl.col(f"{s}_seconds").fill_null(0) for s in ("teacher", "build", "distill",
                                                                                "finetune", "eval"))
-    stacked = pl.concat([f.with_columns(seconds.alias("seconds")) for f in frames])
+    stacked = pl.concat([f.with_columns(seconds.alias("seconds")) for f in frames], how="diagonal_relaxed")
+    metric = headline(stacked)
+    label, second, second_label, _ = METRICS[metric]
     stats = stacked.group_by(keys, maintain_order=True).agg(
         pl.len().alias("runs"),
-        *(pl.col(c).mean().alias(f"{c}_mean") for c in ("top1", "balanced_accuracy", "seconds")),
-        *(pl.col(c).std().alias(f"{c}_std") for c in ("top1", "balanced_accuracy")))
+        *(pl.col(c).mean().alias(f"{c}_mean") for c in (metric, second, "seconds")),
+        *(pl.col(c).std().alias(f"{c}_std") for c in (metric, second)))
     body = [[str(r["shots"]), r["transfer"] or "(all)", column_label(r["method"], r["teacher_mode"]), str(r["runs"]),
-             f"{100 * r['top1_mean']:.1f} ± {100 * (r['top1_std'] or 0):.1f}",
-             f"{100 * r['balanced_accuracy_mean']:.1f} ± {100 * (r['balanced_accuracy_std'] or 0):.1f}",
+             *(f"{100 * r[f'{c}_mean']:.1f} ± {100 * (r[f'{c}_std'] or 0):.1f}" for c in (metric, second)),
              f"{r['seconds_mean']:.0f}"] for r in stats.iter_rows(named=True)]
-    header = ["shots", "transfer", "row", "runs", "top-1 (%)", "balanced acc. (%)", "seconds (mean)"]
+    header = ["shots", "transfer", "row", "runs", f"{label} (%)", f"{second_label} (%)", "seconds (mean)"]
     return _md_table(header, body, right={0, 3, 4, 5, 6})
 
 

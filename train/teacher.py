@@ -39,7 +39,7 @@ from torch.utils.data import TensorDataset
 
 from reinforce.dense import DENSE_LIBRARY, SegmentationTeacher
 from reinforce.progress import progress_bar
-from reinforce.sources import Source, open_source
+from reinforce.sources import Source
 from reinforce.teachers import (
     TeacherCard,
     TeacherModel,
@@ -168,15 +168,19 @@ def _labels_only_baseline(config: TeacherConfig) -> dict[str, object]:
 def _adapt_segmentation(config: TeacherConfig) -> TeacherCard:
     """Lite0-style CNN at output stride 8 (ViTs: patch tokens resized to 1/8) + DeepLab head, trained with per-pixel
     CE on ``config.data``'s image/mask pairs: ``lp`` trains the head only, ``ft`` everything (backbone BatchNorm
-    statistics frozen either way). ``--shots`` does not apply (no image labels): size the set with ``?limit=N``."""
+    statistics frozen either way). ``--shots N`` draws N labeled images in all (no image labels to stratify by);
+    ``--val-fraction`` holds some out, never trained on, and records the teacher's validation mIoU."""
     if config.mode not in ("lp", "ft"):
         raise ValueError(f"--task segmentation takes --mode lp (head only) or ft (all), got {config.mode!r}")
-    if config.library != "timm" or config.pretrained or config.val_fraction:
-        raise ValueError("--task segmentation supports timm backbones with local/embedded --weights and no "
-                         "--val-fraction")
+    if config.library != "timm" or config.pretrained:
+        raise ValueError("--task segmentation supports timm backbones with local/embedded --weights")
     if not config.data:
         raise ValueError("--task segmentation needs --data (image/mask pairs: fashion-mnist-seg:..., segfolder:DIR)")
-    source = open_source(config.data)
+    labeled, _ = open_labeled(config.data, config.shots, config.seed)
+    if labeled.mask_loader is None:
+        raise ValueError(f"--task segmentation needs image/mask pairs; {config.data!r} has none "
+                         "(fashion-mnist-seg:..., segfolder:DIR)")
+    source, val_part = split_labeled(labeled, config.val_fraction, config.seed)
     weights_file = _weights_file(config)
     backbone = create_backbone(DENSE_LIBRARY, config.backbone)
     load_backbone_weights(backbone, weights_file)  # the classifier's extra keys are not used
@@ -189,9 +193,12 @@ def _adapt_segmentation(config: TeacherConfig) -> TeacherCard:
     started = time.perf_counter()
     losses = fit(model, SegmentationViews(source, size, train=True, seed=config.seed),
                  TrainSchedule(steps, lr, config.batch_size, seed=config.seed), desc=f"segmentation {config.mode}")
-    adaptation = {"task": "segmentation", "mode": config.mode, "weights": weights_file.name, "data": source.spec,
+    model.eval()
+    adaptation = {"task": "segmentation", "mode": config.mode, "weights": weights_file.name, "data": labeled.spec,
+                  "shots": config.shots, "seed": config.seed, "val_fraction": config.val_fraction,
                   "train_images": len(source), "steps": steps, "lr": lr, "final_loss": round(losses[-1], 4),
-                  "train_seconds": round(time.perf_counter() - started, 1)}
+                  "train_seconds": round(time.perf_counter() - started, 1),
+                  "val_miou": None if val_part is None else round(evaluate_model(model, val_part, size)["miou"], 4)}
     card = TeacherCard(name=config.name, library=DENSE_LIBRARY, backbone=config.backbone,
                        num_classes=len(source.class_names), class_names=source.class_names, input_size=size,
                        mean=tuple(stats[0]), std=tuple(stats[1]), adaptation=adaptation)
@@ -309,7 +316,8 @@ def main(argv: list[str] | None = None) -> TeacherCard:
     weights.add_argument("--pretrained", nargs="?", const="default", default=None, metavar="TAG",
                          help="the timm / open_clip hub's weights (optionally TAG); needs the network")
     parser.add_argument("--data", help="labeled source spec, e.g. fashion-mnist:train (not for --mode frozen)")
-    parser.add_argument("--shots", type=int, default=10, help="labeled images per class (0: the whole source)")
+    parser.add_argument("--shots", type=int, default=10,
+                        help="labeled images per class; segmentation: images in all (0: the whole source)")
     parser.add_argument("--mode", default="auto", choices=MODES)
     parser.add_argument("--task", default="classification", choices=("classification", "segmentation"),
                         help="segmentation: stride-8 backbone + DeepLab head on image/mask pairs, --mode lp or ft")
