@@ -84,6 +84,16 @@ def test_export_fails_when_the_graph_is_off_by_more_than_atol(made):
 
 
 @pytest.mark.slow
+def test_bad_calibration_set_is_one_line_and_writes_nothing(made):
+    root, env = made
+    run = subprocess.run([sys.executable, "-m", "train.export", "--model", "student", "--int8", "--data", HELD_OUT,
+                          "--calibration", "fashion-mnist:nope", "--out", "bad"], cwd=root, env=env,
+                         capture_output=True, text=True)
+    assert run.returncode == 2 and len(run.stderr.strip().splitlines()) == 1, run.stderr
+    assert "nope" in run.stderr and not (root / "bad").exists()
+
+
+@pytest.mark.slow
 def test_cards_list_the_real_lineage(made):
     root, env = made
     manifest = json.loads((root / "store" / "manifest.json").read_text())

@@ -235,3 +235,20 @@ def test_segmentation_recipe_rows_are_tuned_on_validation_miou(tmp_path, vfm_hom
     assert history["task-oriented-online"]["online"] and not history["task-oriented"]["online"]
     table = (tmp_path / "run" / "results.md").read_text()
     assert "| labeled images | transfer set | labeled-only |" in table and "| mIoU | pixel acc | val mIoU |" in table
+
+
+def test_segmentation_recipe_plans_per_pixel_targets(tmp_path, capsys):
+    """The shipped segmentation recipe: a segmentation teacher, a seg_logits store distilled as such; methods the
+    segmentation task has no recipe for are refused in one line."""
+    recipe = pipeline.load_recipe(pipeline.RECIPES / "segmentation.yaml")
+    planner = pipeline.Planner(recipe, Path("runs/x"))
+    teacher, store, distilled = planner.plan(pipeline.grid_cells(recipe)[1])[0]
+    assert teacher.argv[teacher.argv.index("--task") + 1] == "segmentation"
+    assert store.argv[store.argv.index("--targets") + 1] == "seg_logits"
+    assert distilled.argv[distilled.argv.index("--targets") + 1] == "seg_logits"
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({**SEG_RECIPE, "grid": {**SEG_RECIPE["grid"], "method": ["task-agnostic-patch"]}}))
+    with pytest.raises(SystemExit) as exit_info:
+        pipeline.main([str(bad), "--plan"])
+    assert exit_info.value.code == 2
+    assert "a segmentation recipe takes methods labeled-only, task-oriented" in capsys.readouterr().err

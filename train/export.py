@@ -130,19 +130,21 @@ def export(model_dir: str, data: str, *, out: str | None = None, int8: bool = Fa
     (default: the model directory); returns the check: max abs diff and top-1 agreement on ``data``."""
     directory = model_directory(model_dir)
     out_dir = Path(out) if out else directory
-    out_dir.mkdir(parents=True, exist_ok=True)
     model, card = load_classifier(str(directory))
-    prep = preprocessing(directory)
-    write_json(out_dir / "preprocessing.json", prep)
     views = render_views(data, card.input_size)
+    if int8:  # every input is read before anything is written: a bad calibration spec leaves no half export
+        calibration = calibration or training_data(directory)
+        calibration_views = render_views(calibration, card.input_size)
+    prep = preprocessing(directory)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_json(out_dir / "preprocessing.json", prep)
     with torch.inference_mode():
         reference = torch.cat([model(torch.from_numpy(views[i: i + 256])) for i in range(0, len(views), 256)]).numpy()
     fp32 = export_onnx(model, card.input_size, out_dir / "model.onnx")
     report = {"model": str(directory), "data": data, "num_images": len(views), "opset": OPSET,
               "fp32": {"file": fp32.name, **check_onnx(fp32, reference, views)}}
     if int8:
-        calibration = calibration or training_data(directory)
-        quantized = quantize_int8(fp32, out_dir / "model.int8.onnx", render_views(calibration, card.input_size))
+        quantized = quantize_int8(fp32, out_dir / "model.int8.onnx", calibration_views)
         report["int8"] = {"file": quantized.name, "calibration": calibration,
                           **check_onnx(quantized, reference, views)}
     report["versions"] = dependency_versions(("onnx", "onnxruntime"))
