@@ -53,7 +53,7 @@ from stores.cli import cli_errors, debug_flag
 from stores.manifest import TeacherCard, content_id
 from stores.store import THETA, open_store
 
-__all__ = ["EMBEDDED", "Retrieval", "RetrieveConfig", "main", "retrieve"]
+__all__ = ["EMBEDDED", "Retrieval", "RetrieveConfig", "check_widths", "embed", "main", "retrieve"]
 
 log = logging.getLogger(__name__)
 
@@ -94,13 +94,14 @@ class RetrieveConfig:
 @dataclasses.dataclass(frozen=True)
 class Embedded:
     """A source through every encoder: combined unit vectors float32 ``[N, K, D]``, packed θ uint8 ``[N, K, P]``,
-    each encoder's unit vectors ``[N, K, D_e]``."""
+    each encoder's unit vectors ``[N, K, D_e]`` and the store they were read from."""
 
     source: Source
     vectors: np.ndarray
     theta: np.ndarray
     policy: CropFlip
     per_encoder: tuple[np.ndarray, ...]
+    stores: tuple[str, ...]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,7 +123,7 @@ def embed(spec: str, level: str, views: int, config: RetrieveConfig) -> Embedded
     source = open_source(spec)
     if len(source) == 0:
         raise ValueError(f"source {spec!r} holds no images")
-    per_encoder, thetas, policy = [], [], None
+    per_encoder, thetas, stores, policy = [], [], [], None
     for name in config.encoders:
         model, card = load_encoder(name, config.encoder_size)
         settings = BuildConfig(teacher=card.name, transfer_set=spec, out="", targets=("embedding",), views=views,
@@ -135,11 +136,25 @@ def embed(spec: str, level: str, views: int, config: RetrieveConfig) -> Embedded
         arrays = open_store(out).read_range(0, len(source))
         per_encoder.append(arrays["embedding/values"].astype(np.float32).reshape(len(source) * views, -1))
         thetas.append(arrays[THETA])
+        stores.append(str(out))
     if any(not np.array_equal(t, thetas[0]) for t in thetas):  # θ is drawn in source pixels: size-independent
         raise ValueError(f"encoders {config.encoders} drew different crops of {spec!r}")
     vectors = combine(per_encoder).reshape(len(source), views, -1)
     return Embedded(source, vectors, thetas[0], policy,
-                    tuple(unit_rows(v).reshape(len(source), views, -1) for v in per_encoder))
+                    tuple(unit_rows(v).reshape(len(source), views, -1) for v in per_encoder), tuple(stores))
+
+
+def check_widths(encoders: tuple[str, ...], embedded: list[Embedded]) -> None:
+    """Refuse, in one line, an encoder whose sources' vectors differ in width before they meet in an index (faiss
+    would abort on a C++ assertion): one of its stores was made by another encoder or another revision of it."""
+    for e, name in enumerate(encoders):
+        first = embedded[0]
+        for other in embedded[1:]:
+            a, b = first.per_encoder[e].shape[-1], other.per_encoder[e].shape[-1]
+            if a != b:
+                raise ValueError(f"encoder {name!r} gives {a}-d vectors for {first.source.spec!r} (store "
+                                 f"{first.stores[e]}) but {b}-d for {other.source.spec!r} (store {other.stores[e]}): "
+                                 "a store made by another encoder or revision; delete it or use another --cache")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -239,6 +254,7 @@ def retrieve(config: RetrieveConfig) -> Retrieval:
     gallery = embed(config.gallery, config.level, views, config)
     images = gallery if config.level == "image" else embed(config.gallery, "image", 1, config)
     tasks = [embed(spec, "image", 1, config) for spec in config.exclude]
+    check_widths(config.encoders, [queries, gallery, images, *tasks])
     task = MaxSimilarity([np.concatenate([t.per_encoder[e][:, 0] for t in tasks]) for e in range(len(config.encoders))]
                          ) if tasks else None
     items = np.ascontiguousarray(gallery.vectors.reshape(-1, gallery.vectors.shape[-1]))

@@ -6,6 +6,7 @@ manifest builds a store whose replay cuts and renders the very crops retrieved."
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +19,7 @@ from reinforce._search import combine, query_balanced
 from reinforce.augment import policy_from_record
 from reinforce.build import main as build_main
 from reinforce.replay import open_replay
+from reinforce.retrieve import RetrieveConfig, check_widths, embed
 from reinforce.retrieve import main as retrieve_main
 from reinforce.sources import open_source
 from stores import open_store
@@ -222,6 +224,30 @@ def test_bad_input_is_one_line(capsys, gallery, retrieved, tmp_path, args, messa
         retrieve_main(argv)
     err = capsys.readouterr().err.strip().splitlines()
     assert exit_info.value.code == 2 and len(err) == 1 and message in err[0], err
+
+
+def test_an_encoder_whose_stores_differ_in_width_is_refused_in_one_line(retrieved, vfm_home, tmp_path):
+    """The CLI cannot mix widths (store ids hash the codec shape; a different store at an id is refused), so this
+    drives the check ``retrieve`` runs before any index: the queries' real 1280-d Lite0 store against a 1024-d store
+    of another real encoder (a random mobilenetv3) standing in for a stale revision of the same entry."""
+    from reinforce.teachers import TeacherModel, create_backbone, save_teacher
+    from stores.manifest import TeacherCard
+
+    card = TeacherCard(name="narrow", library="timm", backbone="mobilenetv3_small_050", num_classes=10,
+                       class_names=tuple(map(str, range(10))), input_size=32, mean=(0.5,) * 3, std=(0.5,) * 3,
+                       adaptation={"mode": "random"})
+    model = TeacherModel(create_backbone(card.library, card.backbone), 10, card.mean, card.std)
+    save_teacher(model, card, vfm_home / "teachers" / "narrow")
+    out, _, _ = retrieved
+    config = RetrieveConfig(queries=QUERIES, gallery=QUERIES, out=str(tmp_path / "x.parquet"), workers=0,
+                            cache=str(out.parent / "retrieval-cache"))
+    wide, narrow = embed(QUERIES, "image", 1, config), embed(TASK, "image", 1, replace(config, encoders=("narrow",)))
+    with pytest.raises(ValueError) as error:
+        check_widths(config.encoders, [wide, narrow])
+    message = str(error.value)
+    assert len(message.splitlines()) == 1 and "encoder 'embedded' gives 1280-d" in message and "but 1024-d" in message
+    assert wide.stores[0] in message and narrow.stores[0] in message, message
+    check_widths(config.encoders, [wide, wide])
 
 
 def test_retrieved_manifest_builds_and_replays_the_retrieved_crops(gallery, retrieved, lite0_teacher, tmp_path):
