@@ -30,13 +30,14 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import faiss
 import numpy as np
+import torch
 
 from reinforce._search import (
     INDEX_KINDS,
     STRATEGIES,
     MaxSimilarity,
+    SearchIndex,
     best_matches,
     combine,
     make_index,
@@ -171,7 +172,7 @@ class Selection:
     per_query: np.ndarray  # int64 [Q]
 
 
-def select(strategy: str, index: faiss.Index, gallery: np.ndarray, queries: np.ndarray, allowed: np.ndarray, size: int,
+def select(strategy: str, index: SearchIndex, gallery: np.ndarray, queries: np.ndarray, allowed: np.ndarray, size: int,
            rng: np.random.Generator) -> Selection:
     """``size`` unique allowed items of ``gallery`` (``[n, D]``, indexed by ``index``) by ``strategy``."""
     if allowed.sum() < size:
@@ -258,7 +259,7 @@ def retrieve(config: RetrieveConfig) -> Retrieval:
     task = MaxSimilarity([np.concatenate([t.per_encoder[e][:, 0] for t in tasks]) for e in range(len(config.encoders))]
                          ) if tasks else None
     items = np.ascontiguousarray(gallery.vectors.reshape(-1, gallery.vectors.shape[-1]))
-    index = make_index(items, config.index, nprobe=config.nprobe, seed=config.seed)
+    index = make_index(items, search_kind(config.index), nprobe=config.nprobe, seed=config.seed)
     allowed = np.linalg.norm(items, axis=1) > 0  # a gallery image that failed to decode has zero vectors
     cleaning = Cleaning(np.arange(len(gallery.source)))
     rng = np.random.default_rng(config.seed)
@@ -272,6 +273,12 @@ def retrieve(config: RetrieveConfig) -> Retrieval:
     _write_manifest(config.out, chosen, views, gallery, cleaning, queries if config.with_queries else None)
     Path(config.out).with_suffix(".report.json").write_text(json.dumps(report, indent=1))
     return Retrieval(config.out, report)
+
+
+def search_kind(index: str) -> str:
+    """``flat`` runs as ``torch`` where the encoders run on CUDA (``reinforce.build`` picks CUDA when available):
+    the same exact search, on the GPU, as PyPI's faiss has no GPU kernels for current GPUs."""
+    return "torch" if index == "flat" and torch.cuda.is_available() else index
 
 
 def _check(config: RetrieveConfig) -> None:
@@ -375,7 +382,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[RetrieveConfig, bool]:
     parser.add_argument("--with-queries", action="store_true",
                         help="append the query images (centre crops) to the transfer set, as the paper does")
     parser.add_argument("--index", choices=INDEX_KINDS, default=defaults.index,
-                        help="flat: exact inner product; ivfpq: approximate, for large galleries")
+                        help="flat: exact inner product (faiss; on CUDA it runs as torch); ivfpq: approximate, for "
+                             "large galleries; torch: exact blockwise matmul + top-k in torch (GPU, else CPU)")
     parser.add_argument("--nprobe", type=int, default=defaults.nprobe, help="IVF lists searched per query (ivfpq)")
     parser.add_argument("--duplicate-threshold", type=float, default=defaults.duplicate_threshold)
     parser.add_argument("--leak-threshold", type=float, default=defaults.leak_threshold)

@@ -15,7 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
-from reinforce._search import combine, query_balanced
+from reinforce._search import TorchFlatIndex, combine, make_index, neighbours, query_balanced
 from reinforce.augment import policy_from_record
 from reinforce.build import main as build_main
 from reinforce.replay import open_replay
@@ -177,6 +177,28 @@ def test_second_retrieval_reuses_the_cache_and_other_strategies(capsys, gallery,
         assert "teacher:" not in err, "a second retrieval ran the encoder again"
         assert frame.select(["gallery_index", "crop"]).n_unique() == SIZE
         assert not set(frame["uri"].to_list()) & set(gallery["leaks"])
+
+
+def test_torch_index_finds_what_faiss_flat_finds(capsys, gallery, retrieved, tmp_path):
+    """``--index torch`` (the exact search CUDA runs) on CPU: the same manifest as faiss flat; and on the gallery's
+    real embeddings, blockwise (small blocks), with items removed, the same neighbours up to exact ties."""
+    out, frame, report = retrieved
+    cache = str(out.parent / "retrieval-cache")
+    same, same_report, _ = run_retrieve(capsys, tmp_path / "torch.parquet", gallery["spec"], "--index", "torch",
+                                        "--cache", cache)
+    assert same["key"].to_list() == frame["key"].to_list() and same_report["k"] == report["k"]
+    np.testing.assert_allclose(same["similarity"].to_numpy(), frame["similarity"].to_numpy(), atol=1e-5)
+    config = RetrieveConfig(queries=QUERIES, gallery=gallery["spec"], out=str(out), crops=CROPS, workers=0)
+    items = embed(gallery["spec"], "crop", CROPS, config).vectors.reshape(-1, 1280)
+    queries = embed(QUERIES, "image", 1, config).vectors[:, 0]
+    allowed = np.random.default_rng(0).random(len(items)) > 0.3
+    faiss_ids, faiss_sims = neighbours(make_index(items), queries, 50, allowed)
+    torch_ids, torch_sims = neighbours(TorchFlatIndex(items, block=97), queries, 50, allowed)
+    np.testing.assert_allclose(torch_sims, faiss_sims, atol=1e-5)
+    # rank by rank as similar as faiss's, allowed, distinct and truly that similar: where ids differ, it is a tie
+    assert allowed[torch_ids].all() and all(len(set(row)) == 50 for row in torch_ids.tolist())
+    np.testing.assert_allclose(np.einsum("qd,qkd->qk", queries, items[torch_ids]), torch_sims, atol=1e-5)
+    assert (torch_ids != faiss_ids).mean() < 0.01
 
 
 def test_two_encoders_average_their_similarities(capsys, gallery, retrieved, lite0_teacher, tmp_path):
