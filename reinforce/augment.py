@@ -181,6 +181,14 @@ def policy_from_record(record: dict[str, Any]) -> CropFlip:
     return policy
 
 
+def _checked_box(image: torch.Tensor, box: tuple[int, int, int, int]) -> tuple[int, int, int, int]:
+    """``box`` (left, top, width, height) if it lies inside ``image`` ``[..., H, W]``."""
+    left, top, w, h = box
+    if left < 0 or top < 0 or w <= 0 or h <= 0 or left + w > image.shape[-1] or top + h > image.shape[-2]:
+        raise ValueError(f"crop box {box} lies outside the image of shape {tuple(image.shape)}")
+    return box
+
+
 @register_policy
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class CropFlip:
@@ -282,14 +290,20 @@ class CropFlip:
 
     def _geometry(self, image: torch.Tensor, params: AugParams, size: int, mask: bool) -> torch.Tensor:
         """The crop box resized to ``size`` (antialiased bilinear, or nearest for a mask) and the flip."""
-        left, top, w, h = params.box
-        if left < 0 or top < 0 or w <= 0 or h <= 0 or left + w > image.shape[-1] or top + h > image.shape[-2]:
-            raise ValueError(f"crop box {params.box} lies outside the image of shape {tuple(image.shape)}")
+        left, top, w, h = _checked_box(image, params.box)
         if mask:
             view = F.resized_crop(image, top, left, h, w, [size, size], interpolation=InterpolationMode.NEAREST_EXACT)
         else:
             view = F.resized_crop(image, top, left, h, w, [size, size], antialias=True)
         return F.horizontal_flip(view) if params.flip else view
+
+    def cut(self, image: torch.Tensor, params: AugParams) -> torch.Tensor:
+        """The crop of ``params`` at source resolution, uint8 ``[3, h, w]``: box, flip and ops, no resize. A
+        retrieved crop is this, so the build's view augmentation resamples it once; the ops render at the box's
+        size (translations scale with it), where ``apply`` renders them at ``size``."""
+        left, top, w, h = _checked_box(image, params.box)
+        view = image[:, top: top + h, left: left + w].contiguous()
+        return self._apply_ops(F.horizontal_flip(view) if params.flip else view, params.ops)
 
     def _apply_ops(self, view: torch.Tensor, ops: tuple[tuple[int, int], ...]) -> torch.Tensor:
         if ops:

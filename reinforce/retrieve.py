@@ -60,7 +60,9 @@ log = logging.getLogger(__name__)
 
 EMBEDDED = "embedded"  # the embedded Lite0 ImageNet model, no zoo entry needed
 NEAREST_TASK = 5  # task images listed per possible leak, for the visual check B.4 asks for
-LEVELS = {  # rrc_flip arguments: crop level (RandomResizedCrop, scale 0.08-1) or image level (square centre crop)
+# --crop-augment: the build's policy of each gallery crop; B.2 applies RandAugment (2 ops, magnitude 9) to every crop
+CROP_AUGMENTS = {"randaug": "rrc_flip_randaug", "none": "rrc_flip"}
+LEVELS = {  # crop policy arguments: crop level (RandomResizedCrop, scale 0.08-1) or image level (square centre crop)
     "crop": {"scale": [0.08, 1.0], "flip_prob": 0.0},
     "image": {"scale": [1.0, 1.0], "ratio": [1.0, 1.0], "flip_prob": 0.0},
 }
@@ -77,6 +79,7 @@ class RetrieveConfig:
     size: int = 1000
     crops: int = 10  # per gallery image, at crop level
     level: str = "crop"  # crop | image
+    crop_augment: str = "randaug"  # randaug | none: RandAugment on each gallery crop (crop level only)
     strategy: str = "query-balanced"
     exclude: tuple[str, ...] = ()  # task sources (train, val, test): their near-copies are leaks
     index: str = "flat"
@@ -125,12 +128,13 @@ def embed(spec: str, level: str, views: int, config: RetrieveConfig) -> Embedded
     if len(source) == 0:
         raise ValueError(f"source {spec!r} holds no images")
     per_encoder, thetas, stores, policy = [], [], [], None
+    policy_name = CROP_AUGMENTS[config.crop_augment] if level == "crop" else "rrc_flip"
     for name in config.encoders:
         model, card = load_encoder(name, config.encoder_size)
         settings = BuildConfig(teacher=card.name, transfer_set=spec, out="", targets=("embedding",), views=views,
-                               feature_precision="fp16", policy="rrc_flip", policy_args=LEVELS[level],
+                               feature_precision="fp16", policy=policy_name, policy_args=LEVELS[level],
                                batch_size=config.batch_size, workers=config.workers, seed=config.seed)
-        policy = create_policy("rrc_flip", size=card.input_size, **LEVELS[level])
+        policy = create_policy(policy_name, size=card.input_size, **LEVELS[level])
         content = store_content(card, source, policy, make_codecs(model, card, settings), settings)
         out = Path(config.cache or Path(config.out).parent / "retrieval-cache") / content_id(content)
         build(dataclasses.replace(settings, out=str(out)), teacher=(model, card))
@@ -288,6 +292,8 @@ def _check(config: RetrieveConfig) -> None:
           else []),
         *([f"--index {config.index!r} (valid: {', '.join(INDEX_KINDS)})"] if config.index not in INDEX_KINDS else []),
         *([f"--level {config.level!r} (valid: {', '.join(LEVELS)})"] if config.level not in LEVELS else []),
+        *([f"--crop-augment {config.crop_augment!r} (valid: {', '.join(CROP_AUGMENTS)})"]
+          if config.crop_augment not in CROP_AUGMENTS else []),
         *([f"--size {config.size} (need >= 1)"] if config.size < 1 else []),
         *([f"--crops {config.crops} (need >= 1)"] if config.crops < 1 else []),
         *(["--encoders is empty"] if not config.encoders else []),
@@ -375,6 +381,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[RetrieveConfig, bool]:
     parser.add_argument("--crops", type=int, default=defaults.crops, help="RandomResizedCrop crops per gallery image")
     parser.add_argument("--level", choices=tuple(LEVELS), default=defaults.level,
                         help="crop: --crops crops per image (scale 0.08-1); image: one square centre crop per image")
+    parser.add_argument("--crop-augment", choices=tuple(CROP_AUGMENTS), default=defaults.crop_augment,
+                        help="randaug: RandAugment (2 ops, magnitude 9, the build's rrc_flip_randaug) on each gallery "
+                             "crop, as the paper (B.2); none: the plain crop")
     parser.add_argument("--strategy", choices=STRATEGIES, default=defaults.strategy)
     parser.add_argument("--exclude", action="append", default=[], metavar="TASK_SRC",
                         help="task source (train, val, test; repeatable): gallery images near-copies of one are leaks")

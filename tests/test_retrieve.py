@@ -201,6 +201,22 @@ def test_torch_index_finds_what_faiss_flat_finds(capsys, gallery, retrieved, tmp
     assert (torch_ids != faiss_ids).mean() < 0.01
 
 
+def test_crops_without_randaugment_are_another_store_and_plain_boxes(capsys, gallery, retrieved, tmp_path):
+    """``--crop-augment none``: another gallery store (the encoder runs again), rrc_flip rows (the manifests written
+    before RandAugment) whose ``retrieved:`` crops are the plain boxes of their gallery images."""
+    out, _, _ = retrieved
+    plain, _, err = run_retrieve(capsys, tmp_path / "plain.parquet", gallery["spec"], "--crop-augment", "none",
+                                 "--cache", str(out.parent / "retrieval-cache"))
+    assert "teacher:" in err, "a different crop policy reused the RandAugment crops' store"
+    assert {json.loads(p)["name"] for p in plain["policy"].to_list()} == {"rrc_flip"}
+    transfer, source = open_source(f"retrieved:{tmp_path / 'plain.parquet'}"), open_source(gallery["spec"])
+    policy = policy_from_record(json.loads(plain["policy"][0]))
+    for row in (0, SIZE - 1):
+        left, top, width, height = policy.unpack(np.frombuffer(plain["theta"][row], np.uint8)[None])[0].box
+        image = source.load(int(plain["gallery_index"][row]))
+        assert torch.equal(transfer.load(row), image[:, top: top + height, left: left + width])
+
+
 def test_two_encoders_average_their_similarities(capsys, gallery, retrieved, lite0_teacher, tmp_path):
     """The embedded model and its zoo copy are the same encoder: their mean cosine is its cosine, so the two-encoder
     retrieval picks the same crops (the two encoders drew the same θ, which ``embed`` checks)."""
@@ -283,13 +299,16 @@ def test_retrieved_manifest_builds_and_replays_the_retrieved_crops(gallery, retr
     store = open_store(store_path)
     policy = policy_from_record(store.manifest.content.policy.to_dict())
     crop_policy = policy_from_record(json.loads(frame["policy"][0]))
-    boxes = [p.box for p in crop_policy.unpack(np.stack([np.frombuffer(t, np.uint8) for t in frame["theta"]]))]
+    assert crop_policy.name == "rrc_flip_randaug" and crop_policy.num_ops == 2  # B.2: RandAugment on every crop
+    thetas = crop_policy.unpack(np.stack([np.frombuffer(t, np.uint8) for t in frame["theta"]]))
     source = open_source(gallery["spec"])
     replay = open_replay(store_path, size=card.input_size)
     batch = replay.__getitems__(list(range(len(replay))))
+    changed = 0
     for row, (i, v) in enumerate(zip(batch["index"].tolist(), batch["view"].tolist())):
-        left, top, width, height = boxes[i]
-        crop = source.load(int(frame["gallery_index"][i]))[:, top: top + height, left: left + width]
+        image, (left, top, width, height) = source.load(int(frame["gallery_index"][i])), thetas[i].box
+        crop = crop_policy.cut(image, thetas[i])
+        changed += not torch.equal(crop, image[:, top: top + height, left: left + width])
         stored = store.read(np.array([i]), np.array([v]), targets=["embedding"])
         expected = policy.apply(crop, policy.unpack(stored["theta"])[0])
         assert torch.equal(batch["views"][row], expected), f"sample {i} view {v} is not the retrieved crop's view"
@@ -297,3 +316,4 @@ def test_retrieved_manifest_builds_and_replays_the_retrieved_crops(gallery, retr
             embedding = model.forward_targets(expected[None], ("embedding",))["embedding"][0]
         decoded = store.decode("embedding", stored["embedding"])[0]
         torch.testing.assert_close(decoded, embedding.half().float(), rtol=0, atol=2e-2)
+    assert changed > len(batch["index"]) / 2, "the crops' RandAugment ops were not rendered"
