@@ -62,6 +62,7 @@ EMBEDDED = "embedded"  # the embedded Lite0 ImageNet model, no zoo entry needed
 NEAREST_TASK = 5  # task images listed per possible leak, for the visual check B.4 asks for
 # --crop-augment: the build's policy of each gallery crop; B.2 applies RandAugment (2 ops, magnitude 9) to every crop
 CROP_AUGMENTS = {"randaug": "rrc_flip_randaug", "none": "rrc_flip"}
+IMAGE_POLICY = "rrc_flip_bicubic"  # image level (queries, task images, dedup/leak features): bicubic, as OpenCLIP
 LEVELS = {  # crop policy arguments: crop level (RandomResizedCrop, scale 0.08-1) or image level (square centre crop)
     "crop": {"scale": [0.08, 1.0], "flip_prob": 0.0},
     "image": {"scale": [1.0, 1.0], "ratio": [1.0, 1.0], "flip_prob": 0.0},
@@ -128,7 +129,7 @@ def embed(spec: str, level: str, views: int, config: RetrieveConfig) -> Embedded
     if len(source) == 0:
         raise ValueError(f"source {spec!r} holds no images")
     per_encoder, thetas, stores, policy = [], [], [], None
-    policy_name = CROP_AUGMENTS[config.crop_augment] if level == "crop" else "rrc_flip"
+    policy_name = CROP_AUGMENTS[config.crop_augment] if level == "crop" else IMAGE_POLICY
     for name in config.encoders:
         model, card = load_encoder(name, config.encoder_size)
         settings = BuildConfig(teacher=card.name, transfer_set=spec, out="", targets=("embedding",), views=views,
