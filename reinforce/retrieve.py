@@ -1,17 +1,24 @@
 """``python -m reinforce.retrieve``: curate a task-related transfer set from a gallery, using the few labeled task
 images as queries (seed paper §3.4, Appendix B).
 
-The gallery is any source; at crop level each image gives C RandomResizedCrop crops (scale 0.08-1), each an
-``rrc_flip`` θ record, so a retrieved crop is (image, θ) and no pixels are stored. Every embedding (gallery crops,
-gallery images, queries, task images) is a ``reinforce.build`` store with the ``embedding`` target only, named by its
-store id under ``--cache``: retrieving again with other queries or sizes runs no encoder over the gallery.
+The gallery is any source; at crop level each image gives C RandomResizedCrop crops (scale 0.08-1) with RandAugment
+(2 ops, magnitude 9: the build's ``rrc_flip_randaug``, B.2; ``--crop-augment none``: plain ``rrc_flip`` crops), each
+a θ record, so a retrieved crop is (image, θ) and no pixels are stored: ``retrieved:OUT`` cuts each row by its own
+policy (box, flip and ops at source resolution). Image-level views (queries, task images, the gallery images judged
+for duplicates and leaks) are square centre crops resized bicubically (``rrc_flip_bicubic``, as OpenCLIP's resize),
+so a bicubically resized or re-encoded copy of a small task image lands near its original. Every embedding (gallery
+crops, gallery images, queries, task images) is a ``reinforce.build`` store with the ``embedding`` target only, named
+by its store id under ``--cache`` (the id hashes the crop policy): retrieving again with other queries or sizes runs
+no encoder over the gallery; an encoder whose stores disagree in width is refused in one line.
 Similarity is the mean of the encoders' cosine similarities (B.2). Retrieved source images more similar than 0.99
 to each other are duplicates (one kept per union-find group, B.3); those more similar than 0.95 to any ``--exclude``
 task image under any encoder are possible leaks (B.4: removed unless ``--keep-leaks``, and listed in
 ``OUT.report.json`` with their 5 nearest task images for a visual check). Removed items are replaced by searching
 again, so the manifest holds exactly ``--size`` crops (``--with-queries`` appends the query images, as the paper
-does); ``reinforce.build --transfer-set OUT`` builds on the crops. With ``--index ivfpq`` the ``similarity`` column
-is IVF-PQ's approximate score; duplicates and leaks are always judged by exact similarities.
+does); ``reinforce.build --transfer-set OUT`` builds on the crops. ``--index flat`` is faiss's exact search, run as
+``--index torch`` (exact blockwise matmul + top-k, fp16 with fp32 scores) where the encoders run on CUDA, since
+PyPI's faiss has no kernels for current GPUs; with ``--index ivfpq`` the ``similarity`` column is IVF-PQ's
+approximate score; duplicates and leaks are always judged by exact similarities.
 
 Example:
     python -m reinforce.retrieve --queries "fashion-mnist:train?shots=10&part=labeled" --gallery photo-crops:20000 \
