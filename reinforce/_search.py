@@ -43,8 +43,9 @@ def unit_rows(vectors: np.ndarray) -> np.ndarray:
 
 class TorchFlatIndex:
     """Exact inner-product search in torch, with faiss's ``ntotal``, ``d`` and ``search``: the gallery lives on
-    ``device`` (fp16 on CUDA, fp32 on CPU) and is scanned in blocks of ``block`` rows, so a search holds only a
-    ``[queries, block]`` score tile and the running top k; scores accumulate in fp32. Ties go to the lower id."""
+    ``device`` (fp16 on CUDA: 2 bytes per value; fp32 on CPU) and is scanned in blocks of ``block`` rows, so besides
+    it a search holds only a ``[queries, block]`` fp32 score tile and the running top k (``neighbours`` sends at most
+    ``SEARCH_BLOCK`` queries at a time). Exact ties across blocks go to the lower id, within one as topk orders them."""
 
     def __init__(self, vectors: np.ndarray, device: str | torch.device | None = None, block: int = 16384):
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))

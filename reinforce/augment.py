@@ -29,8 +29,7 @@ from torchvision.transforms.v2 import InterpolationMode
 
 __all__ = [
     "EVAL_PREPROCESSING", "OP_NAMES", "RANDAUG_OPS", "AugParams", "BicubicCropFlip", "CropFlip", "RandAugCropFlip",
-    "RandAugOp",
-    "create_policy", "eval_view", "list_policies", "policy_from_record", "register_policy", "view_rng",
+    "RandAugOp", "create_policy", "eval_view", "list_policies", "policy_from_record", "register_policy", "view_rng",
 ]
 
 _POLICIES: dict[str, type[CropFlip]] = {}
