@@ -1,8 +1,9 @@
-"""Nearest-neighbour search and the selection strategies of ``reinforce.retrieve`` (faiss, numpy).
+"""Nearest-neighbour search and the selection strategies of ``reinforce.retrieve`` (faiss, torch, numpy).
 
 Vectors are float32 ``[n, D]`` rows of unit norm, so inner product is cosine similarity; several encoders
 are one vector each scaled by ``1/sqrt(E)`` and concatenated, whose inner product is the mean of the
-per-encoder cosines (seed paper, Appendix B.2).
+per-encoder cosines (seed paper, Appendix B.2). Exact search on a GPU is ``TorchFlatIndex`` (blockwise matmul +
+top-k): PyPI's faiss GPU wheels hold no kernels for H100-class GPUs (STACK-NOTES).
 """
 
 from __future__ import annotations
@@ -11,13 +12,14 @@ import math
 
 import faiss
 import numpy as np
+import torch
 
 from reinforce.progress import progress_bar
 
-__all__ = ["INDEX_KINDS", "STRATEGIES", "MaxSimilarity", "best_matches", "combine", "make_index", "neighbours",
-           "query_balanced", "similar_pairs", "unit_rows"]
+__all__ = ["INDEX_KINDS", "STRATEGIES", "MaxSimilarity", "SearchIndex", "TorchFlatIndex", "best_matches", "combine",
+           "make_index", "neighbours", "query_balanced", "similar_pairs", "unit_rows"]
 
-INDEX_KINDS = ("flat", "ivfpq")
+INDEX_KINDS = ("flat", "ivfpq", "torch")
 STRATEGIES = ("query-balanced", "best-matches", "random")
 SEARCH_BLOCK = 4096  # queries per faiss call: one progress step
 TRAIN_PER_LIST = 64  # IVF-PQ trains on a seeded sample of this many vectors per inverted list
@@ -39,10 +41,50 @@ def unit_rows(vectors: np.ndarray) -> np.ndarray:
     return np.divide(vectors, norms, out=np.zeros_like(vectors), where=norms > 0)
 
 
-def make_index(vectors: np.ndarray, kind: str = "flat", *, nprobe: int = 16, seed: int = 0) -> faiss.Index:
-    """An inner-product index over ``vectors``: exact (``flat``) or IVF-PQ (``ivfpq``: sqrt(n) lists, up to 64
-    sub-quantisers of up to 8 bits, trained on a sample of the vectors) for galleries too large for exact search."""
+class TorchFlatIndex:
+    """Exact inner-product search in torch, with faiss's ``ntotal``, ``d`` and ``search``: the gallery lives on
+    ``device`` (fp16 on CUDA: 2 bytes per value; fp32 on CPU) and is scanned in blocks of ``block`` rows, so besides
+    it a search holds only a ``[queries, block]`` fp32 score tile and the running top k (``neighbours`` sends at most
+    ``SEARCH_BLOCK`` queries at a time). Exact ties across blocks go to the lower id, within one as topk orders them."""
+
+    def __init__(self, vectors: np.ndarray, device: str | torch.device | None = None, block: int = 16384):
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.dtype = torch.float16 if self.device.type == "cuda" else torch.float32
+        self.gallery = torch.from_numpy(np.ascontiguousarray(vectors, np.float32)).to(self.device, self.dtype)
+        self.ntotal, self.d = self.gallery.shape
+        self.block = block
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Like ``faiss.Index.search``: similarities float32 ``[Q, k]`` and ids int64 ``[Q, k]`` (-1: none), best
+        first."""
+        q = torch.from_numpy(np.ascontiguousarray(queries, np.float32)).to(self.device, self.dtype)
+        sims = torch.full((len(q), k), -math.inf, device=self.device)
+        ids = torch.full((len(q), k), -1, dtype=torch.int64, device=self.device)
+        for start in range(0, self.ntotal, self.block):
+            tile = self._scores(q, self.gallery[start: start + self.block])
+            top = tile.topk(min(k, tile.shape[1]), dim=1)
+            sims, order = torch.cat([sims, top.values], 1).sort(dim=1, descending=True, stable=True)
+            ids = torch.cat([ids, top.indices + start], 1).gather(1, order)  # earlier blocks (lower ids) win ties
+            sims, ids = sims[:, :k], ids[:, :k]
+        return sims.cpu().numpy(), ids.cpu().numpy()
+
+    def _scores(self, queries: torch.Tensor, block: torch.Tensor) -> torch.Tensor:
+        """float32 ``[Q, B]`` inner products; half-precision inputs accumulate and return in fp32."""
+        if self.dtype == torch.float32:
+            return queries @ block.T
+        return torch.mm(queries, block.T, out_dtype=torch.float32)
+
+
+SearchIndex = faiss.Index | TorchFlatIndex  # what make_index returns and neighbours searches
+
+
+def make_index(vectors: np.ndarray, kind: str = "flat", *, nprobe: int = 16, seed: int = 0) -> SearchIndex:
+    """An inner-product index over ``vectors``: exact (``flat``; ``torch``: the same on a GPU, or the CPU) or IVF-PQ
+    (``ivfpq``: sqrt(n) lists, up to 64 sub-quantisers of up to 8 bits, trained on a sample of the vectors) for
+    galleries too large for exact search."""
     n, dim = vectors.shape
+    if kind == "torch":
+        return TorchFlatIndex(vectors)
     if kind == "flat":
         index = faiss.IndexFlatIP(dim)
     elif kind == "ivfpq":
@@ -61,7 +103,7 @@ def make_index(vectors: np.ndarray, kind: str = "flat", *, nprobe: int = 16, see
     return index
 
 
-def neighbours(index: faiss.Index, queries: np.ndarray, k: int, allowed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def neighbours(index: SearchIndex, queries: np.ndarray, k: int, allowed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """The ``k`` nearest allowed items of each query, best first: ids int64 ``[Q, k]`` (-1: none) and similarities
     float32 ``[Q, k]``. ``allowed`` is bool ``[index.ntotal]``; the search asks for enough extra to skip the rest."""
     wanted = min(index.ntotal, k + int((~allowed).sum()))

@@ -28,8 +28,8 @@ import torchvision.transforms.v2.functional as F
 from torchvision.transforms.v2 import InterpolationMode
 
 __all__ = [
-    "EVAL_PREPROCESSING", "OP_NAMES", "RANDAUG_OPS", "AugParams", "CropFlip", "RandAugCropFlip", "RandAugOp",
-    "create_policy", "eval_view", "list_policies", "policy_from_record", "register_policy", "view_rng",
+    "EVAL_PREPROCESSING", "OP_NAMES", "RANDAUG_OPS", "AugParams", "BicubicCropFlip", "CropFlip", "RandAugCropFlip",
+    "RandAugOp", "create_policy", "eval_view", "list_policies", "policy_from_record", "register_policy", "view_rng",
 ]
 
 _POLICIES: dict[str, type[CropFlip]] = {}
@@ -181,6 +181,14 @@ def policy_from_record(record: dict[str, Any]) -> CropFlip:
     return policy
 
 
+def _checked_box(image: torch.Tensor, box: tuple[int, int, int, int]) -> tuple[int, int, int, int]:
+    """``box`` (left, top, width, height) if it lies inside ``image`` ``[..., H, W]``."""
+    left, top, w, h = box
+    if left < 0 or top < 0 or w <= 0 or h <= 0 or left + w > image.shape[-1] or top + h > image.shape[-2]:
+        raise ValueError(f"crop box {box} lies outside the image of shape {tuple(image.shape)}")
+    return box
+
+
 @register_policy
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class CropFlip:
@@ -188,6 +196,7 @@ class CropFlip:
 
     name: ClassVar[str] = "rrc_flip"
     version: ClassVar[int] = 1
+    interpolation: ClassVar[InterpolationMode] = InterpolationMode.BILINEAR  # of the crop's resize (antialiased)
     size: int
     scale: tuple[float, float] = (0.25, 1.0)
     ratio: tuple[float, float] = (3 / 4, 4 / 3)
@@ -281,15 +290,22 @@ class CropFlip:
         return self.apply(image, params, size), self._geometry(mask[None], params, size or self.size, mask=True)[0]
 
     def _geometry(self, image: torch.Tensor, params: AugParams, size: int, mask: bool) -> torch.Tensor:
-        """The crop box resized to ``size`` (antialiased bilinear, or nearest for a mask) and the flip."""
-        left, top, w, h = params.box
-        if left < 0 or top < 0 or w <= 0 or h <= 0 or left + w > image.shape[-1] or top + h > image.shape[-2]:
-            raise ValueError(f"crop box {params.box} lies outside the image of shape {tuple(image.shape)}")
+        """The crop box resized to ``size`` (antialiased ``interpolation``, or nearest for a mask) and the flip."""
+        left, top, w, h = _checked_box(image, params.box)
         if mask:
             view = F.resized_crop(image, top, left, h, w, [size, size], interpolation=InterpolationMode.NEAREST_EXACT)
         else:
-            view = F.resized_crop(image, top, left, h, w, [size, size], antialias=True)
+            view = F.resized_crop(image, top, left, h, w, [size, size], interpolation=self.interpolation,
+                                  antialias=True)
         return F.horizontal_flip(view) if params.flip else view
+
+    def cut(self, image: torch.Tensor, params: AugParams) -> torch.Tensor:
+        """The crop of ``params`` at source resolution, uint8 ``[3, h, w]``: box, flip and ops, no resize. A
+        retrieved crop is this, so the build's view augmentation resamples it once; the ops render at the box's
+        size (translations scale with it), where ``apply`` renders them at ``size``."""
+        left, top, w, h = _checked_box(image, params.box)
+        view = image[:, top: top + h, left: left + w].contiguous()
+        return self._apply_ops(F.horizontal_flip(view) if params.flip else view, params.ops)
 
     def _apply_ops(self, view: torch.Tensor, ops: tuple[tuple[int, int], ...]) -> torch.Tensor:
         if ops:
@@ -329,6 +345,17 @@ class CropFlip:
 
     def _unpack_ops(self, rows: np.ndarray) -> list[tuple[tuple[int, int], ...]]:
         return [()] * len(rows)
+
+
+@register_policy
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class BicubicCropFlip(CropFlip):
+    """``CropFlip`` resized bicubically, as OpenCLIP's and timm's evaluation resize: ``reinforce.retrieve``'s
+    image-level view, on which a bicubically resized copy of a small task image lands near its original (bilinear
+    upsampling blurs the 28 px original, not the copy, and drops such copies below the 0.95 leak threshold)."""
+
+    name: ClassVar[str] = "rrc_flip_bicubic"
+    interpolation: ClassVar[InterpolationMode] = InterpolationMode.BICUBIC
 
 
 @register_policy

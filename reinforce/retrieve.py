@@ -1,17 +1,24 @@
 """``python -m reinforce.retrieve``: curate a task-related transfer set from a gallery, using the few labeled task
 images as queries (seed paper §3.4, Appendix B).
 
-The gallery is any source; at crop level each image gives C RandomResizedCrop crops (scale 0.08-1), each an
-``rrc_flip`` θ record, so a retrieved crop is (image, θ) and no pixels are stored. Every embedding (gallery crops,
-gallery images, queries, task images) is a ``reinforce.build`` store with the ``embedding`` target only, named by its
-store id under ``--cache``: retrieving again with other queries or sizes runs no encoder over the gallery.
+The gallery is any source; at crop level each image gives C RandomResizedCrop crops (scale 0.08-1) with RandAugment
+(2 ops, magnitude 9: the build's ``rrc_flip_randaug``, B.2; ``--crop-augment none``: plain ``rrc_flip`` crops), each
+a θ record, so a retrieved crop is (image, θ) and no pixels are stored: ``retrieved:OUT`` cuts each row by its own
+policy (box, flip and ops at source resolution). Image-level views (queries, task images, the gallery images judged
+for duplicates and leaks) are square centre crops resized bicubically (``rrc_flip_bicubic``, as OpenCLIP's resize),
+so a bicubically resized or re-encoded copy of a small task image lands near its original. Every embedding (gallery
+crops, gallery images, queries, task images) is a ``reinforce.build`` store with the ``embedding`` target only, named
+by its store id under ``--cache`` (the id hashes the crop policy): retrieving again with other queries or sizes runs
+no encoder over the gallery; an encoder whose stores disagree in width is refused in one line.
 Similarity is the mean of the encoders' cosine similarities (B.2). Retrieved source images more similar than 0.99
 to each other are duplicates (one kept per union-find group, B.3); those more similar than 0.95 to any ``--exclude``
 task image under any encoder are possible leaks (B.4: removed unless ``--keep-leaks``, and listed in
 ``OUT.report.json`` with their 5 nearest task images for a visual check). Removed items are replaced by searching
 again, so the manifest holds exactly ``--size`` crops (``--with-queries`` appends the query images, as the paper
-does); ``reinforce.build --transfer-set OUT`` builds on the crops. With ``--index ivfpq`` the ``similarity`` column
-is IVF-PQ's approximate score; duplicates and leaks are always judged by exact similarities.
+does); ``reinforce.build --transfer-set OUT`` builds on the crops. ``--index flat`` is faiss's exact search, run as
+``--index torch`` (exact blockwise matmul + top-k, fp16 with fp32 scores) where the encoders run on CUDA, since
+PyPI's faiss has no kernels for current GPUs; with ``--index ivfpq`` the ``similarity`` column is IVF-PQ's
+approximate score; duplicates and leaks are always judged by exact similarities.
 
 Example:
     python -m reinforce.retrieve --queries "fashion-mnist:train?shots=10&part=labeled" --gallery photo-crops:20000 \
@@ -30,13 +37,14 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import faiss
 import numpy as np
+import torch
 
 from reinforce._search import (
     INDEX_KINDS,
     STRATEGIES,
     MaxSimilarity,
+    SearchIndex,
     best_matches,
     combine,
     make_index,
@@ -53,13 +61,16 @@ from stores.cli import cli_errors, debug_flag
 from stores.manifest import TeacherCard, content_id
 from stores.store import THETA, open_store
 
-__all__ = ["EMBEDDED", "Retrieval", "RetrieveConfig", "main", "retrieve"]
+__all__ = ["EMBEDDED", "Retrieval", "RetrieveConfig", "check_widths", "embed", "main", "retrieve"]
 
 log = logging.getLogger(__name__)
 
 EMBEDDED = "embedded"  # the embedded Lite0 ImageNet model, no zoo entry needed
 NEAREST_TASK = 5  # task images listed per possible leak, for the visual check B.4 asks for
-LEVELS = {  # rrc_flip arguments: crop level (RandomResizedCrop, scale 0.08-1) or image level (square centre crop)
+# --crop-augment: the build's policy of each gallery crop; B.2 applies RandAugment (2 ops, magnitude 9) to every crop
+CROP_AUGMENTS = {"randaug": "rrc_flip_randaug", "none": "rrc_flip"}
+IMAGE_POLICY = "rrc_flip_bicubic"  # image level (queries, task images, dedup/leak features): bicubic, as OpenCLIP
+LEVELS = {  # crop policy arguments: crop level (RandomResizedCrop, scale 0.08-1) or image level (square centre crop)
     "crop": {"scale": [0.08, 1.0], "flip_prob": 0.0},
     "image": {"scale": [1.0, 1.0], "ratio": [1.0, 1.0], "flip_prob": 0.0},
 }
@@ -76,6 +87,7 @@ class RetrieveConfig:
     size: int = 1000
     crops: int = 10  # per gallery image, at crop level
     level: str = "crop"  # crop | image
+    crop_augment: str = "randaug"  # randaug | none: RandAugment on each gallery crop (crop level only)
     strategy: str = "query-balanced"
     exclude: tuple[str, ...] = ()  # task sources (train, val, test): their near-copies are leaks
     index: str = "flat"
@@ -94,13 +106,14 @@ class RetrieveConfig:
 @dataclasses.dataclass(frozen=True)
 class Embedded:
     """A source through every encoder: combined unit vectors float32 ``[N, K, D]``, packed θ uint8 ``[N, K, P]``,
-    each encoder's unit vectors ``[N, K, D_e]``."""
+    each encoder's unit vectors ``[N, K, D_e]`` and the store they were read from."""
 
     source: Source
     vectors: np.ndarray
     theta: np.ndarray
     policy: CropFlip
     per_encoder: tuple[np.ndarray, ...]
+    stores: tuple[str, ...]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,24 +135,39 @@ def embed(spec: str, level: str, views: int, config: RetrieveConfig) -> Embedded
     source = open_source(spec)
     if len(source) == 0:
         raise ValueError(f"source {spec!r} holds no images")
-    per_encoder, thetas, policy = [], [], None
+    per_encoder, thetas, stores, policy = [], [], [], None
+    policy_name = CROP_AUGMENTS[config.crop_augment] if level == "crop" else IMAGE_POLICY
     for name in config.encoders:
         model, card = load_encoder(name, config.encoder_size)
         settings = BuildConfig(teacher=card.name, transfer_set=spec, out="", targets=("embedding",), views=views,
-                               feature_precision="fp16", policy="rrc_flip", policy_args=LEVELS[level],
+                               feature_precision="fp16", policy=policy_name, policy_args=LEVELS[level],
                                batch_size=config.batch_size, workers=config.workers, seed=config.seed)
-        policy = create_policy("rrc_flip", size=card.input_size, **LEVELS[level])
+        policy = create_policy(policy_name, size=card.input_size, **LEVELS[level])
         content = store_content(card, source, policy, make_codecs(model, card, settings), settings)
         out = Path(config.cache or Path(config.out).parent / "retrieval-cache") / content_id(content)
         build(dataclasses.replace(settings, out=str(out)), teacher=(model, card))
         arrays = open_store(out).read_range(0, len(source))
         per_encoder.append(arrays["embedding/values"].astype(np.float32).reshape(len(source) * views, -1))
         thetas.append(arrays[THETA])
+        stores.append(str(out))
     if any(not np.array_equal(t, thetas[0]) for t in thetas):  # θ is drawn in source pixels: size-independent
         raise ValueError(f"encoders {config.encoders} drew different crops of {spec!r}")
     vectors = combine(per_encoder).reshape(len(source), views, -1)
     return Embedded(source, vectors, thetas[0], policy,
-                    tuple(unit_rows(v).reshape(len(source), views, -1) for v in per_encoder))
+                    tuple(unit_rows(v).reshape(len(source), views, -1) for v in per_encoder), tuple(stores))
+
+
+def check_widths(encoders: tuple[str, ...], embedded: list[Embedded]) -> None:
+    """Refuse, in one line, an encoder whose sources' vectors differ in width before they meet in an index (faiss
+    would abort on a C++ assertion): one of its stores was made by another encoder or another revision of it."""
+    for e, name in enumerate(encoders):
+        first = embedded[0]
+        for other in embedded[1:]:
+            a, b = first.per_encoder[e].shape[-1], other.per_encoder[e].shape[-1]
+            if a != b:
+                raise ValueError(f"encoder {name!r} gives {a}-d vectors for {first.source.spec!r} (store "
+                                 f"{first.stores[e]}) but {b}-d for {other.source.spec!r} (store {other.stores[e]}): "
+                                 "a store made by another encoder or revision; delete it or use another --cache")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -156,7 +184,7 @@ class Selection:
     per_query: np.ndarray  # int64 [Q]
 
 
-def select(strategy: str, index: faiss.Index, gallery: np.ndarray, queries: np.ndarray, allowed: np.ndarray, size: int,
+def select(strategy: str, index: SearchIndex, gallery: np.ndarray, queries: np.ndarray, allowed: np.ndarray, size: int,
            rng: np.random.Generator) -> Selection:
     """``size`` unique allowed items of ``gallery`` (``[n, D]``, indexed by ``index``) by ``strategy``."""
     if allowed.sum() < size:
@@ -239,10 +267,11 @@ def retrieve(config: RetrieveConfig) -> Retrieval:
     gallery = embed(config.gallery, config.level, views, config)
     images = gallery if config.level == "image" else embed(config.gallery, "image", 1, config)
     tasks = [embed(spec, "image", 1, config) for spec in config.exclude]
+    check_widths(config.encoders, [queries, gallery, images, *tasks])
     task = MaxSimilarity([np.concatenate([t.per_encoder[e][:, 0] for t in tasks]) for e in range(len(config.encoders))]
                          ) if tasks else None
     items = np.ascontiguousarray(gallery.vectors.reshape(-1, gallery.vectors.shape[-1]))
-    index = make_index(items, config.index, nprobe=config.nprobe, seed=config.seed)
+    index = make_index(items, search_kind(config.index), nprobe=config.nprobe, seed=config.seed)
     allowed = np.linalg.norm(items, axis=1) > 0  # a gallery image that failed to decode has zero vectors
     cleaning = Cleaning(np.arange(len(gallery.source)))
     rng = np.random.default_rng(config.seed)
@@ -258,6 +287,12 @@ def retrieve(config: RetrieveConfig) -> Retrieval:
     return Retrieval(config.out, report)
 
 
+def search_kind(index: str) -> str:
+    """``flat`` runs as ``torch`` where the encoders run on CUDA (``reinforce.build`` picks CUDA when available):
+    the same exact search, on the GPU, as PyPI's faiss has no GPU kernels for current GPUs."""
+    return "torch" if index == "flat" and torch.cuda.is_available() else index
+
+
 def _check(config: RetrieveConfig) -> None:
     """Refuse settings that cannot work, before any encoder pass."""
     problems = [
@@ -265,6 +300,8 @@ def _check(config: RetrieveConfig) -> None:
           else []),
         *([f"--index {config.index!r} (valid: {', '.join(INDEX_KINDS)})"] if config.index not in INDEX_KINDS else []),
         *([f"--level {config.level!r} (valid: {', '.join(LEVELS)})"] if config.level not in LEVELS else []),
+        *([f"--crop-augment {config.crop_augment!r} (valid: {', '.join(CROP_AUGMENTS)})"]
+          if config.crop_augment not in CROP_AUGMENTS else []),
         *([f"--size {config.size} (need >= 1)"] if config.size < 1 else []),
         *([f"--crops {config.crops} (need >= 1)"] if config.crops < 1 else []),
         *(["--encoders is empty"] if not config.encoders else []),
@@ -352,6 +389,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[RetrieveConfig, bool]:
     parser.add_argument("--crops", type=int, default=defaults.crops, help="RandomResizedCrop crops per gallery image")
     parser.add_argument("--level", choices=tuple(LEVELS), default=defaults.level,
                         help="crop: --crops crops per image (scale 0.08-1); image: one square centre crop per image")
+    parser.add_argument("--crop-augment", choices=tuple(CROP_AUGMENTS), default=defaults.crop_augment,
+                        help="randaug: RandAugment (2 ops, magnitude 9, the build's rrc_flip_randaug) on each gallery "
+                             "crop, as the paper (B.2); none: the plain crop")
     parser.add_argument("--strategy", choices=STRATEGIES, default=defaults.strategy)
     parser.add_argument("--exclude", action="append", default=[], metavar="TASK_SRC",
                         help="task source (train, val, test; repeatable): gallery images near-copies of one are leaks")
@@ -359,7 +399,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[RetrieveConfig, bool]:
     parser.add_argument("--with-queries", action="store_true",
                         help="append the query images (centre crops) to the transfer set, as the paper does")
     parser.add_argument("--index", choices=INDEX_KINDS, default=defaults.index,
-                        help="flat: exact inner product; ivfpq: approximate, for large galleries")
+                        help="flat: exact inner product (faiss; on CUDA it runs as torch); ivfpq: approximate, for "
+                             "large galleries; torch: exact blockwise matmul + top-k in torch (GPU, else CPU)")
     parser.add_argument("--nprobe", type=int, default=defaults.nprobe, help="IVF lists searched per query (ivfpq)")
     parser.add_argument("--duplicate-threshold", type=float, default=defaults.duplicate_threshold)
     parser.add_argument("--leak-threshold", type=float, default=defaults.leak_threshold)

@@ -47,11 +47,15 @@ import tarfile
 from collections.abc import Callable
 from functools import cache
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import parse_qsl
 
 import numpy as np
 import torch
 from PIL import Image
+
+if TYPE_CHECKING:
+    from reinforce.augment import AugParams, CropFlip
 
 __all__ = [
     "DEFAULT_GENERIC_TRANSFER_SET", "IMAGE_SUFFIXES", "SPEC_FORMS", "Source", "fashion_mnist_dir", "few_images_split",
@@ -555,14 +559,16 @@ def _load_photo_crop(uri: str) -> torch.Tensor:
 # --- retrieved: crops chosen by ``python -m reinforce.retrieve`` ----------------------------------
 
 RETRIEVED_COLUMNS = ("key", "uri", "theta", "policy")
-# manifest path -> (gallery URIs, crop boxes), set when the manifest is opened (a rewritten manifest replaces its entry)
-_RETRIEVED: dict[str, tuple[tuple[str, ...], tuple[tuple[int, int, int, int], ...]]] = {}
+# manifest path -> (gallery URIs, each row's crop policy and θ), set when the manifest is opened (a rewritten manifest
+# replaces its entry)
+_RETRIEVED: dict[str, tuple[tuple[str, ...], tuple[tuple[CropFlip, AugParams], ...]]] = {}
 
 
 @register_source("retrieved")
 def _retrieved(path: str) -> Source:
-    """Crop i = gallery image ``uri[i]`` cut to the box of its θ record at source resolution, so the build's view
-    augmentation runs on the retrieved crop and replay cuts the same pixels; the manifest's bytes are the content id."""
+    """Crop i = gallery image ``uri[i]`` cut by its θ record at source resolution (box, flip, RandAugment ops: the
+    row's own policy, ``CropFlip.cut``), so the build's view augmentation runs on the retrieved crop and replay cuts
+    the same pixels; the manifest's bytes are the content id."""
     if not Path(path).is_file():
         raise FileNotFoundError(f"retrieval manifest {path!r} does not exist (python -m reinforce.retrieve writes one)")
     import polars as pl
@@ -574,28 +580,29 @@ def _retrieved(path: str) -> Source:
     if missing or frame.is_empty():
         raise ValueError(f"retrieval manifest {path!r} has no rows or lacks column(s) {missing}; "
                          "write it with python -m reinforce.retrieve")
-    boxes: list[tuple[int, int, int, int]] = [(0, 0, 0, 0)] * len(frame)
+    crops: dict[int, tuple[CropFlip, AugParams]] = {}
     for text, rows in frame.with_row_index().group_by("policy").agg("index").iter_rows():  # crops and queries
         policy = policy_from_record(json.loads(text))
         records = np.frombuffer(b"".join(frame["theta"][rows].to_list()), np.uint8).reshape(len(rows), -1)
         for row, theta in zip(rows, policy.unpack(records)):
-            boxes[row] = theta.box
+            crops[row] = policy, theta
     uris = tuple(frame["uri"].to_list())
-    _RETRIEVED[path] = uris, tuple(boxes)
+    _RETRIEVED[path] = uris, tuple(crops[row] for row in range(len(frame)))
     keys = frame["key"].to_numpy().astype(str)
     return Source(f"retrieved:{path}", keys, np.array([f"retrieved:{path}#{i}" for i in range(len(uris))]), None, (),
                   _load_retrieved_crop, hashlib.sha256(Path(path).read_bytes()).hexdigest())
 
 
 def _load_retrieved_crop(uri: str) -> torch.Tensor:
-    """``retrieved:MANIFEST#ROW`` -> uint8 ``[3, h, w]``, the row's box of its gallery image (no resampling)."""
+    """``retrieved:MANIFEST#ROW`` -> uint8 ``[3, h, w]``, the row's crop of its gallery image (no resampling)."""
     path, _, row = uri.removeprefix("retrieved:").rpartition("#")
-    uris, boxes = _RETRIEVED[path]
-    left, top, width, height = boxes[int(row)]
+    uris, crops = _RETRIEVED[path]
+    policy, theta = crops[int(row)]
     image = _load_file(uris[int(row)])
-    if left + width > image.shape[-1] or top + height > image.shape[-2]:
-        raise ValueError(f"crop {boxes[int(row)]} of {uris[int(row)]} lies outside its image {tuple(image.shape)}")
-    return image[:, top: top + height, left: left + width].contiguous()
+    try:
+        return policy.cut(image, theta)
+    except ValueError as error:
+        raise ValueError(f"{uris[int(row)]}: {error}") from error
 
 
 _URI_LOADERS: tuple[tuple[str, Callable[[str], torch.Tensor]], ...] = (

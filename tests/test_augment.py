@@ -160,7 +160,8 @@ def test_record_from_other_code_is_refused(name):
 
 
 def test_create_policy_errors_name_the_problem():
-    with pytest.raises(ValueError, match="unknown augmentation policy 'rrc'; registered: rrc_flip, rrc_flip_randaug"):
+    with pytest.raises(ValueError, match="unknown augmentation policy 'rrc'; registered: rrc_flip, rrc_flip_bicubic, "
+                                         "rrc_flip_randaug"):
         create_policy("rrc", size=64)
     with pytest.raises(ValueError, match=r"unknown argument.* magnitud .*valid: size"):
         create_policy("rrc_flip_randaug", size=64, magnitud=5)

@@ -6,6 +6,7 @@ manifest builds a store whose replay cuts and renders the very crops retrieved."
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -14,10 +15,11 @@ import pytest
 import torch
 from PIL import Image
 
-from reinforce._search import combine, query_balanced
+from reinforce._search import TorchFlatIndex, combine, make_index, neighbours, query_balanced
 from reinforce.augment import policy_from_record
 from reinforce.build import main as build_main
 from reinforce.replay import open_replay
+from reinforce.retrieve import RetrieveConfig, check_widths, embed
 from reinforce.retrieve import main as retrieve_main
 from reinforce.sources import open_source
 from stores import open_store
@@ -26,9 +28,7 @@ QUERIES = "fashion-mnist:train?shots=2&part=labeled"  # 20 labeled task images
 IN_DOMAIN = "fashion-mnist:train?shots=2&part=unlabeled&limit=100"  # task-domain gallery images, not queries
 TASK = "fashion-mnist:test?limit=200"  # the task's test split (the part planted in the gallery)
 SIZE, CROPS = 150, 2
-# Embedded Lite0 at 64 px scores resized / re-encoded Fashion-MNIST copies 0.92-0.98 against their originals (exact
-# copies 1.0) and distinct test images up to 0.93: the paper's 0.95 (for its CLIP-scale encoders) misses some copies
-LEAK = ("--leak-threshold", "0.9")
+LEAK = 0.95  # the paper's threshold, the default: image-level views are resized bicubically (docs/retrieval.md)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -72,7 +72,7 @@ def gallery(tmp_path_factory) -> dict:
 def run_retrieve(capsys, out: Path, gallery_spec: str, *extra: str) -> tuple[pl.DataFrame, dict, str]:
     """The CLI in process (the embedded encoder loads once); returns the manifest, the report and stderr."""
     argv = ["--queries", QUERIES, "--gallery", gallery_spec, "--size", str(SIZE), "--crops", str(CROPS),
-            "--exclude", TASK, *LEAK, "--workers", "0", "--out", str(out), *extra]
+            "--exclude", TASK, "--workers", "0", "--out", str(out), *extra]
     assert retrieve_main(argv) == 0
     captured = capsys.readouterr()
     assert f"retrieved {SIZE} crops" in captured.out
@@ -83,7 +83,7 @@ def run_retrieve(capsys, out: Path, gallery_spec: str, *extra: str) -> tuple[pl.
 def retrieved(gallery, vfm_home, tmp_path_factory) -> tuple[Path, pl.DataFrame, dict]:
     out = tmp_path_factory.mktemp("retrieved") / "fmnist.parquet"
     argv = ["--queries", QUERIES, "--gallery", gallery["spec"], "--size", str(SIZE), "--crops", str(CROPS),
-            "--exclude", TASK, *LEAK, "--workers", "0", "--out", str(out)]
+            "--exclude", TASK, "--workers", "0", "--out", str(out)]
     assert retrieve_main(argv) == 0
     return out, pl.read_parquet(out), json.loads(out.with_suffix(".report.json").read_text())
 
@@ -133,7 +133,7 @@ def test_planted_task_images_are_all_caught(capsys, gallery, retrieved, tmp_path
     everything = (len(gallery["uris"]) - 2 * len(gallery["duplicates"])) * CROPS  # every crop but the duplicates'
     run = ["--strategy", "random", "--size", str(everything), "--keep-leaks",
            "--cache", str(out.parent / "retrieval-cache")]
-    argv = ["--queries", QUERIES, "--gallery", gallery["spec"], "--crops", str(CROPS), "--exclude", TASK, *LEAK,
+    argv = ["--queries", QUERIES, "--gallery", gallery["spec"], "--crops", str(CROPS), "--exclude", TASK,
             "--workers", "0", "--out", str(tmp_path / "all.parquet"), *run]
     assert retrieve_main(argv) == 0
     assert "teacher:" not in capsys.readouterr().err
@@ -143,7 +143,7 @@ def test_planted_task_images_are_all_caught(capsys, gallery, retrieved, tmp_path
     flagged = set(every.filter(pl.col("leak"))["uri"].to_list())
     assert set(gallery["leaks"]) <= flagged == set(leaks), f"missed {set(gallery['leaks']) - flagged}"
     for uri, task_uri in gallery["leaks"].items():
-        assert leaks[uri]["task_uri"] == task_uri and leaks[uri]["similarity"] > float(LEAK[1])
+        assert leaks[uri]["task_uri"] == task_uri and leaks[uri]["similarity"] > LEAK
         nearest = leaks[uri]["nearest_task_images"]  # for the visual check: 5 distinct task images, best first
         assert len({n["task_uri"] for n in nearest}) == 5 and nearest[0]["task_uri"] == task_uri
         assert [n["similarity"] for n in nearest] == sorted((n["similarity"] for n in nearest), reverse=True)
@@ -175,6 +175,44 @@ def test_second_retrieval_reuses_the_cache_and_other_strategies(capsys, gallery,
         assert "teacher:" not in err, "a second retrieval ran the encoder again"
         assert frame.select(["gallery_index", "crop"]).n_unique() == SIZE
         assert not set(frame["uri"].to_list()) & set(gallery["leaks"])
+
+
+def test_torch_index_finds_what_faiss_flat_finds(capsys, gallery, retrieved, tmp_path):
+    """``--index torch`` (the exact search CUDA runs) on CPU: the same manifest as faiss flat; and on the gallery's
+    real embeddings, blockwise (small blocks), with items removed, the same neighbours up to exact ties."""
+    out, frame, report = retrieved
+    cache = str(out.parent / "retrieval-cache")
+    same, same_report, _ = run_retrieve(capsys, tmp_path / "torch.parquet", gallery["spec"], "--index", "torch",
+                                        "--cache", cache)
+    assert same["key"].to_list() == frame["key"].to_list() and same_report["k"] == report["k"]
+    np.testing.assert_allclose(same["similarity"].to_numpy(), frame["similarity"].to_numpy(), atol=1e-5)
+    config = RetrieveConfig(queries=QUERIES, gallery=gallery["spec"], out=str(out), crops=CROPS, workers=0)
+    items = embed(gallery["spec"], "crop", CROPS, config).vectors.reshape(-1, 1280)
+    queries = embed(QUERIES, "image", 1, config).vectors[:, 0]
+    allowed = np.random.default_rng(0).random(len(items)) > 0.3
+    faiss_ids, faiss_sims = neighbours(make_index(items), queries, 50, allowed)
+    torch_ids, torch_sims = neighbours(TorchFlatIndex(items, block=97), queries, 50, allowed)
+    np.testing.assert_allclose(torch_sims, faiss_sims, atol=1e-5)
+    # rank by rank as similar as faiss's, allowed, distinct and truly that similar: where ids differ, it is a tie
+    assert allowed[torch_ids].all() and all(len(set(row)) == 50 for row in torch_ids.tolist())
+    np.testing.assert_allclose(np.einsum("qd,qkd->qk", queries, items[torch_ids]), torch_sims, atol=1e-5)
+    assert (torch_ids != faiss_ids).mean() < 0.01
+
+
+def test_crops_without_randaugment_are_another_store_and_plain_boxes(capsys, gallery, retrieved, tmp_path):
+    """``--crop-augment none``: another gallery store (the encoder runs again), rrc_flip rows (the manifests written
+    before RandAugment) whose ``retrieved:`` crops are the plain boxes of their gallery images."""
+    out, _, _ = retrieved
+    plain, _, err = run_retrieve(capsys, tmp_path / "plain.parquet", gallery["spec"], "--crop-augment", "none",
+                                 "--cache", str(out.parent / "retrieval-cache"))
+    assert "teacher:" in err, "a different crop policy reused the RandAugment crops' store"
+    assert {json.loads(p)["name"] for p in plain["policy"].to_list()} == {"rrc_flip"}
+    transfer, source = open_source(f"retrieved:{tmp_path / 'plain.parquet'}"), open_source(gallery["spec"])
+    policy = policy_from_record(json.loads(plain["policy"][0]))
+    for row in (0, SIZE - 1):
+        left, top, width, height = policy.unpack(np.frombuffer(plain["theta"][row], np.uint8)[None])[0].box
+        image = source.load(int(plain["gallery_index"][row]))
+        assert torch.equal(transfer.load(row), image[:, top: top + height, left: left + width])
 
 
 def test_two_encoders_average_their_similarities(capsys, gallery, retrieved, lite0_teacher, tmp_path):
@@ -224,6 +262,30 @@ def test_bad_input_is_one_line(capsys, gallery, retrieved, tmp_path, args, messa
     assert exit_info.value.code == 2 and len(err) == 1 and message in err[0], err
 
 
+def test_an_encoder_whose_stores_differ_in_width_is_refused_in_one_line(retrieved, vfm_home, tmp_path):
+    """The CLI cannot mix widths (store ids hash the codec shape; a different store at an id is refused), so this
+    drives the check ``retrieve`` runs before any index: the queries' real 1280-d Lite0 store against a 1024-d store
+    of another real encoder (a random mobilenetv3) standing in for a stale revision of the same entry."""
+    from reinforce.teachers import TeacherModel, create_backbone, save_teacher
+    from stores.manifest import TeacherCard
+
+    card = TeacherCard(name="narrow", library="timm", backbone="mobilenetv3_small_050", num_classes=10,
+                       class_names=tuple(map(str, range(10))), input_size=32, mean=(0.5,) * 3, std=(0.5,) * 3,
+                       adaptation={"mode": "random"})
+    model = TeacherModel(create_backbone(card.library, card.backbone), 10, card.mean, card.std)
+    save_teacher(model, card, vfm_home / "teachers" / "narrow")
+    out, _, _ = retrieved
+    config = RetrieveConfig(queries=QUERIES, gallery=QUERIES, out=str(tmp_path / "x.parquet"), workers=0,
+                            cache=str(out.parent / "retrieval-cache"))
+    wide, narrow = embed(QUERIES, "image", 1, config), embed(TASK, "image", 1, replace(config, encoders=("narrow",)))
+    with pytest.raises(ValueError) as error:
+        check_widths(config.encoders, [wide, narrow])
+    message = str(error.value)
+    assert len(message.splitlines()) == 1 and "encoder 'embedded' gives 1280-d" in message and "but 1024-d" in message
+    assert wide.stores[0] in message and narrow.stores[0] in message, message
+    check_widths(config.encoders, [wide, wide])
+
+
 def test_retrieved_manifest_builds_and_replays_the_retrieved_crops(gallery, retrieved, lite0_teacher, tmp_path):
     """reinforce.build --transfer-set MANIFEST: view = policy(crop of the gallery image by the manifest's θ); replay
     through open_replay renders those very pixels, and the stored embedding is the teacher's for them."""
@@ -235,13 +297,16 @@ def test_retrieved_manifest_builds_and_replays_the_retrieved_crops(gallery, retr
     store = open_store(store_path)
     policy = policy_from_record(store.manifest.content.policy.to_dict())
     crop_policy = policy_from_record(json.loads(frame["policy"][0]))
-    boxes = [p.box for p in crop_policy.unpack(np.stack([np.frombuffer(t, np.uint8) for t in frame["theta"]]))]
+    assert crop_policy.name == "rrc_flip_randaug" and crop_policy.num_ops == 2  # B.2: RandAugment on every crop
+    thetas = crop_policy.unpack(np.stack([np.frombuffer(t, np.uint8) for t in frame["theta"]]))
     source = open_source(gallery["spec"])
     replay = open_replay(store_path, size=card.input_size)
     batch = replay.__getitems__(list(range(len(replay))))
+    changed = 0
     for row, (i, v) in enumerate(zip(batch["index"].tolist(), batch["view"].tolist())):
-        left, top, width, height = boxes[i]
-        crop = source.load(int(frame["gallery_index"][i]))[:, top: top + height, left: left + width]
+        image, (left, top, width, height) = source.load(int(frame["gallery_index"][i])), thetas[i].box
+        crop = crop_policy.cut(image, thetas[i])
+        changed += not torch.equal(crop, image[:, top: top + height, left: left + width])
         stored = store.read(np.array([i]), np.array([v]), targets=["embedding"])
         expected = policy.apply(crop, policy.unpack(stored["theta"])[0])
         assert torch.equal(batch["views"][row], expected), f"sample {i} view {v} is not the retrieved crop's view"
@@ -249,3 +314,4 @@ def test_retrieved_manifest_builds_and_replays_the_retrieved_crops(gallery, retr
             embedding = model.forward_targets(expected[None], ("embedding",))["embedding"][0]
         decoded = store.decode("embedding", stored["embedding"])[0]
         torch.testing.assert_close(decoded, embedding.half().float(), rtol=0, atol=2e-2)
+    assert changed > len(batch["index"]) / 2, "the crops' RandAugment ops were not rendered"
