@@ -23,6 +23,10 @@ skipped. Writes ``RUN/results.json`` (every row, with each stage's wall time and
 ``RUN/results.parquet``, ``RUN/results.md``, two plots (``train.report``) and a ``card.md`` (``train.card``) in
 every row's model directory; a step's marker records the resolved recipe (its lineage).
 
+Image/mask pairs as ``data`` (``recipes/segmentation.yaml``) make it a segmentation run: the teacher is
+``train.teacher --task segmentation``, stores hold ``seg_logits``, ``shots`` counts labeled images in all, and
+every choice and row uses mIoU (pixel accuracy beside it) where classification uses top-1.
+
 Each task-oriented row records its teacher's val top-1 and the labeled-only student's on the same
 validation images (``teacher_ahead``); a teacher that is not ahead is flagged, since distillation
 cannot give the student more than the teacher knows.
@@ -31,6 +35,7 @@ Example:
     python -m train.pipeline                                   # embedded default (recipes/fashion_mnist.yaml)
     python -m train.pipeline train/recipes/comparison.yaml --run-dir runs/comparison --publish docs
     python -m train.pipeline train/recipes/comparison.yaml --plan      # the command lines, nothing run
+    python -m train.pipeline train/recipes/segmentation.yaml --run-dir runs/seg   # mIoU rows on mosaics
 """
 
 from __future__ import annotations
