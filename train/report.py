@@ -114,15 +114,19 @@ class FlopsCounter:
         return self.forward(f"student:{arch}@{size}" + ("/seg" if task == "segmentation" else ""), build)
 
     def teacher_adapt(self, teacher_dir: Path) -> int:
-        """Teacher passes spent on adaptation: probe features (lp) or 3x per trained image (ft), CV folds included."""
+        """Teacher passes spent on adaptation: probe features (lp) or 3x per trained image (ft), CV folds included;
+        a segmentation lp trains its head on fresh views, one backbone forward per image per step."""
         adaptation = teacher_card(teacher_dir).adaptation
         images = adaptation.get("train_images", 0)
         if adaptation["mode"] not in ("lp", "ft") or not images:
             return 0
-        if adaptation["mode"] == "lp":
+        batch = min(adaptation["batch_size"], images)
+        if adaptation.get("task") == "segmentation":  # lp runs the frozen backbone forward on every step's batch
+            passes = (3 if adaptation["mode"] == "ft" else 1) * adaptation["steps"] * batch
+        elif adaptation["mode"] == "lp":
             passes = images * (adaptation.get("lp_views", 0) + 1)
         else:
-            passes = 3 * adaptation["steps"] * min(adaptation["batch_size"], images)
+            passes = 3 * adaptation["steps"] * batch
         folds, cv_modes = adaptation.get("folds", 0), len(adaptation.get("cv_accuracy") or {})
         return self.teacher_forward(teacher_dir) * passes * (1 + (folds - 1) * cv_modes if folds > 1 else 1)
 

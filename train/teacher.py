@@ -196,7 +196,8 @@ def _adapt_segmentation(config: TeacherConfig) -> TeacherCard:
     model.eval()
     adaptation = {"task": "segmentation", "mode": config.mode, "weights": weights_file.name, "data": labeled.spec,
                   "shots": config.shots, "seed": config.seed, "val_fraction": config.val_fraction,
-                  "train_images": len(source), "steps": steps, "lr": lr, "final_loss": round(losses[-1], 4),
+                  "train_images": len(source), "steps": steps, "lr": lr, "batch_size": config.batch_size,
+                  "final_loss": round(losses[-1], 4),
                   "train_seconds": round(time.perf_counter() - started, 1),
                   "val_miou": None if val_part is None else round(evaluate_model(model, val_part, size)["miou"], 4)}
     card = TeacherCard(name=config.name, library=DENSE_LIBRARY, backbone=config.backbone,
