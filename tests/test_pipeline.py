@@ -99,7 +99,7 @@ def test_report_table_and_plots(run):
     for name in ("top1_vs_labels.png", "top1_vs_compute.png"):
         assert (run_dir / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     text = (run_dir / "results.md").read_text()
-    assert "| labels / class | transfer set | task-agnostic (embedding) | task-agnostic (patch) |" in text
+    assert "| labeled images per class | transfer set | task-agnostic (embedding) | task-agnostic (patch) |" in text
     assert "| 3 | task-related |" in text
 
 
