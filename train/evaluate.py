@@ -22,7 +22,7 @@ import numpy as np
 from reinforce.dense import SegmentationTeacher
 from reinforce.sources import open_source
 from stores.cli import cli_errors, debug_flag
-from train.data import accuracy, evaluate_segmentation, open_labeled, predict
+from train.data import accuracy, evaluate_model, open_labeled, predict
 from train.models import SegmentationStudent, load_classifier
 
 __all__ = ["evaluate", "main"]
@@ -36,7 +36,7 @@ def evaluate(model_name: str, data: str, batch_size: int = 256, predictions: str
         if source.class_names != card.class_names:
             raise ValueError(f"{model_name!r} segments {len(card.class_names)} classes {card.class_names[:3]}..., "
                              f"{data!r} has {len(source.class_names)} {source.class_names[:3]}...")
-        metrics = evaluate_segmentation(model, source, card.input_size, card.num_classes, min(batch_size, 64))
+        metrics = evaluate_model(model, source, card.input_size, batch_size)  # mIoU, pixel accuracy
         return {**metrics, "num_images": len(source), "model": model_name, "data": data}
     source, class_names = open_labeled(data, None, 0)
     if len(class_names) != card.num_classes:

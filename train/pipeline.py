@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import hashlib
 import importlib
 import itertools
@@ -72,9 +73,9 @@ DONE = ".pipeline-done.json"
 METHODS = {"labeled-only": None, "task-agnostic-embedding": "embedding", "task-agnostic-patch": "patch",
            "task-oriented": "logits", "task-oriented-online": "logits"}
 ONLINE = {"task-oriented-online"}  # the teacher runs in the distillation loop: the uncached ceiling
-# task -> (the task teacher's cached target, the headline and second metric); the task is the labeled data's
-TASKS = {"classification": ("logits", "top1", "balanced_accuracy"),
-         "segmentation": ("seg_logits", "miou", "pixel_accuracy")}
+# task -> (the task teacher's cached target, the headline metric; report.METRICS names the second); the task is
+# the labeled data's
+TASKS = {"classification": ("logits", "top1"), "segmentation": ("seg_logits", "miou")}
 TEACHER_MODES = ("lp", "ft", "auto")
 STAGES = ("teacher", "build", "distill", "finetune")
 REQUIRED = ("data", "test", "grid", "transfer_sets", "teacher", "student", "finetune")
@@ -149,7 +150,13 @@ def load_recipe(path: str | os.PathLike) -> dict[str, Any]:
 
 def task_of(recipe: dict[str, Any]) -> str:
     """``segmentation`` when the labeled data are image/mask pairs (any source with masks), else ``classification``."""
-    return "segmentation" if open_source(recipe["data"]).mask_loader is not None else "classification"
+    return _data_task(recipe["data"])
+
+
+@functools.cache
+def _data_task(data: str) -> str:
+    """The task of a labeled spec, its source opened once per process (the recipe check, planner and title ask)."""
+    return "segmentation" if open_source(data).mask_loader is not None else "classification"
 
 
 def grid_cells(recipe: dict[str, Any]) -> list[Cell]:
@@ -186,7 +193,8 @@ class Planner:
     def __init__(self, recipe: dict[str, Any], run_dir: Path):
         self.recipe, self.run_dir = recipe, run_dir
         self.task = task_of(recipe)
-        self.task_target, self.metric, self.second_metric = TASKS[self.task]
+        self.task_target, self.metric = TASKS[self.task]
+        self.second_metric = report.METRICS[self.metric][1]
         methods = recipe["grid"]["method"]
         self.agnostic_targets = ",".join(METHODS[m] for m in METHODS if m in methods and m.startswith("task-agnostic"))
 
