@@ -1,8 +1,9 @@
 """train.pipeline end to end through the real command lines, on a two-cell grid small enough for 2 CPU cores.
 
-The two cells are the task-agnostic methods at 3 labels per class: both distill the frozen Lite0's
-features of the same transfer set, so the grid must build one store (embedding + patch targets)
-and share it. A rerun must skip every finished cell and leave results.parquet unchanged.
+The two cells are the task-agnostic methods at 3 labels per class over two seeds: both distill the frozen
+Lite0's features of the same transfer set, which sees no labels, so the grid must build one store (embedding +
+patch targets) and share it across cells and seeds. A rerun must skip every finished cell and leave
+results.parquet unchanged.
 """
 
 from __future__ import annotations
@@ -20,8 +21,9 @@ from train import pipeline, report
 RECIPE = {
     "data": "fashion-mnist:train",
     "test": "fashion-mnist:test?limit=200",
-    "seed": 0,
-    "val_fraction": 0.2,
+    "seeds": [0, 1],
+    "folds": 3,
+    "threads": 1,
     "grid": {"shots": [3], "transfer": ["task-related"],
              "method": ["task-agnostic-embedding", "task-agnostic-patch"], "teacher_mode": ["lp"]},
     "transfer_sets": {"task-related": "fashion-mnist:train?shots=3&seed=0&part=unlabeled&limit=256"},
@@ -29,7 +31,7 @@ RECIPE = {
     "build": {"views": 1, "batch_size": 256, "workers": 0},
     "student": {"arch": "mobilenetv3_small_050", "size": 32},
     "distill": {"epochs": 1, "batch_size": 64, "workers": 0},
-    "finetune": {"lr": [0.001, 0.003], "steps": 6, "eval_every": 3, "batch_size": 16},
+    "finetune": {"lr": [0.001, 0.003], "steps": [0, 6], "batch_size": 16},
 }
 
 
@@ -51,10 +53,10 @@ def run(tmp_path_factory, vfm_home) -> tuple[Path, Path]:
 def test_two_cells_build_their_store_once(run):
     _, run_dir = run
     ran = Counter(entry["stage"] for entry in _log(run_dir) if entry["status"] == "ran")
-    assert ran == {"teacher": 1, "build": 1, "distill": 2, "finetune": 4, "evaluate": 2}
+    assert ran == {"teacher": 1, "build": 1, "distill": 4, "finetune": 4, "evaluate": 4}  # 2 cells x 2 seeds
     (store,) = (run_dir / "builds").iterdir()  # one store directory, embedding and patch targets in it
     reused = [e for e in _log(run_dir) if e["stage"] == "build" and e["status"] == "skipped"]
-    assert [e["out"] for e in reused] == [f"builds/{store.name}"]  # the second cell found it done
+    assert [e["out"] for e in reused] == [f"builds/{store.name}"] * 3  # the other cells and seed found it done
     manifest = json.loads((store / "manifest.json").read_text())
     assert set(manifest["content"]["targets"]) == {"embedding", "patch"}
     store_ids = {json.loads((d / "student.json").read_text())["history"][0]["store_id"]
@@ -63,18 +65,20 @@ def test_two_cells_build_their_store_once(run):
 
 
 @pytest.mark.slow
-def test_results_rows_are_tuned_on_validation(run):
+def test_results_rows_are_tuned_by_cross_validation(run):
     _, run_dir = run
     frame = pl.read_parquet(run_dir / "results.parquet")
     assert frame.columns == list(report.COLUMNS)
-    assert sorted(frame["method"]) == ["task-agnostic-embedding", "task-agnostic-patch"]
-    assert frame["teacher_mode"].to_list() == ["frozen", "frozen"]
+    assert sorted(frame["method"]) == ["task-agnostic-embedding"] * 2 + ["task-agnostic-patch"] * 2
+    assert frame["teacher_mode"].to_list() == ["frozen"] * 4 and sorted(frame["seed"]) == [0, 0, 1, 1]
     for row in frame.iter_rows(named=True):
-        assert 0 <= row["top1"] <= 1 and row["val_top1"] is not None and row["lr_grid"] == "0.001,0.003"
-        finetunes = [d for d in (run_dir / "finetunes").iterdir() if f"-{row['method'].split('-')[-1]}-" in d.name]
-        scores = [json.loads((d / "student.json").read_text())["history"][-1]["val_top1"] for d in finetunes]
-        assert row["val_top1"] == max(scores)  # the lr with the best validation top-1 was chosen
-        assert row["teacher_pass_flops"] > 0 and row["student_flops"] > 0
+        candidates = json.loads(row["candidates"])
+        assert set(candidates) == {"lr=0.001,steps=0", "lr=0.001,steps=6", "lr=0.003,steps=6"}
+        assert row["val_top1"] == candidates[row["chosen"]] == max(candidates.values())
+        stage = json.loads((Path(row["model"]) / "student.json").read_text())["history"][-1]
+        assert stage["train_images"] == stage["val_predictions"] == 30  # every labeled image, once held out
+        assert row["protocol"].startswith("3-fold cross-validation") and 0 <= row["top1"] <= 1
+        assert row["teacher_pass_flops"] > 0 and row["student_flops"] >= 0
         assert row["compute_flops"] == row["teacher_pass_flops"] + row["student_flops"]  # frozen: no adaptation
 
 
@@ -85,7 +89,7 @@ def test_rerun_skips_every_finished_cell(run):
     lines = len(_log(run_dir))
     assert pipeline.main([str(recipe), "--run-dir", str(run_dir)]) == 0
     again = _log(run_dir)[lines:]
-    assert [e["stage"] for e in again] == ["cell", "cell"]
+    assert [e["stage"] for e in again] == ["cell"] * 4
     assert all(e["status"] == "skipped" for e in again)
     assert pl.read_parquet(run_dir / "results.parquet").equals(before)
 
@@ -108,9 +112,10 @@ TASK_RECIPE = {
     "grid": {"shots": [3], "transfer": ["task-related"], "teacher_mode": ["lp"],
              "method": ["labeled-only", "task-oriented", "task-oriented-online"]},
     "transfer_sets": {"task-related": "fashion-mnist:train?shots=3&seed={seed}&part=unlabeled&limit=128"},
-    "teacher": {**RECIPE["teacher"], "lp_steps": 20, "lp_views": 0, "folds": 0},
+    "folds": 2,
+    "teacher": {**RECIPE["teacher"], "lp_steps": 20, "lp_views": 0},
     "reference_teachers": ["lp"],
-    "finetune": {"lr": [0.003], "steps": 12, "eval_every": 3, "patience": 1, "cooldown": 3, "batch_size": 16},
+    "finetune": {"lr": [0.003], "steps": [12], "batch_size": 16},
 }
 
 
@@ -120,7 +125,7 @@ def task_run(tmp_path_factory, vfm_home) -> Path:
     root = tmp_path_factory.mktemp("task")
     recipe = root / "task.yaml"
     recipe.write_text(yaml.safe_dump(TASK_RECIPE))
-    assert pipeline.main([str(recipe), "--run-dir", str(root / "run"), "--seed", "1"]) == 0
+    assert pipeline.main([str(recipe), "--run-dir", str(root / "run"), "--seeds", "1"]) == 0
     return root / "run"
 
 
@@ -133,8 +138,8 @@ def test_results_json_has_every_row_with_its_stage_times(task_run):
     for method in ("task-oriented", "task-oriented-online"):
         row = rows[method]
         assert all(row[f"{s}_seconds"] > 0 for s in ("teacher", "build", "distill", "finetune", "eval"))
-        assert row["lr"] == 0.003 and row["best_step"] is not None
-        # the teacher-vs-labels check on the same validation images, recorded per row
+        assert row["lr"] == 0.003 and row["steps"] == 12 and row["seed"] == 1
+        # the teacher-vs-labels check on the same folds, recorded per row
         assert row["teacher_val_top1"] == rows["teacher"]["val_top1"]
         assert row["labels_only_val_top1"] == rows["labeled-only"]["val_top1"]
         assert row["teacher_ahead"] == (row["teacher_val_top1"] > row["labels_only_val_top1"])
@@ -146,34 +151,58 @@ def test_results_json_has_every_row_with_its_stage_times(task_run):
     assert distill["online"]["steps"] == distill["cached"]["steps"]
     (store_dir,) = (task_run / "builds").iterdir()
     store = json.loads((store_dir / "manifest.json").read_text())
-    assert "seed=1&" in store["content"]["transfer_set"]["spec"]  # --seed reached the transfer set too
+    assert "seed=1&" in store["content"]["transfer_set"]["spec"]  # --seeds reached the transfer set too
 
 
-@pytest.mark.slow
-def test_spread_over_runs(task_run, tmp_path):
-    out = tmp_path / "spread.md"
-    assert report.main([str(task_run), str(task_run), "--spread", str(out)]) == 0
-    text = out.read_text()
-    assert "| 3 | task-related | task-oriented online (lp) | 2 |" in text and "± 0.0" in text
+def _planted(diffs: list[float], base: float = 0.5) -> pl.DataFrame:
+    """Result rows of labeled-only and task-oriented over len(diffs) seeds, task-oriented ahead by ``diffs``."""
+    rows = []
+    for seed, diff in enumerate(diffs):
+        for method, mode, top1 in (("labeled-only", None, base + 0.01 * seed), ("task-oriented", "lp",
+                                                                                  base + 0.01 * seed + diff)):
+            rows.append({"shots": 10, "transfer": "task-related", "method": method, "teacher_mode": mode,
+                         "seed": seed, "top1": top1})
+    return report.to_frame(rows)
+
+
+def test_paired_differences_and_their_interval():
+    """A planted example: differences 2, 4, 3 points over 3 seeds -> mean 3, std 1, 95 % t interval
+    3 ± 4.303 / sqrt(3) = [0.52, 5.48] (beyond noise); 1, -1, 3 points -> [-3.97, 5.97] (within noise)."""
+    (real,) = report.paired_differences(_planted([0.02, 0.04, 0.03])).iter_rows(named=True)
+    assert real["comparison"] == "task-oriented (lp) − labeled-only" and real["seeds"] == 3
+    assert (real["mean"], real["std"]) == (pytest.approx(0.03), pytest.approx(0.01))
+    assert (real["low"], real["high"]) == (pytest.approx(0.03 - 0.024841, abs=1e-5), pytest.approx(0.054841, abs=1e-5))
+    assert real["within_noise"] is False
+    (noise,) = report.paired_differences(_planted([0.01, -0.01, 0.03])).iter_rows(named=True)
+    assert noise["within_noise"] is True and noise["low"] < 0 < noise["high"]
+    text = report.differences_table(_planted([0.01, -0.01, 0.03]))
+    assert "| 10 | task-related | task-oriented (lp) − labeled-only | 3 | +1.0 | [-4.0, +6.0] | within noise |" in text
+    assert "| 10 | task-related | 51.0 ± 1.0 | 52.0 ± 2.6 |" in report.summary_table(_planted([0.01, -0.01, 0.03]))
 
 
 def test_recipes_plan_their_grids():
-    """The shipped recipes parse; the comparison shares stores and distillations across cells."""
+    """The shipped recipes parse; the comparison shares stores and distillations across cells, and the frozen
+    VFM's teacher and stores across seeds."""
     recipe = pipeline.load_recipe(pipeline.RECIPES / "comparison.yaml")
-    planner = pipeline.Planner(recipe, Path("runs/x"))
     cells = pipeline.grid_cells(recipe)
-    steps = Counter(stage for stage, _ in {(s.stage, s.out) for c in cells for part in planner.plan(c) for s in part})
-    assert len(cells) == 16  # shots 5, 10 x 2 transfer sets x 4 methods
-    # teachers: 2 lp + 1 frozen; stores: 2 task-agnostic (one per transfer set) + 2 x 2 task-oriented;
-    # distillations: 2 x 2 task-agnostic (shared across shots) + 4 task-oriented; finetunes: 14 runs x 2 lrs
-    assert steps == {"teacher": 3, "build": 6, "distill": 8, "finetune": 28}
+    assert len(cells) == 30 and recipe["seeds"] == [0, 1, 2]  # 3 shots x 2 transfer sets x 5 rows
+    steps = {}
+    for seed in recipe["seeds"]:
+        planner = pipeline.Planner(recipe, Path("runs/x"), seed)
+        steps[seed] = {(s.stage, s.out) for c in cells for s in [*planner.plan(c)[0], planner.plan(c)[1]]}
+    # per seed: teachers 3 lp + 3 ft + 1 frozen; stores 2 frozen (one per transfer set) + 6 x 2 task; distills
+    # 2 x 2 task-agnostic (shared across shots) + 12 task-oriented; finetunes 3 labeled-only + 24 distilled
+    assert Counter(stage for stage, _ in steps[0]) == {"teacher": 7, "build": 14, "distill": 16, "finetune": 27}
+    shared = steps[0] & steps[1] & steps[2]  # what sees no labels: the frozen teacher and its two stores
+    assert Counter(stage for stage, _ in shared) == {"teacher": 1, "build": 2}
     default = pipeline.load_recipe(pipeline.DEFAULT_RECIPE)
-    assert default["grid"]["method"] == ["labeled-only", "task-oriented", "task-oriented-online"]
+    assert default["grid"]["method"] == ["labeled-only", "task-oriented"] and default["folds"] == 3
     assert default["reference_teachers"] == ["lp", "ft"]
     planner = pipeline.Planner(default, Path("runs/x"))
-    cached, online = (planner.plan(c)[0] for c in pipeline.grid_cells(default)[1:])
-    assert cached[:2] == online[:2]  # the online row distills the cached row's teacher, over its store's views
-    assert "--online" in online[2].argv and "--online" not in cached[2].argv
+    labeled_only, cached = (planner.plan(c) for c in pipeline.grid_cells(default))
+    assert labeled_only[0] == [] and "--student" in labeled_only[1].argv and "--lr" in labeled_only[1].argv
+    argv = cached[1].argv
+    assert argv[argv.index("--folds") + 1] == "3" and argv[argv.index("--steps") + 1] == "0,150"
 
 
 def test_bad_recipe_is_one_line(tmp_path, capsys):
@@ -189,8 +218,8 @@ def test_bad_recipe_is_one_line(tmp_path, capsys):
 SEG_RECIPE = {  # train/recipes/segmentation.yaml in miniature: one real item per 32 px mosaic
     "data": "fashion-mnist-seg:train@32,grid=1",
     "test": "fashion-mnist-seg:test@32,grid=1?limit=64",
-    "seed": 0,
-    "val_fraction": 0.25,
+    "seeds": [0],
+    "folds": 2,
     "grid": {"shots": [8], "transfer": ["task-related"],
              "method": ["labeled-only", "task-oriented", "task-oriented-online"], "teacher_mode": ["lp"]},
     "reference_teachers": ["lp"],
@@ -200,14 +229,14 @@ SEG_RECIPE = {  # train/recipes/segmentation.yaml in miniature: one real item pe
     "build": {"views": 1, "topk": 3, "batch_size": 64, "workers": 0},
     "student": {"arch": "mobilenetv3_small_050", "size": 32},
     "distill": {"epochs": 1, "batch_size": 16, "workers": 0},
-    "finetune": {"lr": [0.001, 0.003], "steps": 4, "eval_every": 2, "batch_size": 8},
+    "finetune": {"lr": [0.001, 0.003], "steps": [4], "batch_size": 8},
 }
 
 
 @pytest.mark.slow
-def test_segmentation_recipe_rows_are_tuned_on_validation_miou(tmp_path, vfm_home):
+def test_segmentation_recipe_rows_are_tuned_on_cross_validated_miou(tmp_path, vfm_home):
     """The segmentation recipe's rows (labeled-only, cached and online task-oriented, teacher) through the same
-    pipeline: per-pixel targets in the store, every choice made on validation mIoU, test mIoU reported."""
+    pipeline: per-pixel targets in the store, every choice made on pooled cross-validated mIoU, test mIoU."""
     recipe = tmp_path / "seg.yaml"
     recipe.write_text(yaml.safe_dump(SEG_RECIPE))
     assert pipeline.main([str(recipe), "--run-dir", str(tmp_path / "run")]) == 0
@@ -220,10 +249,8 @@ def test_segmentation_recipe_rows_are_tuned_on_validation_miou(tmp_path, vfm_hom
         assert row["val_miou"] is not None, method
         if method == "teacher":
             continue
-        label = Path(row["model"]).name.rsplit("-lr", 1)[0]  # the row's finetunes differ only by the lr
-        finetunes = [d for d in (tmp_path / "run" / "finetunes").iterdir() if d.name.rsplit("-lr", 1)[0] == label]
-        scores = [json.loads((d / "student.json").read_text())["history"][-1]["val_miou"] for d in finetunes]
-        assert len(scores) == 2 and row["val_miou"] == max(scores)  # the lr with the best val mIoU was kept
+        candidates = json.loads(row["candidates"])
+        assert len(candidates) == 2 and row["val_miou"] == candidates[row["chosen"]] == max(candidates.values())
     for method in ("task-oriented", "task-oriented-online"):
         assert rows[method]["teacher_val_miou"] == rows["teacher"]["val_miou"]
         assert rows[method]["labels_only_val_miou"] == rows["labeled-only"]["val_miou"]
@@ -234,7 +261,7 @@ def test_segmentation_recipe_rows_are_tuned_on_validation_miou(tmp_path, vfm_hom
                for m in ("task-oriented", "task-oriented-online")}
     assert history["task-oriented-online"]["online"] and not history["task-oriented"]["online"]
     table = (tmp_path / "run" / "results.md").read_text()
-    assert "| labeled images | transfer set | labeled-only |" in table and "| mIoU | pixel acc | val mIoU |" in table
+    assert "| labeled images | transfer set | labeled-only |" in table and "| mIoU | pixel acc | CV mIoU |" in table
 
 
 def test_segmentation_recipe_plans_per_pixel_targets(tmp_path, capsys):

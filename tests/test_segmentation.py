@@ -203,11 +203,12 @@ def test_segmentation_end_to_end_through_the_clis(tmp_path, vfm_home, capsys):
     from reinforce.teachers import create_teacher
     from stores import __main__ as stores_cli
     from train import evaluate, finetune, teacher
+    from train.models import read_student_card
 
     zoo, store, student, tuned = (tmp_path / name for name in ("zoo", "store", "student", "tuned"))
     teacher.main(["--task", "segmentation", "--backbone", "tf_efficientnet_lite0", "--data", f"{SEG_TRAIN}?limit=64",
                   "--shots", "0", "--mode", "lp", "--lp-steps", "40", "--lp-lr", "0.01", "--batch-size", "16",
-                  "--size", "32", "--name", "seg_lite0", "--out-dir", str(zoo)])
+                  "--size", "32", "--folds", "0", "--name", "seg_lite0", "--out-dir", str(zoo)])
     assert build.main(["--teacher", str(zoo / "seg_lite0"), "--transfer-set", f"{SEG_TRAIN}?limit=64",
                        "--targets", "seg_logits", "--views", "2", "--topk", "3", "--workers", "0",
                        "--batch-size", "64", "--out", str(store)]) == 0
@@ -232,10 +233,10 @@ def test_segmentation_end_to_end_through_the_clis(tmp_path, vfm_home, capsys):
                           "mobilenetv3_small_050", "--epochs", "2", "--batch-size", "16", "--workers", "0",
                           "--out", str(student)], env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
-    card = finetune.main(["--init", str(student), "--data", f"{SEG_TRAIN}?limit=64", "--shots", "48",
+    assert finetune.main(["--init", str(student), "--data", f"{SEG_TRAIN}?limit=64", "--shots", "48",
                           "--val-fraction", "0.25", "--eval-every", "5", "--steps", "10", "--batch-size", "16",
-                          "--out", str(tuned)])
-    stage = card.history[-1]  # 12 of the 48 drawn images validate: the best-val mIoU step is the one kept
+                          "--out", str(tuned)]) == 0
+    stage = read_student_card(tuned).history[-1]  # 12 of the 48 drawn images validate; the best-val step is kept
     assert (stage["train_images"], stage["val_images"]) == (36, 12)
     assert [step for step, _ in stage["val_curve"]] == [0, 5, 10]
     assert stage["val_miou"] == max(score for _, score in stage["val_curve"])

@@ -14,11 +14,12 @@ import torch
 from safetensors.torch import load_file
 
 from reinforce.sources import open_source
-from reinforce.teachers import create_teacher
+from reinforce.teachers import TeacherCard, create_teacher, read_teacher_card
 from train import evaluate, finetune, teacher
 from train.data import evaluate_model, open_labeled
-from train.models import create_student, load_student, save_student
+from train.models import StudentCard, create_student, load_student, read_student_card, save_student
 from train.optim import split_labeled
+from train.protocol import kfold_indices
 
 HELD_OUT = "fashion-mnist:test?limit=300"
 
@@ -43,6 +44,18 @@ def assert_same_weights(a: str | Path, b: str | Path) -> None:
         torch.testing.assert_close(first[name], second[name], rtol=1e-5, atol=1e-6, msg=name)
 
 
+def teach(*argv: str) -> TeacherCard:
+    """``python -m train.teacher ARGV`` (in process); the card it wrote to the zoo."""
+    assert teacher.main(list(argv)) == 0
+    return read_teacher_card(Path(os.environ["VFM_REINFORCE_HOME"]) / "teachers" / argv[argv.index("--name") + 1])
+
+
+def tune(*argv: str) -> StudentCard:
+    """``python -m train.finetune ARGV`` (in process); the card of the student it wrote."""
+    assert finetune.main(list(argv)) == 0
+    return read_student_card(argv[argv.index("--out") + 1])
+
+
 def _one_line_error(capsys, main, argv: list[str], prog: str) -> str:
     with pytest.raises(SystemExit) as exit_info:
         main(argv)
@@ -53,14 +66,15 @@ def _one_line_error(capsys, main, argv: list[str], prog: str) -> str:
 
 
 def test_lite0_linear_probe_beats_chance(_home, capsys):
-    card = teacher.main(["--backbone", "tf_efficientnet_lite0", "--data", "fashion-mnist:train", "--shots", "5",
-                         "--mode", "lp", "--size", "32", "--lp-views", "1", "--lp-steps", "50", "--folds", "2",
-                         "--name", "lite0_lp"])
+    card = teach("--backbone", "tf_efficientnet_lite0", "--data", "fashion-mnist:train", "--shots", "5",
+                 "--mode", "lp", "--size", "32", "--lp-views", "1", "--lp-steps", "50", "--folds", "2",
+                 "--baseline-student", "none", "--name", "lite0_lp")
     assert card.adaptation["mode"] == "lp" and 0 <= card.val_accuracy <= 1
     # the zoo is written where lookups look first ($VFM_REINFORCE_HOME/teachers), not in ./teachers
     assert (_home / "teachers" / "lite0_lp" / "teacher.json").is_file() and not Path("teachers").exists()
     err = capsys.readouterr().err  # cross-validation and training say how far they are
-    assert "cv lp@32 fold 1/2: lp features: 40/40 view" in err and "lp@32 on all 50 images: lp head: 50/50 step" in err
+    assert "#cv0-train: lp features: 50/50 view" in err  # 2 folds of 25, clean + 1 augmented view
+    assert "lp@32,lr=0.003 on all 50 images: lp head: 50/50 step" in err
     model, loaded = create_teacher("lite0_lp")
     assert loaded.num_classes == 10 and loaded.mean == (0.5, 0.5, 0.5)
     metrics = evaluate_model(model, open_source(HELD_OUT), loaded.input_size)
@@ -73,30 +87,31 @@ def test_lite0_linear_probe_beats_chance(_home, capsys):
 ])
 def test_vfm_backbones_from_local_weights(tmp_path, random_weights, library, backbone, mode, size, folds):
     weights = random_weights(library, backbone, tmp_path / "backbone.safetensors")
-    teacher.main(["--library", library, "--backbone", backbone, "--weights", weights, "--data",
-                  "fashion-mnist:train", "--shots", "2", "--mode", mode, "--size", size, "--steps", "2",
-                  "--batch-size", "5", "--lp-steps", "3", "--lp-views", "0", "--folds", folds, "--name", "vfm"])
+    teach("--library", library, "--backbone", backbone, "--weights", weights, "--data", "fashion-mnist:train",
+          "--shots", "2", "--mode", mode, "--size", size, "--steps", "2", "--batch-size", "5", "--lp-steps", "3",
+          "--lp-views", "0", "--folds", folds, "--baseline-student", "none", "--name", "vfm")
     model, card = create_teacher("vfm")
     assert (card.library, card.backbone) == (library, backbone)
     if mode == "auto":
-        assert set(card.adaptation["cv_accuracy"]) == {f"lp@{size}", f"ft@{size}"}
-        assert card.val_accuracy == card.adaptation["cv_accuracy"][f"{card.adaptation['mode']}@{size}"]
+        scores = card.adaptation["scores"]
+        assert set(scores) == {f"lp@{size},lr=0.003", f"ft@{size},lr=0.0003"}
+        assert card.val_accuracy == scores[card.adaptation["chosen"]] == max(scores.values())
     with torch.inference_mode():
         assert model(torch.zeros(2, 3, int(size), int(size), dtype=torch.uint8)).shape == (2, 10)
     if mode == "lp":  # a rerun with the same seed gives the same teacher
-        teacher.main(["--library", library, "--backbone", backbone, "--weights", weights, "--data",
-                      "fashion-mnist:train", "--shots", "2", "--mode", mode, "--size", size, "--lp-steps", "3",
-                      "--lp-views", "0", "--folds", folds, "--name", "vfm_again"])
+        teach("--library", library, "--backbone", backbone, "--weights", weights, "--data", "fashion-mnist:train",
+              "--shots", "2", "--mode", mode, "--size", size, "--lp-steps", "3", "--lp-views", "0", "--folds", folds,
+              "--name", "vfm_again")
         zoo = Path(os.environ["VFM_REINFORCE_HOME"]) / "teachers"
         assert_same_weights(zoo / "vfm/model.safetensors", zoo / "vfm_again/model.safetensors")
 
 
 def test_labeled_only_baseline_and_evaluate(capsys):
-    card = finetune.main(["--student", "mobilenetv3_small_050", "--size", "32", "--data", "fashion-mnist:train",
-                          "--shots", "2", "--steps", "3", "--batch-size", "8", "--out", "baseline"])
+    card = tune("--student", "mobilenetv3_small_050", "--size", "32", "--data", "fashion-mnist:train",
+                "--shots", "2", "--steps", "3", "--batch-size", "8", "--folds", "0", "--out", "baseline")
     assert card.history[-1]["stage"] == "labeled_only" and card.history[-1]["steps"] == 3
-    finetune.main(["--student", "mobilenetv3_small_050", "--size", "32", "--data", "fashion-mnist:train",
-                   "--shots", "2", "--steps", "3", "--batch-size", "8", "--out", "baseline_again"])
+    tune("--student", "mobilenetv3_small_050", "--size", "32", "--data", "fashion-mnist:train",
+         "--shots", "2", "--steps", "3", "--batch-size", "8", "--folds", "0", "--out", "baseline_again")
     assert_same_weights("baseline/model.safetensors", "baseline_again/model.safetensors")  # seeded init and data
     _, loaded = load_student("baseline")
     assert loaded.input_size == 32 and loaded.num_classes == 10
@@ -143,9 +158,9 @@ def test_validation_split_is_stratified_seeded_and_disjoint():
 
 
 def test_finetune_keeps_the_best_validation_weights_and_stops_early():
-    card = finetune.main(["--student", "mobilenetv3_small_050", "--size", "32", "--data", "fashion-mnist:train",
-                          "--shots", "5", "--steps", "60", "--batch-size", "16", "--lr", "0.003",
-                          "--val-fraction", "0.2", "--eval-every", "1", "--patience", "1", "--out", "tuned"])
+    card = tune("--student", "mobilenetv3_small_050", "--size", "32", "--data", "fashion-mnist:train",
+                "--shots", "5", "--steps", "60", "--batch-size", "16", "--lr", "0.003",
+                "--val-fraction", "0.2", "--eval-every", "1", "--patience", "1", "--out", "tuned")
     stage = card.history[-1]
     curve = dict(stage["val_curve"])
     assert stage["train_images"] == 40 and stage["val_images"] == 10
@@ -160,8 +175,8 @@ def test_finetune_keeps_the_best_validation_weights_and_stops_early():
 def test_feature_distilled_student_gets_a_classifier():
     student, card = create_student("mobilenetv3_small_050", class_names=(), input_size=32)
     save_student(student, card, "headless")
-    tuned = finetune.main(["--init", "headless", "--data", "fashion-mnist:train", "--shots", "2", "--steps", "2",
-                           "--batch-size", "8", "--out", "with_head"])
+    tuned = tune("--init", "headless", "--data", "fashion-mnist:train", "--shots", "2", "--steps", "2",
+                 "--batch-size", "8", "--folds", "0", "--out", "with_head")
     assert tuned.num_classes == 10 and tuned.class_names[0] == "T-shirt/top"
     model, _ = load_student("with_head")
     with torch.inference_mode():
@@ -169,25 +184,27 @@ def test_feature_distilled_student_gets_a_classifier():
     assert evaluate.main(["--model", "with_head", "--data", "fashion-mnist:test?limit=20"])["num_images"] == 20
 
 
-def test_frozen_teacher_needs_no_labels_and_task_teacher_skips_val():
-    card = teacher.main(["--backbone", "tf_efficientnet_lite0", "--mode", "frozen", "--size", "32", "--name", "vfm"])
+def test_frozen_teacher_needs_no_labels_and_task_teacher_trains_on_all_labels():
+    card = teach("--backbone", "tf_efficientnet_lite0", "--mode", "frozen", "--size", "32", "--name", "vfm")
     assert (card.num_classes, card.class_names, card.adaptation["mode"]) == (0, (), "frozen")
     model, loaded = create_teacher("vfm")
     with torch.inference_mode():
         assert model.features(torch.zeros(2, 3, 32, 32, dtype=torch.uint8)).shape == (2, 1280)
     assert loaded.num_classes == 0
-    lp = teacher.main(["--backbone", "tf_efficientnet_lite0", "--data", "fashion-mnist:train", "--shots", "5",
-                       "--mode", "lp", "--size", "32", "--lp-views", "0", "--lp-steps", "20", "--folds", "0",
-                       "--val-fraction", "0.2", "--name", "lp"])
-    assert lp.adaptation["train_images"] == 40  # the 10 validation images are never trained on
+    lp = teach("--backbone", "tf_efficientnet_lite0", "--data", "fashion-mnist:train", "--shots", "5",
+               "--mode", "lp", "--size", "32", "--lp-views", "0", "--lp-steps", "20", "--folds", "5",
+               "--baseline-student", "none", "--name", "lp")
+    assert lp.adaptation["train_images"] == 50  # the saved teacher trains on every labeled image
+    assert lp.adaptation["val_predictions"] == 50 and lp.adaptation["fold_sizes"] == [10] * 5
     assert lp.val_accuracy == lp.adaptation["val_top1"] is not None
+    assert round(lp.val_accuracy * 50, 6) == round(lp.val_accuracy * 50)  # pooled: a count of 50 predictions
 
 
 def test_a_plateau_starts_the_cooldown_and_the_run_ends_annealed():
-    card = finetune.main(["--student", "mobilenetv3_small_050", "--size", "32", "--data", "fashion-mnist:train",
-                          "--shots", "5", "--steps", "200", "--batch-size", "16", "--lr", "0.003",
-                          "--val-fraction", "0.2", "--eval-every", "2", "--patience", "1", "--cooldown", "5",
-                          "--out", "cooled"])
+    card = tune("--student", "mobilenetv3_small_050", "--size", "32", "--data", "fashion-mnist:train",
+                "--shots", "5", "--steps", "200", "--batch-size", "16", "--lr", "0.003",
+                "--val-fraction", "0.2", "--eval-every", "2", "--patience", "1", "--cooldown", "5",
+                "--out", "cooled")
     stage = card.history[-1]
     best, first_drop = -1.0, None
     for step, value in stage["val_curve"]:
@@ -212,18 +229,19 @@ def test_learning_rate_is_constant_until_the_cooldown_then_reaches_zero():
 
 def test_teacher_size_defaults_to_the_backbones_pretrained_size(tmp_path, random_weights):
     weights = random_weights("timm", "resnet18", tmp_path / "r18.safetensors")
-    card = teacher.main(["--backbone", "resnet18", "--weights", weights, "--mode", "frozen", "--name", "native"])
+    card = teach("--backbone", "resnet18", "--weights", weights, "--mode", "frozen", "--name", "native")
     assert card.input_size == 224  # timm pretrained_cfg input_size
 
 
 @pytest.mark.parametrize("strong", [False, True])
 def test_build_warns_when_the_teacher_is_not_ahead_of_labels_only(strong, caplog):
+    """The labels-only student is cross-validated on the teacher's folds by default; a teacher not ahead of it is
+    named by reinforce.build."""
     # weak: a 2-step probe at 8 px vs a student trained 300 steps; strong: a 300-step probe at 32 px vs 1 step
     size, lp_steps, baseline_steps = ("32", "300", "1") if strong else ("8", "2", "300")
-    card = teacher.main(["--backbone", "tf_efficientnet_lite0", "--data", "fashion-mnist:train", "--shots", "5",
-                         "--mode", "lp", "--size", size, "--lp-views", "0", "--lp-steps", lp_steps, "--lp-lr", "0.01",
-                         "--folds", "0", "--val-fraction", "0.4", "--name", "t",
-                         "--baseline-student", "mobilenetv3_small_050", "--baseline-steps", baseline_steps])
+    card = teach("--backbone", "tf_efficientnet_lite0", "--data", "fashion-mnist:train", "--shots", "5",
+                 "--mode", "lp", "--size", size, "--lp-views", "0", "--lp-steps", lp_steps, "--lp-lr", "0.01",
+                 "--folds", "2", "--name", "t", "--baseline-steps", baseline_steps)
     baseline = card.adaptation["labels_only"]
     assert (card.val_accuracy > baseline["val_top1"]) == strong
     build_main = __import__("reinforce.build", fromlist=["main"]).main
@@ -235,15 +253,15 @@ def test_build_warns_when_the_teacher_is_not_ahead_of_labels_only(strong, caplog
 
 
 def test_auto_chooses_among_candidate_sizes_by_cross_validation():
-    card = teacher.main(["--backbone", "tf_efficientnet_lite0", "--data", "fashion-mnist:train", "--shots", "2",
-                         "--mode", "auto", "--size", "16,24", "--steps", "2", "--batch-size", "5", "--lp-steps", "3",
-                         "--lp-views", "0", "--folds", "2", "--name", "sized"])
-    cv = card.adaptation["cv_accuracy"]
-    assert set(cv) == {"lp@16", "lp@24", "ft@16", "ft@24"}
-    assert f"{card.adaptation['mode']}@{card.input_size}" == max(cv, key=cv.get)
-    with pytest.raises(SystemExit):  # several sizes need auto to choose among them
+    card = teach("--backbone", "tf_efficientnet_lite0", "--data", "fashion-mnist:train", "--shots", "2",
+                 "--mode", "auto", "--size", "16,24", "--steps", "2", "--batch-size", "5", "--lp-steps", "3",
+                 "--lp-views", "0", "--folds", "2", "--baseline-student", "none", "--name", "sized")
+    cv = card.adaptation["scores"]
+    assert set(cv) == {"lp@16,lr=0.003", "lp@24,lr=0.003", "ft@16,lr=0.0003", "ft@24,lr=0.0003"}
+    assert f"{card.adaptation['mode']}@{card.input_size}" == max(cv, key=cv.get).split(",")[0]
+    with pytest.raises(SystemExit):  # several candidates and no way to choose among them
         teacher.main(["--backbone", "tf_efficientnet_lite0", "--data", "fashion-mnist:train", "--shots", "2",
-                      "--mode", "lp", "--size", "16,24", "--name", "fixed"])
+                      "--mode", "lp", "--size", "16,24", "--folds", "0", "--name", "fixed"])
 
 
 def test_a_class_folder_directory_is_labeled_data(photo_dir, capsys):
@@ -256,8 +274,8 @@ def test_a_class_folder_directory_is_labeled_data(photo_dir, capsys):
     for i, photo in enumerate(photos):
         (Path("labeled") / ("animal" if i % 2 else "thing")).mkdir(parents=True, exist_ok=True)
         shutil.copy(photo, Path("labeled") / ("animal" if i % 2 else "thing") / photo.name)
-    card = teacher.main(["--backbone", "tf_efficientnet_lite0", "--data", "labeled", "--shots", "0", "--mode", "lp",
-                         "--size", "32", "--lp-views", "0", "--lp-steps", "5", "--folds", "0", "--name", "photos"])
+    card = teach("--backbone", "tf_efficientnet_lite0", "--data", "labeled", "--shots", "0", "--mode", "lp",
+                 "--size", "32", "--lp-views", "0", "--lp-steps", "5", "--folds", "0", "--name", "photos")
     assert card.class_names == ("animal", "thing") and card.adaptation["data"] == "imagefolder:labeled"
     assert card.adaptation["train_images"] == len(photos)
     err = capsys.readouterr().err
@@ -269,3 +287,39 @@ def test_a_class_folder_directory_is_labeled_data(photo_dir, capsys):
                                                   str(photo_dir), "--shots", "0", "--out", "x"], "train.finetune")
     assert "is a plain directory of unlabeled images" in err and f"imagefolder:{photo_dir}" in err
     assert SPEC_FORMS in err
+
+
+def test_kfold_uses_every_labeled_image_once_and_the_final_model_trains_on_all():
+    """The protocol through the CLI: 3 folds over 3 x 10 labeled images score each candidate on 30 pooled
+    predictions (every image held out exactly once), and the saved student trains on all 30."""
+    source, _ = open_labeled("fashion-mnist:train", 3, 0)
+    folds = kfold_indices(source, 3, seed=0)
+    assert sorted(np.concatenate(folds).tolist()) == list(range(30))  # disjoint, covering
+    assert all(np.bincount(source.labels[f], minlength=10).tolist() == [1] * 10 for f in folds)  # stratified
+    card = tune("--student", "mobilenetv3_small_050", "--size", "32", "--data", "fashion-mnist:train", "--shots",
+                "3", "--lr", "0.001,0.003", "--steps", "4", "--batch-size", "8", "--folds", "3", "--out", "cv")
+    stage = card.history[-1]
+    assert stage["fold_sizes"] == [10, 10, 10] and stage["val_predictions"] == 30 and stage["train_images"] == 30
+    assert set(stage["scores"]) == {"lr=0.001,steps=4", "lr=0.003,steps=4"}
+    best = max(stage["scores"], key=stage["scores"].get)  # the first of equal scores
+    assert stage["chosen"] == best and stage["val_top1"] == stage["scores"][best]
+    assert stage["lr"] == float(best.split(",")[0][3:]) and stage["steps_run"] == 4
+    assert all(round(v * 30, 6) == round(v * 30) for v in stage["scores"].values())  # counts of 30 predictions
+    # a separate validation split instead: every candidate trains on all labeled images, scored there
+    card = tune("--student", "mobilenetv3_small_050", "--size", "32", "--data", "fashion-mnist:train", "--shots",
+                "3", "--lr", "0.001,0.003", "--steps", "0,4", "--batch-size", "8", "--val-data",
+                "fashion-mnist:test?limit=40", "--out", "val")
+    stage = card.history[-1]
+    assert stage["val_predictions"] == 40 and stage["train_images"] == 30 and stage["folds"] == 0
+    assert len(stage["scores"]) == 3  # 0 steps is one candidate whatever the lr
+
+
+def test_several_candidates_without_a_way_to_choose_is_one_line(capsys):
+    err = _one_line_error(capsys, finetune.main, ["--student", "mobilenetv3_small_050", "--size", "32", "--data",
+                                                  "fashion-mnist:train", "--shots", "2", "--lr", "0.001,0.003",
+                                                  "--folds", "0", "--out", "x"], "train.finetune")
+    assert "2 candidate settings" in err and "--folds K" in err
+    err = _one_line_error(capsys, finetune.main, ["--student", "mobilenetv3_small_050", "--size", "32", "--data",
+                                                  "fashion-mnist:train", "--shots", "2", "--folds", "3", "--out",
+                                                  "x"], "train.finetune")
+    assert "3-fold cross-validation needs" in err and "2 for some class" in err

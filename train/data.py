@@ -23,8 +23,8 @@ from reinforce.augment import RandAugCropFlip, eval_mask, eval_view
 from reinforce.segmentation import IGNORE_INDEX
 from reinforce.sources import IMAGE_SUFFIXES, SPEC_FORMS, Source, open_source, with_query
 
-__all__ = ["IN_MEMORY_LIMIT", "LabeledViews", "SegmentationViews", "accuracy", "evaluate_model",
-           "evaluate_segmentation", "headline_metric", "labeled_classes", "labeled_spec", "open_labeled", "predict"]
+__all__ = ["IN_MEMORY_LIMIT", "LabeledViews", "PooledMetrics", "SegmentationViews", "accuracy", "evaluate_model",
+           "headline_metric", "labeled_classes", "labeled_spec", "open_labeled", "predict"]
 
 IN_MEMORY_LIMIT = 60_000  # images decoded once and kept (Fashion-MNIST train: ~140 MB as uint8)
 EPOCH_STRIDE = 1_000_003  # seed offset per epoch: epochs draw disjoint Philox keys
@@ -119,10 +119,46 @@ def predict(model: nn.Module, source: Source, size: int, batch_size: int = 256) 
 
 def evaluate_model(model: nn.Module, source: Source, size: int, batch_size: int = 256) -> dict[str, float]:
     """Top-1 and balanced accuracy (mean per-class recall) on the deterministic eval views; on image/mask pairs
-    mIoU and pixel accuracy (``evaluate_segmentation``)."""
-    if source.mask_loader is not None:
-        return evaluate_segmentation(model, source, size, len(source.class_names), min(batch_size, 64))
-    return accuracy(*predict(model, source, size, batch_size), num_classes=len(labeled_classes(source)))
+    mIoU and pixel accuracy."""
+    return PooledMetrics.for_source(source).update(model, source, size, batch_size).compute()
+
+
+class PooledMetrics:
+    """Metrics over the predictions of one or several (model, images) pairs, pooled before computing: k-fold
+    cross-validation scores every held-out image once, so its 100 predictions count as 100, not 5 means of 20.
+
+    Classification: top-1 and balanced accuracy (torchmetrics ``MulticlassAccuracy`` micro / macro); image/mask
+    pairs: mIoU (``MulticlassJaccardIndex``, macro over classes present) and pixel accuracy, ignored pixels out.
+    """
+
+    def __init__(self, num_classes: int, segmentation: bool):
+        self.segmentation = segmentation
+        names = ("miou", "pixel_accuracy") if segmentation else ("top1", "balanced_accuracy")
+        first = (MulticlassJaccardIndex(num_classes, average="macro", ignore_index=-100) if segmentation
+                 else MulticlassAccuracy(num_classes, average="micro"))
+        second = MulticlassAccuracy(num_classes, average="micro" if segmentation else "macro", ignore_index=-100)
+        self.metrics = dict(zip(names, (first, second)))
+
+    @classmethod
+    def for_source(cls, source: Source) -> PooledMetrics:
+        segmentation = source.mask_loader is not None
+        return cls(len(source.class_names) if segmentation else len(labeled_classes(source)), segmentation)
+
+    @torch.inference_mode()
+    def update(self, model: nn.Module, source: Source, size: int, batch_size: int = 256) -> PooledMetrics:
+        """Add ``model``'s predictions on the deterministic eval views of ``source``."""
+        views = (SegmentationViews if self.segmentation else LabeledViews)(source, size, train=False)
+        was_training = model.training
+        model.eval()
+        for inputs, targets in DataLoader(views, batch_size=min(batch_size, 64) if self.segmentation else batch_size):
+            predicted = model(inputs.contiguous(memory_format=torch.channels_last)).argmax(1)
+            for metric in self.metrics.values():
+                metric.update(predicted, targets)
+        model.train(was_training)
+        return self
+
+    def compute(self) -> dict[str, float]:
+        return {name: float(metric.compute()) for name, metric in self.metrics.items()}
 
 
 def headline_metric(source: Source) -> str:
@@ -163,20 +199,3 @@ class SegmentationViews(LabeledViews):
             view, mask = eval_view(image, self.size), eval_mask(mask, self.size)
         labels = mask.long()
         return view, labels.masked_fill_(labels == IGNORE_INDEX, -100)
-
-
-@torch.inference_mode()
-def evaluate_segmentation(model: nn.Module, source: Source, size: int, num_classes: int,
-                          batch_size: int = 64) -> dict[str, float]:
-    """mIoU (torchmetrics ``MulticlassJaccardIndex``, macro over classes present) and pixel accuracy on the
-    deterministic eval views, ignored pixels left out."""
-    iou = MulticlassJaccardIndex(num_classes, average="macro", ignore_index=-100)
-    pixel = MulticlassAccuracy(num_classes, average="micro", ignore_index=-100)
-    was_training = model.training
-    model.eval()
-    for views, masks in DataLoader(SegmentationViews(source, size, train=False), batch_size=batch_size):
-        predicted = model(views.contiguous(memory_format=torch.channels_last)).argmax(1)
-        iou.update(predicted, masks)
-        pixel.update(predicted, masks)
-    model.train(was_training)
-    return {"miou": float(iou.compute()), "pixel_accuracy": float(pixel.compute())}

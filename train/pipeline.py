@@ -12,12 +12,17 @@ RUN_DIR and shared by every cell that needs it::
                               so one store per transfer set serves both task-agnostic methods at every shots)
     distilled(store, targets) train.distill (a subprocess: DeepSpeed sets up a process group);
                               task-oriented-online: train.distill --online --teacher T (no cached targets)
-    finetune(cell, lr)        train.finetune --val-fraction F --eval-every N, one run per lr of the grid
-    evaluate(model)           train.evaluate on the test split: the best-val finetune and the teachers
+    finetune(cell)            train.finetune --lr GRID --steps GRID --folds K (labeled-only: the labeled_only section)
+    evaluate(model)           train.evaluate on the test split: the finetuned students and the teachers
 
-Labeled-only cells skip the first four. Each learning rate is chosen by validation top-1 on a
-part carved from the labeled images (never the test split); the task teacher is trained without
-that part too. An artifact is done when ``OUT/.pipeline-done.json`` exists, a cell when
+Labeled-only cells skip the first four. Every row is tuned by one protocol (``train.protocol``): fixed-length
+cosine schedules, the setting chosen by k-fold cross-validation over the labeled images (``folds``; pooled
+predictions) or on ``val_data``, the final model trained on all labeled images; never on the test split.
+``seeds: [0, 1, 2]`` (``--seeds``) runs every seed's labeled draw end to end and reports each row as
+mean ± std with paired differences (``train.report``); stages that see no labels (the frozen VFM and its
+stores) are made once for all seeds. ``threads`` pins the thread count of every stage (in-process and child
+processes), so a run gives the same numbers on a machine with more cores. An artifact is done when
+``OUT/.pipeline-done.json`` exists, a cell when
 ``RUN/cells/KEY.json`` does: a rerun skips both, and ``RUN/steps.jsonl`` logs every step as ran or
 skipped. Writes ``RUN/results.json`` (every row, with each stage's wall time and the total),
 ``RUN/results.parquet``, ``RUN/results.md``, two plots (``train.report``) and a ``card.md`` (``train.card``) in
@@ -27,14 +32,15 @@ Image/mask pairs as ``data`` (``recipes/segmentation.yaml``) make it a segmentat
 ``train.teacher --task segmentation``, stores hold ``seg_logits``, ``shots`` counts labeled images in all, and
 every choice and row uses mIoU (pixel accuracy beside it) where classification uses top-1.
 
-Each task-oriented row records its teacher's val top-1 and the labeled-only student's on the same
-validation images (``teacher_ahead``); a teacher that is not ahead is flagged, since distillation
-cannot give the student more than the teacher knows.
+Each task-oriented row records its teacher's cross-validated top-1 and the labeled-only student's on the same
+folds (``teacher_ahead``); a teacher that is not ahead is flagged, since distillation cannot give the student
+more than the teacher knows.
 
 Example:
     python -m train.pipeline                                   # embedded default (recipes/fashion_mnist.yaml)
     python -m train.pipeline train/recipes/comparison.yaml --run-dir runs/comparison --publish docs
     python -m train.pipeline train/recipes/comparison.yaml --plan      # the command lines, nothing run
+    python -m train.pipeline --seeds 0,1,2 --run-dir runs/seeds         # mean ± std and paired intervals
     python -m train.pipeline train/recipes/segmentation.yaml --run-dir runs/seg   # mIoU rows on mosaics
 """
 
@@ -57,12 +63,14 @@ import traceback
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 
 from reinforce.sources import open_source
 from stores.cli import cli_errors, debug_flag
 from stores.manifest import TeacherCard
 from train import card, report
+from train.protocol import comma_ints
 
 __all__ = ["METHODS", "Cell", "Planner", "Runner", "Step", "grid_cells", "load_recipe", "main", "run_grid"]
 
@@ -79,12 +87,16 @@ TASKS = {"classification": ("logits", "top1"), "segmentation": ("seg_logits", "m
 TEACHER_MODES = ("lp", "ft", "auto")
 STAGES = ("teacher", "build", "distill", "finetune")
 REQUIRED = ("data", "test", "grid", "transfer_sets", "teacher", "student", "finetune")
+RETIRED = {"seed": "seeds: [N, ...]", "val_fraction": "folds: K (cross-validation) or val_data: SPEC"}
+SELECTION = {"folds", "val_data", "seed", "val_fraction", "eval_every", "patience", "cooldown"}  # per protocol
+DEFAULT_THREADS = 2  # what a 2-core machine runs best at; pinned so a bigger machine computes the same numbers
 IN_PROCESS = {"train.teacher", "train.finetune", "train.evaluate", "reinforce.build"}  # saves ~5 s of start each
 RESERVED = {  # flags the pipeline sets itself; a recipe section may not
-    "teacher": {"data", "shots", "mode", "name", "out_dir", "val_fraction", "seed"},
+    "teacher": {"data", "shots", "mode", "name", "out_dir", *SELECTION},
     "build": {"teacher", "transfer_set", "targets", "out", "seed"},
     "distill": {"store", "student", "size", "targets", "out", "seed"},
-    "finetune": {"init", "student", "size", "data", "shots", "out", "seed", "val_fraction"},
+    "finetune": {"init", "student", "size", "data", "shots", "out", *SELECTION},
+    "labeled_only": {"init", "student", "size", "data", "shots", "out", *SELECTION},
 }
 
 
@@ -142,10 +154,21 @@ def load_recipe(path: str | os.PathLike) -> dict[str, Any]:
         if agnostic or "auto" in grid.get("teacher_mode", ["lp"]):
             raise ValueError(f"{path}: a segmentation recipe takes methods labeled-only, task-oriented, "
                              f"task-oriented-online and teacher modes lp, ft; not {agnostic or ['auto']}")
-    lrs = recipe["finetune"]["lr"]
-    if isinstance(lrs, list) and len(lrs) > 1 and not recipe.get("val_fraction"):
-        raise ValueError(f"{path}: an lr grid {lrs} is chosen on a validation split; set val_fraction > 0")
+    retired = [f"{key} (now {RETIRED[key]})" for key in RETIRED if key in recipe]
+    if retired:
+        raise ValueError(f"{path}: {', '.join(retired)}")
+    seeds = recipe.setdefault("seeds", [0])
+    if not isinstance(seeds, list) or not seeds or not all(isinstance(v, int) for v in seeds):
+        raise ValueError(f"{path}: seeds must be a list of integers, got {seeds!r}")
+    for section in ("finetune", "labeled_only"):
+        grid_size = len(_listed(recipe.get(section, {}).get("lr"))) * len(_listed(recipe.get(section, {}).get("steps")))
+        if grid_size > 1 and not recipe.get("folds") and not recipe.get("val_data"):
+            raise ValueError(f"{path}: {section}: {grid_size} candidate settings need folds: K or val_data: SPEC")
     return recipe
+
+
+def _listed(value: Any) -> list[Any]:
+    return value if isinstance(value, list) else [value]
 
 
 def task_of(recipe: dict[str, Any]) -> str:
@@ -180,18 +203,18 @@ def flags(section: dict[str, Any] | None) -> list[str]:
         flag = "--" + key.replace("_", "-")
         if value is True:
             argv.append(flag)
-        elif isinstance(value, list | tuple):
-            argv += [flag, *map(str, value)]
+        elif isinstance(value, list | tuple):  # candidates: --lr 0.0005,0.003
+            argv += [flag, ",".join(map(str, value))]
         elif value is not None and value is not False:
             argv += [flag, str(value)]
     return argv
 
 
 class Planner:
-    """Builds each cell's steps; the same inputs always give the same ``Step`` (and directory)."""
+    """Builds each cell's steps for one seed; the same inputs always give the same ``Step`` (and directory)."""
 
-    def __init__(self, recipe: dict[str, Any], run_dir: Path):
-        self.recipe, self.run_dir = recipe, run_dir
+    def __init__(self, recipe: dict[str, Any], run_dir: Path, seed: int = 0):
+        self.recipe, self.run_dir, self.seed = recipe, run_dir, seed
         self.task = task_of(recipe)
         self.task_target, self.metric = TASKS[self.task]
         self.second_metric = report.METRICS[self.metric][1]
@@ -212,57 +235,67 @@ class Planner:
         if mode == "frozen":  # no labels: one teacher for every shots level, only its identity flags matter
             section = {k: v for k, v in r["teacher"].items() if k in ("backbone", "library", "weights", "size")}
             return self.step("teacher", "train.teacher", "frozen", ["--mode", "frozen", *flags(section)])
-        argv = ["--data", r["data"], "--shots", str(shots), "--seed", str(r.get("seed", 0)), "--mode", mode,
-                "--val-fraction", str(r.get("val_fraction", 0)), *flags(r["teacher"])]
+        argv = ["--data", r["data"], "--shots", str(shots), "--seed", str(self.seed), "--mode", mode,
+                *self.selection(), *flags(r["teacher"])]
         if self.task == "segmentation":
             argv += ["--task", "segmentation"]
+        elif "labeled-only" in r["grid"]["method"]:  # the grid's labeled-only row is the baseline, same folds
+            argv += ["--baseline-student", "none"]
         return self.step("teacher", "train.teacher", f"{mode}-s{shots}", argv)
 
-    def store(self, teacher: Step, transfer: str, targets: str) -> Step:
-        spec = self.recipe["transfer_sets"][transfer].replace("{seed}", str(self.recipe.get("seed", 0)))
-        argv = ["--teacher", str(teacher.out), "--transfer-set", spec, "--targets", targets,
-                "--seed", str(self.recipe.get("seed", 0)), *flags(self.recipe.get("build"))]
+    def selection(self) -> list[str]:
+        """The protocol's flags, the same for the teacher and every student."""
+        r = self.recipe
+        return ["--folds", str(r.get("folds", 0))] + (["--val-data", r["val_data"]] if r.get("val_data") else [])
+
+    def store(self, teacher: Step, transfer: str, targets: str, frozen: bool = False) -> Step:
+        """A store of ``teacher``'s targets; a frozen teacher's store over a transfer set that does not depend on the
+        seed sees no labels at all, so every seed shares it (built with seed 0)."""
+        spec = self.recipe["transfer_sets"][transfer]
+        shared = frozen and "{seed}" not in spec
+        argv = ["--teacher", str(teacher.out), "--transfer-set", spec.replace("{seed}", str(self.seed)),
+                "--targets", targets, "--seed", str(0 if shared else self.seed), *flags(self.recipe.get("build"))]
         return self.step("build", "reinforce.build", f"{transfer}-{teacher.out.name.rsplit('-', 1)[0]}", argv)
 
     def distilled(self, store: Step, targets: str, online_teacher: Step | None = None) -> Step:
         student = self.recipe["student"]
         argv = ["--store", str(store.out), "--student", student["arch"], "--size", str(student["size"]),
-                "--targets", targets, "--seed", str(self.recipe.get("seed", 0)), *flags(self.recipe.get("distill"))]
+                "--targets", targets, "--seed", str(self.seed), *flags(self.recipe.get("distill"))]
         label = f"{store.out.name.rsplit('-', 1)[0]}-{targets}"
         if online_teacher is not None:
             argv += ["--online", "--teacher", str(online_teacher.out)]
             label += "-online"
         return self.step("distill", "train.distill", label, argv)
 
-    def plan(self, cell: Cell) -> tuple[list[Step], list[Step]]:
-        """``cell``'s upstream steps (teacher, store, distilled student; none for labeled-only) and its finetunes."""
+    def plan(self, cell: Cell) -> tuple[list[Step], Step]:
+        """``cell``'s upstream steps (teacher, store, distilled student; none for labeled-only) and its finetune."""
         target = METHODS[cell.method]
         if target is None:
-            return [], self.finetunes(cell, None)
+            return [], self.finetune(cell, None)
         teacher = self.teacher(None if cell.teacher_mode == "frozen" else cell.shots, cell.teacher_mode)
         frozen = cell.teacher_mode == "frozen"
-        store = self.store(teacher, cell.transfer, self.agnostic_targets if frozen else self.task_target)
+        store = self.store(teacher, cell.transfer, self.agnostic_targets if frozen else self.task_target, frozen)
         distilled = self.distilled(store, target if frozen else self.task_target,
                                    teacher if cell.method in ONLINE else None)
-        return [teacher, store, distilled], self.finetunes(cell, distilled)
+        return [teacher, store, distilled], self.finetune(cell, distilled)
 
     def cell_hash(self, cell: Cell) -> str:
         """Identifies everything a cell runs: its steps' directories (themselves hashes of their inputs)."""
-        upstream, finetunes = self.plan(cell)
-        names = [step.out.name for step in upstream + finetunes] + [self.recipe["test"]]
+        upstream, finetune = self.plan(cell)
+        names = [step.out.name for step in [*upstream, finetune]] + [self.recipe["test"]]
         return hashlib.sha256(json.dumps(names).encode()).hexdigest()[:10]
 
-    def finetunes(self, cell: Cell, init: Step | None) -> list[Step]:
-        """One finetune per learning rate of the grid, same max steps and schedule for every method."""
-        r, section = self.recipe, dict(self.recipe["finetune"])
-        lrs = section.pop("lr")
+    def finetune(self, cell: Cell, init: Step | None) -> Step:
+        """The cell's finetune (labeled-only: trained from scratch, ``labeled_only`` section over ``finetune``), its
+        candidates chosen by the protocol and the final model trained on all labeled images."""
+        r = self.recipe
+        section = r["finetune"] if init else {**r["finetune"], **(r.get("labeled_only") or {})}
         start = ["--init", str(init.out)] if init else ["--student", r["student"]["arch"], "--size",
                                                           str(r["student"]["size"])]
         label = init.out.name.rsplit("-", 1)[0] if init else "labeled-only"
-        return [self.step("finetune", "train.finetune", f"{label}-s{cell.shots}-lr{lr:g}",
-                          [*start, "--data", r["data"], "--shots", str(cell.shots), "--seed", str(r.get("seed", 0)),
-                           "--val-fraction", str(r.get("val_fraction", 0)), "--lr", str(lr), *flags(section)])
-                for lr in (lrs if isinstance(lrs, list) else [lrs])]
+        return self.step("finetune", "train.finetune", f"{label}-s{cell.shots}",
+                         [*start, "--data", r["data"], "--shots", str(cell.shots), "--seed", str(self.seed),
+                          *self.selection(), *flags(section)])
 
     def evaluation(self, model: Step) -> Step:
         argv = ["--model", str(model.out), "--data", self.recipe["test"]]
@@ -274,6 +307,7 @@ class Runner:
 
     def __init__(self, run_dir: Path, recipe: dict[str, Any] | None = None):
         self.run_dir, self.recipe = run_dir, recipe
+        self.threads = (recipe or {}).get("threads", DEFAULT_THREADS)
         self.log = run_dir / "steps.jsonl"
         self.run_id = f"{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}"  # groups one invocation's log lines
 
@@ -286,7 +320,7 @@ class Runner:
             return record
         print(f"\n== {step.stage} {step.out.name}\n$ {step.command_line()}", flush=True)
         started = time.perf_counter()
-        code = _execute(step)
+        code = _execute(step, self.threads)
         if code:
             raise ChildProcessError(f"stage {step.stage} failed (exit status {code}): {step.command_line()}")
         seconds = round(time.perf_counter() - started, 1)
@@ -305,10 +339,12 @@ class Runner:
             f.write(json.dumps(entry) + "\n")
 
 
-def _execute(step: Step) -> int:
-    """Exit status of the step's command line, run through its module's ``main(argv)`` when in process."""
+def _execute(step: Step, threads: int) -> int:
+    """Exit status of the step's command line, run through its module's ``main(argv)`` when in process; a child
+    process runs with ``threads`` intra-op threads, as the in-process stages do."""
     if step.module not in IN_PROCESS:
-        env = {**os.environ, "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu")}
+        env = {**os.environ, "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu"),
+               **dict.fromkeys(("OMP_NUM_THREADS", "MKL_NUM_THREADS"), str(threads))}
         return subprocess.run([sys.executable, "-m", step.module, *step.argv], env=env).returncode
     try:
         result = importlib.import_module(step.module).main(list(step.argv))
@@ -332,40 +368,35 @@ def last_stage(model_dir: Path) -> dict[str, Any]:
 
 
 def run_cell(cell: Cell, planner: Planner, runner: Runner, flops: report.FlopsCounter) -> dict[str, Any]:
-    """Every step of ``cell`` (shared ones only once), the lr chosen on val; returns its result row."""
-    upstream, candidates = planner.plan(cell)
+    """Every step of ``cell`` (shared ones only once), its test evaluation; returns its result row."""
+    upstream, finetune = planner.plan(cell)
     seconds = {f"{stage}_seconds": 0.0 for stage in ("teacher", "build", "distill", "finetune", "eval")}
-    for step in upstream:
+    for step in [*upstream, finetune]:
         seconds[f"{step.stage}_seconds"] += runner.ensure(step)["seconds"]
-    for step in candidates:
-        seconds["finetune_seconds"] += runner.ensure(step)["seconds"]
-    chosen = choose_on_validation(candidates, planner.metric)
-    evaluation = planner.evaluation(chosen)
+    evaluation = planner.evaluation(finetune)
     seconds["eval_seconds"] += runner.ensure(evaluation)["seconds"]
     metrics = report.read_json(evaluation.out / "test.json")
-    tuned = last_stage(chosen.out)
+    tuned = last_stage(finetune.out)
     metric, second = planner.metric, planner.second_metric
-    row = {**dataclasses.asdict(cell), metric: metrics[metric], second: metrics[second],
-           f"val_{metric}": tuned.get(f"val_{metric}"), "lr": tuned["lr"], "best_step": tuned.get("best_step"),
-           "steps_run": tuned.get("steps_run"), "max_steps": tuned["steps"],
-           "lr_grid": ",".join(f"{last_stage(s.out)['lr']:g}" for s in candidates),
-           **{k: round(v, 1) for k, v in seconds.items()}, "model": str(chosen.out)}
+    row = {**dataclasses.asdict(cell), "seed": planner.seed, metric: metrics[metric], second: metrics[second],
+           **selection_columns(tuned, metric), **{k: round(v, 1) for k, v in seconds.items()},
+           "model": str(finetune.out)}
     teacher, store = (upstream[0].out, upstream[1].out) if upstream else (None, None)
-    write_card(chosen.out, evaluation)
-    return {**row, **flops.cell(teacher, store, chosen.out)}
+    write_card(finetune.out, evaluation)
+    return {**row, **flops.cell(teacher, store, finetune.out)}
+
+
+def selection_columns(record: dict[str, Any], metric: str) -> dict[str, Any]:
+    """What the protocol chose and why, as result columns: the chosen setting, its pooled validation score and
+    every candidate's."""
+    return {f"val_{metric}": record.get(f"val_{metric}"), "lr": record.get("lr"), "steps": record.get("steps"),
+            "chosen": record.get("chosen"), "candidates": json.dumps(record.get("scores") or {}),
+            "protocol": record.get("protocol")}
 
 
 def write_card(model_dir: Path, evaluation: Step) -> None:
     """``card.md`` in the row's model directory: its test metrics, lineage and history (``train.card``)."""
     (model_dir / "card.md").write_text(card.render_card(model_dir, evaluation.out / "test.json"))
-
-
-def choose_on_validation(candidates: list[Step], metric: str = "top1") -> Step:
-    """The finetune with the best validation top-1 / mIoU (the first on ties; the only one without a val split)."""
-    scores = [last_stage(step.out).get(f"val_{metric}") for step in candidates]
-    if None in scores:
-        return candidates[0]
-    return candidates[scores.index(max(scores))]
 
 
 def teacher_row(shots: int, mode: str, planner: Planner, runner: Runner,
@@ -380,21 +411,27 @@ def teacher_row(shots: int, mode: str, planner: Planner, runner: Runner,
     write_card(teacher.out, evaluation)
     metric, second = planner.metric, planner.second_metric
     return {"shots": shots, "transfer": None, "method": "teacher", "teacher_mode": mode,  # as its cells name it
-            metric: metrics[metric], second: metrics[second],
-            f"val_{metric}": teacher_val(teacher_card, metric), "lr": teacher_card.adaptation.get("lr"),
-            "teacher_seconds": record["seconds"], "eval_seconds": eval_record["seconds"], "model": str(teacher.out),
+            "seed": planner.seed, metric: metrics[metric], second: metrics[second],
+            **selection_columns(teacher_card.adaptation, metric), "teacher_seconds": record["seconds"],
+            "eval_seconds": eval_record["seconds"], "model": str(teacher.out),
             "teacher_adapt_flops": adapt, "teacher_pass_flops": 0, "student_flops": 0, "compute_flops": adapt}
 
 
 def run_grid(recipe: dict[str, Any], run_dir: Path) -> list[dict[str, Any]]:
-    """Every cell of the recipe's grid (finished cells are read back), then the teachers' reference rows."""
+    """Every seed's grid (finished cells are read back) and reference teachers; stages shared by seeds run once."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    planner, runner, flops = Planner(recipe, run_dir), Runner(run_dir, recipe), report.FlopsCounter(run_dir)
+    runner, flops = Runner(run_dir, recipe), report.FlopsCounter(run_dir)
+    return [row for seed in recipe["seeds"] for row in run_seed(recipe, Planner(recipe, run_dir, seed), runner, flops)]
+
+
+def run_seed(recipe: dict[str, Any], planner: Planner, runner: Runner,
+             flops: report.FlopsCounter) -> list[dict[str, Any]]:
+    """One seed's labeled draw end to end: every cell of the grid, then the teachers' reference rows."""
     rows = []
     for cell in grid_cells(recipe):
-        done = run_dir / "cells" / f"{cell.key}-{planner.cell_hash(cell)}.json"
+        done = planner.run_dir / "cells" / f"{cell.key}-{planner.cell_hash(cell)}.json"
         if done.exists():
-            print(f"== cell {cell.key}: done, skipped", flush=True)
+            print(f"== cell {cell.key} seed {planner.seed}: done, skipped", flush=True)
             runner.note("cell", done, "skipped", 0.0)
             rows.append(report.read_json(done))
             continue
@@ -407,8 +444,7 @@ def run_grid(recipe: dict[str, Any], run_dir: Path) -> list[dict[str, Any]]:
     modes = recipe.get("reference_teachers", True)  # true: the modes the grid distills from; or a list of modes
     modes = list(dict.fromkeys(c.teacher_mode for c in task_cells)) if modes is True else modes or []
     shots = dict.fromkeys(c.shots for c in task_cells) if task_cells else dict.fromkeys(recipe["grid"]["shots"])
-    rows += [teacher_row(s, mode, planner, runner, flops) for s in shots for mode in modes]
-    return rows
+    return rows + [teacher_row(s, mode, planner, runner, flops) for s in shots for mode in modes]
 
 
 def teacher_val(teacher_card: TeacherCard, metric: str) -> float | None:
@@ -417,35 +453,40 @@ def teacher_val(teacher_card: TeacherCard, metric: str) -> float | None:
 
 
 def mark_teacher_ahead(rows: list[dict[str, Any]], planner: Planner) -> None:
-    """Task-oriented rows get their teacher's val top-1 (mIoU) and the labeled-only row's (same val images) and
-    ``teacher_ahead``; a teacher that is not ahead is reported, since the student cannot learn more than it."""
+    """Task-oriented rows get their teacher's cross-validated top-1 (mIoU) and the labeled-only row's (same folds;
+    without that row, the teacher's own labels-only baseline) and ``teacher_ahead``; a teacher that is not ahead is
+    reported, since the student cannot learn more than it."""
     key = f"val_{planner.metric}"
     labels_only = {r["shots"]: r[key] for r in rows if r["method"] == "labeled-only"}
     for row in rows:
         if METHODS.get(row["method"]) != "logits":
             continue
-        teacher = teacher_val(report.teacher_card(planner.teacher(row["shots"], row["teacher_mode"]).out),
-                              planner.metric)
-        baseline = labels_only.get(row["shots"])
+        card = report.teacher_card(planner.teacher(row["shots"], row["teacher_mode"]).out)
+        teacher = teacher_val(card, planner.metric)
+        baseline = labels_only.get(row["shots"], (card.adaptation.get("labels_only") or {}).get("val_top1"))
         row.update({f"teacher_{key}": teacher, f"labels_only_{key}": baseline,
                     "teacher_ahead": None if None in (teacher, baseline) else teacher > baseline})
         if row["teacher_ahead"] is False:
-            print(f"warning: {row['teacher_mode']} teacher at {row['shots']} labels/class is not ahead of the "
-                  f"labeled-only student on validation ({teacher:.3f} vs {baseline:.3f}): distilling it cannot "
+            print(f"warning: {row['teacher_mode']} teacher at {row['shots']} labels/class (seed {planner.seed}) is not "
+                  f"ahead of the labeled-only student in cross-validation ({teacher:.3f} vs {baseline:.3f}): "
+                  "distilling it cannot "
                   "beat training on the labels; see README 'When the teacher is weak'", flush=True)
 
 
 def print_plan(recipe: dict[str, Any], run_dir: Path) -> None:
     """Every distinct step of the grid in run order, as command lines (evaluations follow the lr choice)."""
-    planner, seen = Planner(recipe, run_dir), set()
-    for cell in grid_cells(recipe):
-        upstream, finetunes = planner.plan(cell)
-        for step in upstream + finetunes:
-            if step.out not in seen:
-                seen.add(step.out)
-                print(f"# {step.stage} -> {step.out}\n{step.command_line()}")
+    seen = set()
+    for seed in recipe["seeds"]:
+        planner = Planner(recipe, run_dir, seed)
+        for cell in grid_cells(recipe):
+            upstream, finetune = planner.plan(cell)
+            for step in [*upstream, finetune]:
+                if step.out not in seen:
+                    seen.add(step.out)
+                    print(f"# {step.stage} -> {step.out}\n{step.command_line()}")
     counts = {stage: sum(1 for out in seen if out.parent.name == f"{stage}s") for stage in STAGES}
-    print(f"# {len(grid_cells(recipe))} cells; " + ", ".join(f"{n} {stage}" for stage, n in counts.items()))
+    print(f"# {len(grid_cells(recipe))} cells x {len(recipe['seeds'])} seeds; "
+          + ", ".join(f"{n} {stage}" for stage, n in counts.items()))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -454,15 +495,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--run-dir", default="runs/pipeline", help="where teachers, stores, models and results go")
     parser.add_argument("--publish", help="also copy results.md and the plots into this directory (e.g. docs)")
     parser.add_argument("--plan", action="store_true", help="print every step's command line; run nothing")
-    parser.add_argument("--seed", type=int, default=None,
-                        help="override the recipe's seed (labeled draw, validation split, training; "
-                             "{seed} in a transfer-set spec): repeat a run to measure the spread")
+    parser.add_argument("--seeds", type=comma_ints, default=None,
+                        help="override the recipe's seeds, e.g. 0,1,2 (labeled draw, folds, training; {seed} in a "
+                             "transfer-set spec): each row is reported as mean ± std over them")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="override the recipe's threads: torch threads of every stage (default 2)")
     args = debug_flag(parser).parse_args(argv)
     start = time.perf_counter()
     with cli_errors("train.pipeline", args.debug):
         recipe = load_recipe(args.recipe)
-        if args.seed is not None:
-            recipe["seed"] = args.seed
+        recipe["seeds"] = list(args.seeds) if args.seeds else recipe["seeds"]
+        recipe["threads"] = args.threads or recipe.get("threads", DEFAULT_THREADS)
+        torch.set_num_threads(recipe["threads"])  # in-process stages; child processes get it in their environment
         if args.plan:
             print_plan(recipe, Path(args.run_dir))
             return 0

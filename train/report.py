@@ -5,9 +5,11 @@ teacher adaptation + teacher pass (teacher forward FLOPs per view x views stored
 student (3 x student forward FLOPs per image x images seen in distillation and finetuning). Forward
 FLOPs are measured once per (model, size) with ``torch.utils.flop_counter.FlopCounterMode``.
 
-``python -m train.report RUN`` redraws ``RUN/results.md`` and the plots from ``RUN/results.parquet``;
-``python -m train.report RUN1 RUN2 RUN3 --spread FILE.md`` writes the mean ± std of every row over
-runs of one recipe with different ``--seed`` (a real gap vs noise).
+Rows of several seeds (``train.pipeline --seeds 0,1,2``) are reported as mean ± std over seeds, and the
+comparisons the paper makes as **paired differences** per seed (method − labeled-only, task-oriented −
+task-agnostic: same labeled draw, same folds) with a 95 % Student-t interval; a difference whose interval
+contains 0 is marked "within noise". ``python -m train.report RUN`` redraws ``RUN/results.md`` and the plots
+from ``RUN/results.parquet``.
 
 Example:
     >>> write_report(rows, Path("runs/pipeline"), title="top-1 on fashion-mnist:test")
@@ -31,13 +33,14 @@ from stores.location import Location
 from stores.store import read_manifest
 from train.models import read_student_card
 
-__all__ = ["COLUMNS", "FlopsCounter", "main", "write_report"]
+__all__ = ["COLUMNS", "FlopsCounter", "main", "paired_differences", "write_report"]
 
 COLUMNS = {
     "shots": pl.Int64, "transfer": pl.Utf8, "method": pl.Utf8, "teacher_mode": pl.Utf8,
     "top1": pl.Float64, "balanced_accuracy": pl.Float64, "val_top1": pl.Float64,
     "miou": pl.Float64, "pixel_accuracy": pl.Float64, "val_miou": pl.Float64,
-    "lr": pl.Float64, "lr_grid": pl.Utf8, "best_step": pl.Int64, "steps_run": pl.Int64, "max_steps": pl.Int64,
+    "seed": pl.Int64, "lr": pl.Float64, "steps": pl.Int64, "chosen": pl.Utf8, "candidates": pl.Utf8,
+    "protocol": pl.Utf8,
     "teacher_seconds": pl.Float64, "build_seconds": pl.Float64, "distill_seconds": pl.Float64,
     "finetune_seconds": pl.Float64, "eval_seconds": pl.Float64,
     "teacher_adapt_flops": pl.Int64, "teacher_pass_flops": pl.Int64, "student_flops": pl.Int64,
@@ -57,6 +60,8 @@ COLORS = {"labeled-only": "tab:blue", "task-agnostic-embedding": "tab:green", "t
           ("task-oriented", "ft"): "darkred",
           ("task-oriented", "auto"): "tab:orange", ("teacher", "ft"): "dimgray", ("teacher", "auto"): "gray"}
 MARKERS = ("o", "^", "s", "D", "v")
+KEYS = ["shots", "transfer", "method", "teacher_mode"]  # a row of the comparison; seeds repeat it
+STAGE_SECONDS = ("teacher", "build", "distill", "finetune", "eval")
 
 
 def read_json(path: Path) -> dict[str, Any]:
@@ -114,8 +119,9 @@ class FlopsCounter:
         return self.forward(f"student:{arch}@{size}" + ("/seg" if task == "segmentation" else ""), build)
 
     def teacher_adapt(self, teacher_dir: Path) -> int:
-        """Teacher passes spent on adaptation: probe features (lp) or 3x per trained image (ft), CV folds included;
-        a segmentation lp trains its head on fresh views, one backbone forward per image per step."""
+        """Teacher passes spent on adapting the saved teacher: probe features (lp) or 3x per trained image (ft); a
+        segmentation lp trains its head on fresh views, one backbone forward per image per step. Like the students',
+        the cross-validation runs that chose the setting are not counted (their seconds are)."""
         adaptation = teacher_card(teacher_dir).adaptation
         images = adaptation.get("train_images", 0)
         if adaptation["mode"] not in ("lp", "ft") or not images:
@@ -127,8 +133,7 @@ class FlopsCounter:
             passes = images * (adaptation.get("lp_views", 0) + 1)
         else:
             passes = 3 * adaptation["steps"] * batch
-        folds, cv_modes = adaptation.get("folds", 0), len(adaptation.get("cv_accuracy") or {})
-        return self.teacher_forward(teacher_dir) * passes * (1 + (folds - 1) * cv_modes if folds > 1 else 1)
+        return self.teacher_forward(teacher_dir) * passes  # the model trained; selection runs are not counted
 
     def student_images(self, model_dir: Path) -> tuple[str, int, int, str]:
         """(arch, size, images seen in every training stage, task) of a student directory."""
@@ -139,7 +144,7 @@ class FlopsCounter:
                 images += stage["steps"] * stage["batch_size"] * stage.get("world_size", 1)
             else:
                 batch = min(stage["batch_size"], stage.get("train_images", stage["batch_size"]))
-                images += stage.get("steps_run", stage["steps"]) * batch
+                images += stage.get("steps_run", stage["steps"]) * batch  # the final model's run
         return card.arch, card.input_size, images, card.task
 
     def cell(self, teacher_dir: Path | None, store_dir: Path | None, model_dir: Path) -> dict[str, int]:
@@ -202,49 +207,115 @@ def _pct(value: float | None) -> str:
     return "–" if value is None else f"{100 * value:.1f}"
 
 
+def aggregate(frame: pl.DataFrame) -> pl.DataFrame:
+    """One row per (shots, transfer, method, teacher mode): mean and sample std of the metrics over seeds."""
+    metric = headline(frame)
+    second = METRICS[metric][1]
+    seconds = pl.sum_horizontal(pl.col(f"{s}_seconds").fill_null(0) for s in STAGE_SECONDS)
+    return frame.with_columns(seconds.alias("seconds")).group_by(KEYS, maintain_order=True).agg(
+        pl.len().alias("seeds"), *(pl.col(c).mean() for c in (metric, second, "compute_flops", "seconds")),
+        *(pl.col(c).std().alias(f"{c}_std") for c in (metric, second)))
+
+
+def _mean_std(row: dict[str, Any], column: str) -> str:
+    if row[column] is None:
+        return "–"
+    return f"{100 * row[column]:.1f}" + (f" ± {100 * row[f'{column}_std']:.1f}" if row["seeds"] > 1 else "")
+
+
 def summary_table(frame: pl.DataFrame) -> str:
-    """One row per shots x transfer set, one column per method (+ the teacher), top-1 (mIoU) in %."""
-    columns, metric = _ordered_columns(frame), headline(frame)
-    cells = frame.filter(pl.col("method") != "teacher")
+    """One row per shots x transfer set, one column per method (+ the teacher): top-1 (mIoU) in %, mean ± std
+    over seeds."""
+    columns, metric, stats = _ordered_columns(frame), headline(frame), aggregate(frame)
+    cells = stats.filter(pl.col("method") != "teacher")
     body = []
     for shots, transfer in cells.select("shots", "transfer").unique(maintain_order=True).sort("shots").iter_rows():
         row = [str(shots), transfer]
         for method, mode in columns:
-            match = frame.filter((pl.col("shots") == shots) & (pl.col("method") == method)
+            match = stats.filter((pl.col("shots") == shots) & (pl.col("method") == method)
                                  & pl.col("teacher_mode").eq_missing(mode)
                                  & (pl.col("transfer").eq_missing(transfer) | pl.col("transfer").is_null()))
-            row.append(_pct(match[metric][0]) if len(match) else "–")
+            row.append(_mean_std(match.row(0, named=True), metric) if len(match) else "–")
         body.append(row)
     header = [METRICS[metric][3], "transfer set", *(column_label(m, t) for m, t in columns)]
     return _md_table(header, body, right={0, *range(2, len(header))})
 
 
+def paired_differences(frame: pl.DataFrame) -> pl.DataFrame:
+    """Per (shots, transfer): method − labeled-only and task-oriented − task-agnostic, paired by seed; mean, std,
+    seeds and the 95 % Student-t interval of the mean difference (``within_noise`` when it contains 0)."""
+    from scipy.stats import t
+
+    metric = headline(frame)
+    rows = []
+    for (shots, transfer), part in frame.filter(pl.col("method") != "teacher").group_by(
+            "shots", "transfer", maintain_order=True):
+        columns = _ordered_columns(part)
+        pairs = [((m, mode), ("labeled-only", None)) for m, mode in columns if m != "labeled-only"]
+        pairs += [((m, mode), (agnostic, "frozen")) for m, mode in columns if m.startswith("task-oriented")
+                  for agnostic in ("task-agnostic-embedding", "task-agnostic-patch")]
+        for (method, mode), (baseline, base_mode) in pairs:
+            a, b = _by_seed(part, method, mode, metric), _by_seed(part, baseline, base_mode, metric)
+            diffs = [a[seed] - b[seed] for seed in a if seed in b]
+            if not diffs:
+                continue
+            mean = sum(diffs) / len(diffs)
+            std = float(pl.Series(diffs).std()) if len(diffs) > 1 else None
+            half = None if std is None else float(t.ppf(0.975, len(diffs) - 1)) * std / len(diffs) ** 0.5
+            rows.append({"shots": shots, "transfer": transfer, "comparison": f"{column_label(method, mode)} − "
+                         f"{column_label(baseline, base_mode)}", "seeds": len(diffs), "mean": mean, "std": std,
+                         "low": None if half is None else mean - half, "high": None if half is None else mean + half,
+                         "within_noise": None if half is None else mean - half <= 0 <= mean + half})
+    return pl.DataFrame(rows, schema={"shots": pl.Int64, "transfer": pl.Utf8, "comparison": pl.Utf8,
+                                      "seeds": pl.Int64, "mean": pl.Float64, "std": pl.Float64, "low": pl.Float64,
+                                      "high": pl.Float64, "within_noise": pl.Boolean}, orient="row")
+
+
+def _by_seed(part: pl.DataFrame, method: str, mode: str | None, metric: str) -> dict[int, float]:
+    rows = part.filter((pl.col("method") == method) & pl.col("teacher_mode").eq_missing(mode))
+    return dict(zip(rows["seed"].to_list(), rows[metric].to_list()))
+
+
+def differences_table(frame: pl.DataFrame) -> str:
+    """``paired_differences`` in points, "within noise" where the interval contains 0."""
+    body = []
+    for r in paired_differences(frame).iter_rows(named=True):
+        interval = "–" if r["low"] is None else f"[{100 * r['low']:+.1f}, {100 * r['high']:+.1f}]"
+        verdict = {None: "one seed: no interval", True: "within noise", False: "beyond noise"}[r["within_noise"]]
+        body.append([str(r["shots"]), r["transfer"], r["comparison"], str(r["seeds"]), f"{100 * r['mean']:+.1f}",
+                     interval, verdict])
+    header = ["shots", "transfer", "difference (paired by seed)", "seeds", "mean (points)", "95 % interval", ""]
+    return _md_table(header, body, right={0, 3, 4})
+
+
 def details_table(frame: pl.DataFrame) -> str:
-    """Every row: how it was tuned (val top-1, chosen lr of the grid, best step / steps run), time and compute."""
+    """Every row of every seed: what the protocol chose (pooled CV score of the chosen setting), time and compute."""
     metric = headline(frame)
     label, second, second_label, _ = METRICS[metric]
     body = []
-    for r in frame.sort("shots", "transfer", "method", nulls_last=True).iter_rows(named=True):
-        steps = "–" if r["best_step"] is None else f"{r['best_step']} / {r['steps_run']} (max {r['max_steps']})"
-        if r["best_step"] is not None and r["best_step"] == r["max_steps"]:
-            steps += ", still improving"  # the max-steps budget, not validation, ended this run
+    for r in frame.sort("shots", "transfer", "method", "seed", nulls_last=True).iter_rows(named=True):
         seconds = " + ".join(f"{r[f'{s}_seconds']:.0f}" if r[f"{s}_seconds"] is not None else "–"
-                             for s in ("teacher", "build", "distill", "finetune", "eval"))
-        lr = "–" if r["lr"] is None else f"{r['lr']:g}" + (f" of {r['lr_grid']}" if r["lr_grid"] else "")
+                             for s in STAGE_SECONDS)
+        candidates = len(json.loads(r["candidates"] or "{}"))
+        chosen = "–" if r["chosen"] is None else f"{r['chosen']} (of {candidates})"
         body.append([str(r["shots"]), r["transfer"] or "(all)", column_label(r["method"], r["teacher_mode"]),
-                     _pct(r[metric]), _pct(r[second]), _pct(r[f"val_{metric}"]), lr, steps, seconds,
+                     str(r["seed"]), _pct(r[metric]), _pct(r[second]), _pct(r[f"val_{metric}"]), chosen, seconds,
                      f"{(r['compute_flops'] or 0) / 1e12:.3g}"])
-    header = ["shots", "transfer", "row", label, second_label, f"val {label}", "lr (chosen of grid)",
-              "best step / run", "seconds: teacher + build + distill + finetune + eval", "TFLOPs"]
-    return _md_table(header, body, right={0, 3, 4, 5, 9})
+    header = ["shots", "transfer", "row", "seed", label, second_label, f"CV {label}", "chosen setting",
+              "seconds: teacher + build + distill + finetune + eval", "TFLOPs"]
+    return _md_table(header, body, right={0, 3, 4, 5, 6, 9})
 
 
 def write_markdown(frame: pl.DataFrame, path: Path, title: str) -> None:
-    text = (f"# {title}\n\n{summary_table(frame)}\n\n## Every row\n\nLearning rate and step (best-val checkpoint) "
-            "chosen on the validation part of the labeled images; the test split only scores the chosen model. "
-            "Seconds of a shared stage (teacher, store, distilled student) are listed in every row that uses it; "
-            "finetune seconds cover the whole lr grid. Compute: teacher adaptation + teacher pass over the stored "
-            f"views + 3 x student forward x images seen.\n\n{details_table(frame)}\n")
+    seeds = sorted(frame["seed"].drop_nulls().unique())
+    protocol = next(iter(frame["protocol"].drop_nulls()), "–")
+    text = (f"# {title}\n\nMean ± std over seeds {', '.join(map(str, seeds))} (the test split scores only the "
+            f"chosen models). Protocol of every row: {protocol}.\n\n{summary_table(frame)}\n\n"
+            f"## Paired differences\n\n{differences_table(frame)}\n\n## Every row\n\nThe setting (lr, schedule "
+            "length) each row chose and its pooled cross-validation score. Seconds of a shared stage (teacher, store, "
+            "distilled student) are listed in every row that uses it; finetune seconds include the cross-validation "
+            "runs. Compute: teacher adaptation + teacher pass over the stored views + 3 x student forward x images "
+            f"seen by the final model.\n\n{details_table(frame)}\n")
     path.write_text(text)
 
 
@@ -260,17 +331,18 @@ def _figure(panels: int):
 
 def plot_labels(frame: pl.DataFrame, path: Path) -> None:
     """Top-1 (mIoU) vs labels per class, one panel per transfer set, one line per method (teacher dashed)."""
-    metric = headline(frame)
+    metric, stats = headline(frame), aggregate(frame)
     transfers = [t for t in frame["transfer"].unique(maintain_order=True).to_list() if t is not None]
     plt, fig, axes = _figure(max(1, len(transfers)))
     for ax, transfer in zip(axes, transfers or [None]):
         for method, mode in _ordered_columns(frame):
-            part = frame.filter((pl.col("method") == method) & pl.col("teacher_mode").eq_missing(mode)
+            part = stats.filter((pl.col("method") == method) & pl.col("teacher_mode").eq_missing(mode)
                                 & (pl.col("transfer").eq_missing(transfer) | pl.col("transfer").is_null()))
             part = part.sort("shots")
-            if len(part):
-                ax.plot(part["shots"], 100 * part[metric], marker="o", color=color(method, mode),
-                        linestyle="--" if method == "teacher" else "-", label=column_label(method, mode))
+            if len(part):  # error bars: std over seeds
+                ax.errorbar(part["shots"], 100 * part[metric], yerr=100 * part[f"{metric}_std"].fill_null(0),
+                            marker="o", capsize=3, color=color(method, mode),
+                            linestyle="--" if method == "teacher" else "-", label=column_label(method, mode))
         ax.set(title=f"transfer set: {transfer}", xlabel=METRICS[metric][3], xscale="log")
         ax.minorticks_off()
         ax.set_xticks(sorted(frame["shots"].unique()), labels=[str(s) for s in sorted(frame["shots"].unique())])
@@ -294,13 +366,13 @@ def _finish(plt, fig, axes, path: Path, label: str) -> None:
 
 def plot_compute(frame: pl.DataFrame, path: Path) -> None:
     """Top-1 (mIoU) vs training compute (log x), one panel per labels-per-class, marker = transfer set (Fig. 3)."""
-    metric = headline(frame)
+    metric, stats = headline(frame), aggregate(frame)
     shots_levels = sorted(frame["shots"].unique())
     transfers = [t for t in frame["transfer"].unique(maintain_order=True).to_list() if t is not None]
     plt, fig, axes = _figure(len(shots_levels))
     for ax, shots in zip(axes, shots_levels):
         for method, mode in _ordered_columns(frame):
-            part = frame.filter((pl.col("shots") == shots) & (pl.col("method") == method)
+            part = stats.filter((pl.col("shots") == shots) & (pl.col("method") == method)
                                 & pl.col("teacher_mode").eq_missing(mode))
             if method == "teacher":
                 for value in part[metric]:
@@ -308,8 +380,10 @@ def plot_compute(frame: pl.DataFrame, path: Path) -> None:
                 continue
             for i, transfer in enumerate(transfers):
                 sub = part.filter(pl.col("transfer") == transfer)
-                ax.scatter(sub["compute_flops"].cast(pl.Float64), 100 * sub[metric], color=color(method, mode),
-                           marker=MARKERS[i % len(MARKERS)], s=45, label=f"{column_label(method, mode)}, {transfer}")
+                ax.errorbar(sub["compute_flops"].cast(pl.Float64), 100 * sub[metric],
+                            yerr=100 * sub[f"{metric}_std"].fill_null(0), color=color(method, mode), linestyle="none",
+                            marker=MARKERS[i % len(MARKERS)], capsize=3,
+                            label=f"{column_label(method, mode)}, {transfer}")
         ax.set(title=f"{shots} {METRICS[metric][3]}", xlabel="training compute (FLOPs)", xscale="log")
         ax.grid(alpha=0.3)
     _finish(plt, fig, axes, path, METRICS[metric][0])
@@ -337,49 +411,32 @@ def write_report(rows: list[dict[str, Any]], run_dir: Path, title: str = "result
     return render(frame, run_dir, title)
 
 
-def spread_table(frames: list[pl.DataFrame]) -> str:
-    """Mean ± std (sample std over runs) of top-1 (mIoU), the second metric and seconds per row of the recipe."""
-    keys = ["shots", "transfer", "method", "teacher_mode"]
-    seconds = pl.sum_horizontal(pl.col(f"{s}_seconds").fill_null(0) for s in ("teacher", "build", "distill",
-                                                                               "finetune", "eval"))
-    stacked = pl.concat([f.with_columns(seconds.alias("seconds")) for f in frames], how="diagonal_relaxed")
-    metric = headline(stacked)
-    label, second, second_label, _ = METRICS[metric]
-    stats = stacked.group_by(keys, maintain_order=True).agg(
-        pl.len().alias("runs"),
-        *(pl.col(c).mean().alias(f"{c}_mean") for c in (metric, second, "seconds")),
-        *(pl.col(c).std().alias(f"{c}_std") for c in (metric, second)))
-    body = [[str(r["shots"]), r["transfer"] or "(all)", column_label(r["method"], r["teacher_mode"]), str(r["runs"]),
-             *(f"{100 * r[f'{c}_mean']:.1f} ± {100 * (r[f'{c}_std'] or 0):.1f}" for c in (metric, second)),
-             f"{r['seconds_mean']:.0f}"] for r in stats.iter_rows(named=True)]
-    header = ["shots", "transfer", "row", "runs", f"{label} (%)", f"{second_label} (%)", "seconds (mean)"]
-    return _md_table(header, body, right={0, 3, 4, 5, 6})
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m train.report", description=__doc__.split("\n\n")[0])
-    parser.add_argument("run_dirs", nargs="+", help="train.pipeline run directories holding results.parquet")
-    parser.add_argument("--spread", help="write the mean ± std over the runs to this markdown file")
+    parser.add_argument("run_dirs", nargs="+", metavar="RUN",
+                        help="train.pipeline run directories holding results.parquet (e.g. one per seed)")
+    parser.add_argument("--out", help="where results.md and the plots go (default: the first RUN); several runs "
+                                      "are merged into one table, their seeds side by side")
     args = debug_flag(parser).parse_args(argv)
     with cli_errors("train.report", args.debug):
         return _report(parser, args)
 
 
 def _report(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
-    missing = [d for d in args.run_dirs if not (Path(d) / "results.parquet").exists()]
+    runs = [Path(d) for d in args.run_dirs]
+    missing = [run for run in runs if not (run / "results.parquet").exists()]
     if missing:
-        parser.error(f"{Path(missing[0]) / 'results.parquet'} does not exist; run python -m train.pipeline first")
-    if args.spread:
-        text = spread_table([pl.read_parquet(Path(d) / "results.parquet") for d in args.run_dirs])
-        Path(args.spread).write_text(f"{text}\n\nRuns: {', '.join(args.run_dirs)}\n")
-        print(text)
-        return 0
-    if len(args.run_dirs) > 1:
-        parser.error("several run directories are only read together with --spread FILE")
-    run_dir = Path(args.run_dirs[0])
-    title_file = run_dir / "results.title"
+        parser.error(f"{missing[0] / 'results.parquet'} does not exist; run python -m train.pipeline first")
+    frame = pl.concat([pl.read_parquet(run / "results.parquet") for run in runs], how="diagonal_relaxed")
+    repeated = frame.group_by([*KEYS, "seed"]).len().filter(pl.col("len") > 1)
+    if len(repeated):
+        parser.error(f"a row of seed {repeated['seed'][0]} is in more than one run directory: merge runs of "
+                     "different seeds")
+    out = Path(args.out) if args.out else runs[0]
+    out.mkdir(parents=True, exist_ok=True)
+    title_file = runs[0] / "results.title"
     title = title_file.read_text().strip() if title_file.exists() else "results"
-    files = render(pl.read_parquet(run_dir / "results.parquet"), run_dir, title)
+    files = render(to_frame(frame.to_dicts()), out, title)
     print(f"train.report: wrote {files['markdown']}, {files['labels_plot']}, {files['compute_plot']}")
     return 0
 
