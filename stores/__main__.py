@@ -12,6 +12,8 @@ import sys
 from stores.catalog import list_stores, publish_store
 from stores.cli import cli_errors, debug_flag
 from stores.codecs import create_codec
+from stores.compare import compare_stores
+from stores.manifest import STORE_ID_PROMISE
 from stores.store import SHARDS_DIR, open_store
 from stores.verify import describe_store, verify_store
 from stores.wds import export_wds
@@ -56,6 +58,22 @@ def _verify(path: str) -> int:
     return 0
 
 
+def _compare(path: str, other: str) -> int:
+    """``verify STORE --against OTHER``: STORE is verified first; OTHER is only read (verify it on its own too)."""
+    status = _verify(path)
+    if status:
+        return status
+    report = compare_stores(open_store(path), open_store(other))
+    if not report.ok:
+        print(f"stores verify: {path} differs from {other}: " + "; ".join(report.errors), file=sys.stderr)
+        return 2
+    steps = sum(report.rounding_steps.values())
+    detail = ", ".join(f"{name} {count}" for name, count in sorted(report.rounding_steps.items()))
+    print(f"same store as {other}: {report.entries} entries, {steps} one rounding step apart"
+          + (f" ({detail})" if detail else "") + f" [rule: {STORE_ID_PROMISE}]")
+    return 0
+
+
 def _ls(root: str, as_json: bool) -> int:
     rows = list_stores(root)
     if as_json:
@@ -92,7 +110,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m stores", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("inspect", help="print the manifest summary and bytes per view").add_argument("store")
-    commands.add_parser("verify", help="checksums, shapes and a decode of every chunk").add_argument("store")
+    verify = commands.add_parser("verify", help="checksums, shapes and a decode of every chunk")
+    verify.add_argument("store")
+    verify.add_argument("--against", metavar="OTHER", help="also compare with another build of the same store id: "
+                        "what one id promises (README 'What a store id promises')")
     ls = commands.add_parser("ls", help="the stores published under a folder or URL")
     ls.add_argument("root")
     ls.add_argument("--json", action="store_true", help="one JSON list instead of a table")
@@ -113,7 +134,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "publish":
             print(f"published {args.store} -> {publish_store(args.store, args.destination)}")
             return 0
-        return _inspect(args.store) if args.command == "inspect" else _verify(args.store)
+        if args.command == "inspect":
+            return _inspect(args.store)
+        return _compare(args.store, args.against) if args.against else _verify(args.store)
 
 
 if __name__ == "__main__":

@@ -22,10 +22,8 @@ import numpy as np
 
 from stores.store import THETA, ReinforcedStore, StoreFormatError, array_paths
 
-__all__ = ["COMPARE_RULE", "StoreComparison", "compare_stores"]
+__all__ = ["StoreComparison", "compare_stores"]
 
-COMPARE_RULE = ("same store id; θ, sample table and integer index codes identical; every other value equal "
-                "within one rounding step of its stored encoding (1 code, or 1 unit in the last place)")
 EXACT_ARRAYS = ("index",)  # integer codes that select (classes), not quantise a value: no rounding step allowed
 
 
@@ -43,7 +41,7 @@ class StoreComparison:
 
 
 def compare_stores(a: ReinforcedStore, b: ReinforcedStore, block: int = 4096) -> StoreComparison:
-    """Compare ``b`` against ``a`` under ``COMPARE_RULE``, ``block`` samples at a time (bounded memory)."""
+    """Compare ``b`` against ``a`` under ``STORE_ID_PROMISE``, ``block`` samples at a time (bounded memory)."""
     result = StoreComparison()
     if a.manifest.store_id != b.manifest.store_id:
         result.errors.append(f"store ids differ: {a.manifest.store_id} vs {b.manifest.store_id} (other "

@@ -27,6 +27,11 @@ FORMAT_VERSION = 2
 WDS_FORMAT = "wds"  # layout.format of a store of webdataset tar shards; absent: a zarr store
 
 
+# What two stores with one id hold (written into every manifest's summary; checked by ``stores verify --against``)
+STORE_ID_PROMISE = ("same store id: θ, sample table and integer index codes identical; every other value equal "
+                    "within one rounding step of its stored encoding (1 code, or 1 unit in the last place)")
+
+
 class ManifestError(ValueError):
     """A manifest (or teacher card) that does not match its schema; the message names the key."""
 

@@ -33,6 +33,7 @@ from stores.lineage import dependency_versions
 from stores.location import Location
 from stores.manifest import (
     FORMAT_VERSION,
+    STORE_ID_PROMISE,
     ArraySpec,
     FileRecord,
     ManifestError,
@@ -246,6 +247,7 @@ class StoreWriter:
             format_version=FORMAT_VERSION, store_id=self.store_id, content=self.content, layout=self.layout,
             summary={"samples": self.num_samples, "ok": self.num_samples - skipped, "skipped": skipped,
                      "views": self.views, "stored_views": (self.num_samples - skipped) * self.views,
+                     "store_id_promise": STORE_ID_PROMISE,
                      "fidelity": fidelity if fidelity is not None else
                      _merge_fidelity([marker["fidelity"] for marker in markers])},
             files=tuple(FileRecord(rel, size, self.partial.sha256(rel)) for rel, size in sorted(sizes.items())),

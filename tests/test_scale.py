@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -76,6 +77,29 @@ def test_two_torchrun_ranks_build_what_one_process_builds(lite0_teacher, referen
     assert "rank 0 of 2: 3 of 6 units to write" in run.stderr and "rank 1 of 2: 3 of 6 units to write" in run.stderr
     assert_same_arrays(out, reference)
     assert run.stdout.count("views stored") == 1, "one summary line (rank 0), not one per rank"
+    assert stores_main(["verify", str(out), "--against", str(reference)]) == 0
+
+
+def _nudge(store: Path, name: str, steps: int) -> None:
+    """Move one stored float value ``steps`` units in the last place, as a build with other threads may."""
+    array = zarr.open_group(store / ARRAYS_DIR, mode="r+")[name]
+    value = array[0, 0]
+    for _ in range(steps):
+        value = np.nextafter(value, np.inf, dtype=array.dtype)
+    array[0, 0] = value
+
+
+def test_verify_against_holds_two_builds_to_what_one_store_id_promises(reference, tmp_path, capsys):
+    """Two builds of one id may differ by one rounding step of a float value (summation order), never more."""
+    other = tmp_path / "other"
+    shutil.copytree(reference, other)
+    _nudge(other, "logits/lse", 1)
+    assert stores_main(["verify", str(reference), "--against", str(other)]) == 0
+    assert "1 one rounding step apart (logits/lse 1)" in capsys.readouterr().out
+    _nudge(other, "logits/lse", 1)
+    assert stores_main(["verify", str(reference), "--against", str(other)]) == 2
+    assert "logits/lse: 1 entries differ by more than one rounding step (first at sample 0)" in capsys.readouterr().err
+    assert open_store(reference).manifest.summary["store_id_promise"].startswith("same store id")
 
 
 @pytest.mark.slow
