@@ -43,7 +43,15 @@ from reinforce.sources import Source, open_source
 from reinforce.teachers import TeacherCard, TeacherModel, create_teacher
 from stores.catalog import find_store
 from stores.cli import cli_errors, debug_flag
-from stores.codecs import Codec, EmbeddingCodec, PatchCodec, SegTopKLogitsCodec, TopKLogitsCodec, create_codec
+from stores.codecs import (
+    Codec,
+    EmbeddingCodec,
+    PatchCodec,
+    SampledLogitsCodec,
+    SegTopKLogitsCodec,
+    TopKLogitsCodec,
+    create_codec,
+)
 from stores.lineage import library_version
 from stores.location import Location
 from stores.manifest import (
@@ -81,7 +89,11 @@ class BuildConfig:
     format: str = "zarr"  # zarr (random access) | wds (tar shards with the images, streamed: stores.wds)
     targets: tuple[str, ...] = ("logits",)  # any of logits, embedding, patch (one pass gives all); or seg_logits
     views: int = 4
+    codec: str = "topk_logits"  # logits: topk_logits | sampled_logits (unbiased: ids drawn from the teacher)
     topk: int = 5
+    samples: int = 4  # sampled_logits: draws per view
+    sample_temperature: float = 1.0  # sampled_logits: the teacher softmax's temperature the draws estimate
+    proposal_temperature: float | None = None  # sampled_logits: draw from this temperature, store log p/q
     logit_precision: str = "uint8"  # uint8 (relative to the view's max, per-view scale) | fp16 (exact)
     index_coding: str = "delta"  # delta (sorted, gaps) | plain
     feature_precision: str = "int8"  # int8 + per-vector scale | fp16, for embedding and patch
@@ -121,13 +133,13 @@ class ViewDataset(Dataset):
             image = self.source.load(index)
         except Exception as error:  # corrupt / unreadable: recorded, never fatal
             return {"views": torch.zeros(self.views, 3, size, size, dtype=torch.uint8),
-                    THETA: torch.zeros(self.views, self.policy.record_bytes, dtype=torch.uint8),
+                    THETA: torch.zeros(self.views, self.policy.record_bytes, dtype=torch.uint8), "index": index,
                     "height": 0, "width": 0, "error": f"{type(error).__name__}: {error}"}
         height, width = image.shape[-2:]
         records = [self.policy.sample(self.seed, index, v, height, width)
                    for v in range(self.first_view, self.first_view + self.views)]
         return {"views": torch.stack([self.policy.apply(image, r) for r in records]),
-                THETA: torch.from_numpy(self.policy.pack(records)),
+                THETA: torch.from_numpy(self.policy.pack(records)), "index": index,
                 "height": height, "width": width, "error": ""}
 
 
@@ -142,6 +154,10 @@ def check_teacher(card: TeacherCard, model: TeacherModel, config: BuildConfig) -
         problems.append(f"--num-classes {config.num_classes} but teacher {card.name!r} predicts {card.num_classes}")
     if {"logits", "seg_logits"} & set(config.targets) and config.topk > card.num_classes:
         problems.append(f"--topk {config.topk} exceeds the teacher's {card.num_classes} classes")
+    if config.codec not in ("topk_logits", "sampled_logits"):
+        problems.append(f"--codec {config.codec!r}: logits are stored by topk_logits or sampled_logits")
+    elif config.codec == "sampled_logits" and "seg_logits" in config.targets:
+        problems.append("--codec sampled_logits stores logits only (seg_logits: topk)")
     if not config.targets:
         problems.append("--targets is empty")
     if problems:
@@ -166,7 +182,11 @@ def make_codecs(model: TeacherModel, card: TeacherCard, config: BuildConfig) -> 
     """One codec per requested target, sized by the teacher's output shapes (a meta-device pass: no compute)."""
     codecs: dict[str, Codec] = {}
     for kind, shape in model.target_shapes(card.input_size, tuple(config.targets)).items():
-        if kind == "logits":
+        if kind == "logits" and config.codec == "sampled_logits":
+            codecs[kind] = SampledLogitsCodec(samples=config.samples, num_classes=card.num_classes,
+                                              temperature=config.sample_temperature,
+                                              proposal_temperature=config.proposal_temperature)
+        elif kind == "logits":
             codecs[kind] = TopKLogitsCodec(k=config.topk, num_classes=card.num_classes,
                                            precision=config.logit_precision, index_coding=config.index_coding)
         elif kind == "seg_logits":  # [C, S/8, S/8]: per-pixel top-k, the same math as logits
@@ -316,7 +336,7 @@ def _run_teacher(model: TeacherModel, device: torch.device, writer: StoreWriter,
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             outputs = model.forward_targets(views, tuple(codecs))
         failed = np.array([bool(e) for e in batch["error"]])
-        buffer.add(batch, _encode(outputs, codecs, failed, dataset.views))
+        buffer.add(batch, _encode(outputs, codecs, failed, _view_keys(batch["index"].numpy(), dataset)))
         skipped += int(failed.sum())
         progress.update(len(failed) * dataset.views)
         progress.set_postfix(skipped=skipped)
@@ -326,19 +346,29 @@ def _run_teacher(model: TeacherModel, device: torch.device, writer: StoreWriter,
     progress.close()
 
 
+def _view_keys(samples: np.ndarray, dataset: ViewDataset) -> np.ndarray:
+    """``[samples * views, 3]`` int64 (seed, sample, view) of a batch's views, in the teacher's order: what a codec
+    that draws keys its generator with (as θ is keyed)."""
+    views = np.arange(dataset.first_view, dataset.first_view + dataset.views)
+    return np.stack([np.full(len(samples) * len(views), dataset.seed), np.repeat(samples, len(views)),
+                     np.tile(views, len(samples))], axis=1).astype(np.int64)
+
+
 def _encode(outputs: dict[str, torch.Tensor], codecs: dict[str, Codec], failed: np.ndarray,
-            views: int) -> tuple[dict[str, np.ndarray], dict[str, dict[str, Any]]]:
+            keys: np.ndarray) -> tuple[dict[str, np.ndarray], dict[str, dict[str, Any]]]:
     """Teacher outputs -> ``{"<target>/<array>": [samples, K, ...]}`` (zeros for skipped samples) and the
-    batch's fidelity statistics over the views of the samples that decoded."""
+    batch's fidelity statistics over the views of the samples that decoded; ``keys`` from ``_view_keys``."""
     arrays, fidelity = {}, {}
-    keep = torch.from_numpy(np.repeat(~failed, views)).to(next(iter(outputs.values())).device)
+    views = len(keys) // len(failed)
+    keep_views = np.repeat(~failed, views)
+    keep = torch.from_numpy(keep_views).to(next(iter(outputs.values())).device)
     for name, codec in codecs.items():
-        for array, values in codec.encode(outputs[name]).items():
+        for array, values in codec.encode(outputs[name], keys).items():
             values = values.reshape(len(failed), views, *values.shape[1:])
             values[failed] = 0  # a skipped sample stores zeros, flagged in samples.parquet
             arrays[f"{name}/{array}"] = values
         if keep.any():
-            fidelity[name] = codec.fidelity(outputs[name][keep].float())
+            fidelity[name] = codec.fidelity(outputs[name][keep].float(), keys[keep_views])
     return arrays, fidelity
 
 
@@ -415,7 +445,18 @@ def parse_args(argv: list[str] | None = None) -> tuple[BuildConfig, bool]:
                         help="comma-separated targets from one teacher pass: logits, embedding, patch; "
                              "seg_logits (segmentation teachers: per-pixel top-k at 1/8 resolution)")
     parser.add_argument("--views", type=int, default=defaults.views, help="augmented views per sample (K)")
+    parser.add_argument("--codec", choices=("topk_logits", "sampled_logits"), default=defaults.codec,
+                        help="logits: the top-k + log-sum-exp (biased: the tail is spread evenly), or class ids drawn "
+                             "from the teacher's softmax with their counts (unbiased; train.distill --loss auto: "
+                             "sampled_ce)")
     parser.add_argument("--topk", type=int, default=defaults.topk, help="logits kept per view")
+    parser.add_argument("--samples", type=int, default=defaults.samples, help="sampled_logits: draws per view")
+    parser.add_argument("--sample-temperature", type=float, default=defaults.sample_temperature,
+                        help="sampled_logits: temperature of the teacher softmax the draws estimate (train.distill "
+                             "compares the student at this temperature)")
+    parser.add_argument("--proposal-temperature", type=float, default=None,
+                        help="sampled_logits: draw from the softmax at this temperature instead and store the "
+                             "log-weight correction log p/q per id (fp16)")
     parser.add_argument("--logit-precision", choices=("uint8", "fp16"), default=defaults.logit_precision,
                         help="uint8: relative to the view's max with a per-view scale; fp16: exact raw logits")
     parser.add_argument("--index-coding", choices=("delta", "plain"), default=defaults.index_coding,

@@ -2,9 +2,12 @@
 
 A codec is a frozen dataclass registered by name, so a store's manifest (plain JSON) is all a
 reader needs to rebuild it: ``create_codec(**target.codec)``. Each codec knows its target *kind*
-(``logits``, ``embedding``, ``patch``, ``seg_logits``), the arrays it stores per view, how to encode a batch
-(torch in, numpy out), decode a batch (torch in, float32 torch out, on any device) and how faithful
-a round trip is (``fidelity``), which the build records and ``stores inspect`` prints.
+(``logits``, ``embedding``, ``patch``, ``seg_logits``), what its decode gives (``decoded``: ``log_probs``,
+``empirical`` or ``features``, which picks the distillation loss), the arrays it stores per view, how to encode
+a batch (torch in, numpy out), decode a batch (torch in, float32 torch out, on any device) and how faithful a
+round trip is (``fidelity``), which the build records and ``stores inspect`` prints. ``encode`` and
+``fidelity`` take optional per-view ``keys`` ``[B, 3]`` (seed, sample, view): a codec that draws
+(``sampled_logits``) keys its generator with them exactly as θ is keyed, so a rebuild is bit-identical.
 
 Example:
     >>> codec = create_codec("topk_logits", k=10, num_classes=1000, precision="uint8")
@@ -22,8 +25,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["Codec", "EmbeddingCodec", "PatchCodec", "SegTopKLogitsCodec", "TopKLogitsCodec", "create_codec",
-           "list_codecs", "register_codec"]
+from stores._philox import philox_uniform
+
+__all__ = ["Codec", "EmbeddingCodec", "PatchCodec", "SampledLogitsCodec", "SegTopKLogitsCodec", "TopKLogitsCodec",
+           "create_codec", "list_codecs", "philox_uniform", "register_codec"]
 
 _CODECS: dict[str, type[Codec]] = {}
 
@@ -54,18 +59,19 @@ class Codec:
 
     name: ClassVar[str]
     kind: ClassVar[str]
+    decoded: ClassVar[str] = "features"  # what decode returns: log_probs | empirical | features
 
     def arrays(self) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
         """Per-view array shapes and dtypes, stored as ``[N, K, *shape]``."""
         raise NotImplementedError
 
-    def encode(self, x: torch.Tensor) -> dict[str, np.ndarray]:
+    def encode(self, x: torch.Tensor, keys: np.ndarray | None = None) -> dict[str, np.ndarray]:
         raise NotImplementedError
 
     def decode(self, payload: dict[str, torch.Tensor]) -> torch.Tensor:
         raise NotImplementedError
 
-    def fidelity(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    def fidelity(self, x: torch.Tensor, keys: np.ndarray | None = None) -> dict[str, torch.Tensor]:
         """Per-item round-trip quality of ``x`` (``[B]`` tensors by metric name)."""
         raise NotImplementedError
 
@@ -77,8 +83,8 @@ class Codec:
         """Uncompressed payload bytes per view (the store compresses further)."""
         return sum(int(np.prod(shape, dtype=np.int64)) * dtype.itemsize for shape, dtype in self.arrays().values())
 
-    def round_trip(self, x: torch.Tensor) -> torch.Tensor:
-        return self.decode({name: torch.from_numpy(a) for name, a in self.encode(x).items()})
+    def round_trip(self, x: torch.Tensor, keys: np.ndarray | None = None) -> torch.Tensor:
+        return self.decode({name: torch.from_numpy(a) for name, a in self.encode(x, keys).items()})
 
 
 def _check_precision(precision: str, allowed: tuple[str, ...]) -> None:
@@ -103,6 +109,7 @@ class TopKLogitsCodec(Codec):
 
     name: ClassVar[str] = "topk_logits"
     kind: ClassVar[str] = "logits"
+    decoded: ClassVar[str] = "log_probs"
     k: int
     num_classes: int
     precision: str = "uint8"
@@ -131,7 +138,7 @@ class TopKLogitsCodec(Codec):
                       "lse": ((), np.dtype(np.float16))}
         return {**values, "index": (k, self.index_dtype)}
 
-    def encode(self, x: torch.Tensor) -> dict[str, np.ndarray]:
+    def encode(self, x: torch.Tensor, keys: np.ndarray | None = None) -> dict[str, np.ndarray]:
         """``x [B, C]`` logits (any float dtype) -> payload of numpy arrays with leading dim B."""
         if x.shape[-1] != self.num_classes:
             raise ValueError(f"codec expects {self.num_classes} classes, teacher gave {x.shape[-1]}")
@@ -181,13 +188,104 @@ class TopKLogitsCodec(Codec):
             dense[:] = (torch.log(residual) - math.log(tail))[:, None]
         return dense.scatter_(1, index, log_p)
 
-    def fidelity(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    def fidelity(self, x: torch.Tensor, keys: np.ndarray | None = None) -> dict[str, torch.Tensor]:
         """KL(full softmax ‖ decoded) and top-1 agreement per view."""
         x = x.float()
         decoded = torch.log_softmax(self.round_trip(x), -1)
         log_p = torch.log_softmax(x, -1)
         kl = (log_p.exp() * (log_p - decoded)).sum(-1)
         return {"kl": kl, "top1_agreement": (decoded.argmax(-1) == x.argmax(-1)).float()}
+
+
+TARGET_STREAM = 1  # Philox counter word 1 of a view's target draws; θ's draws use word 1 = 0: never the same numbers
+
+
+@register_codec
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class SampledLogitsCodec(Codec):
+    """``samples`` class ids drawn per view from the teacher's softmax at ``temperature``: an unbiased sparse target.
+
+    Top-k caches drop the tail, so their decoded target is biased (Anshumann et al., ACL 2025, "Sparse Logit
+    Sampling"); ``samples`` draws of the teacher's distribution are unbiased: the empirical distribution
+    ``counts / samples`` averages to the teacher's, and cross-entropy against it has the KL gradient in expectation.
+    Stored per view: the distinct ids sorted and delta-coded ``index [samples]`` (uint16; padding repeats the last
+    id: gap 0) and ``count [samples] uint8`` (padding 0). With ``proposal_temperature`` set, draws come from the
+    softmax at that temperature (flatter: more distinct classes per byte) and ``log_weight [samples] float16``
+    stores log p/q per id (p at ``temperature``), so decoding stays unbiased (not normalised per view).
+    Draws are keyed per view by ``keys`` (seed, sample, view) with numpy's Philox: key (seed, sample), view in
+    the counter, like θ, in another counter stream: a rebuild draws the same ids.
+    """
+
+    name: ClassVar[str] = "sampled_logits"
+    kind: ClassVar[str] = "logits"
+    decoded: ClassVar[str] = "empirical"
+    samples: int
+    num_classes: int
+    temperature: float = 1.0
+    proposal_temperature: float | None = None
+
+    def __post_init__(self):
+        if not 1 <= self.samples <= 255:
+            raise ValueError(f"samples must be in [1, 255] (uint8 counts), got {self.samples}")
+        if self.num_classes > 65535:
+            raise ValueError(f"sampled_logits stores uint16 ids: at most 65535 classes, got {self.num_classes}")
+        if self.temperature <= 0 or (self.proposal_temperature is not None and self.proposal_temperature <= 0):
+            raise ValueError(f"temperatures must be > 0, got {self.temperature}, {self.proposal_temperature}")
+
+    def arrays(self) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+        n = (self.samples,)
+        arrays = {"index": (n, np.dtype(np.uint16)), "count": (n, np.dtype(np.uint8))}
+        return arrays | ({"log_weight": (n, np.dtype(np.float16))} if self.proposal_temperature else {})
+
+    def draw(self, x: torch.Tensor, keys: np.ndarray) -> torch.Tensor:
+        """``samples`` class ids ``[B, samples]`` int64 per view, by inverse CDF on float64 Philox uniforms."""
+        proposal = torch.softmax(x.double() / (self.proposal_temperature or self.temperature), -1)
+        cdf = proposal.cumsum(-1)
+        keys = np.asarray(keys, dtype=np.uint64)
+        counter = np.zeros((len(keys), 4), dtype=np.uint64)
+        counter[:, 1], counter[:, 2] = TARGET_STREAM, keys[:, 2]
+        uniform = torch.from_numpy(philox_uniform(keys[:, :2], counter, self.samples)).to(cdf.device)
+        return torch.searchsorted(cdf, uniform * cdf[:, -1:], right=True).clamp_max(self.num_classes - 1)
+
+    def encode(self, x: torch.Tensor, keys: np.ndarray | None = None) -> dict[str, np.ndarray]:
+        """``x [B, C]`` logits, ``keys [B, 3]`` (seed, sample, view) -> payload with leading dim B."""
+        if x.shape[-1] != self.num_classes:
+            raise ValueError(f"codec expects {self.num_classes} classes, teacher gave {x.shape[-1]}")
+        if keys is None or len(keys) != len(x):
+            raise ValueError("sampled_logits draws per view: encode needs keys [B, 3] (seed, sample, view)")
+        x = x.float()
+        drawn = self.draw(x, keys).sort(-1).values
+        first = torch.ones_like(drawn, dtype=torch.bool)
+        first[:, 1:] = drawn[:, 1:] != drawn[:, :-1]
+        slot = first.long().cumsum(-1) - 1  # the distinct id's position among the view's distinct ids
+        index = drawn[:, -1:].expand_as(drawn).scatter(1, slot, drawn)  # padding repeats the last id
+        count = torch.zeros_like(drawn).scatter_add_(1, slot, torch.ones_like(drawn))
+        delta = torch.cat([index[:, :1], index.diff(dim=-1)], -1)
+        payload = {"index": delta.cpu().numpy().astype(np.uint16), "count": count.cpu().numpy().astype(np.uint8)}
+        if self.proposal_temperature:
+            log_w = (torch.log_softmax(x / self.temperature, -1) - torch.log_softmax(x / self.proposal_temperature, -1))
+            payload["log_weight"] = (log_w.gather(1, index) * (count > 0)).half().cpu().numpy()
+        return payload
+
+    def decode(self, payload: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Payload -> the empirical target ``[B, C] float32`` (probabilities at ``temperature``, sum 1 without a
+        proposal; importance-weighted, sum 1 in expectation, with one)."""
+        index = payload["index"].long().cumsum(-1)
+        mass = payload["count"].float() / self.samples
+        if "log_weight" in payload:
+            mass = mass * payload["log_weight"].float().exp()
+        return torch.zeros(index.shape[0], self.num_classes, device=index.device).scatter_add_(1, index, mass)
+
+    def fidelity(self, x: torch.Tensor, keys: np.ndarray | None = None) -> dict[str, torch.Tensor]:
+        """Per view: total variation to the teacher's softmax at ``temperature`` (an empirical target has no finite
+        KL(teacher ‖ ·): it omits classes), KL(empirical ‖ teacher) (≈ (distinct ids − 1) / 2N: the sampling noise,
+        no bias) and whether the most drawn class is the teacher's top-1."""
+        x = x.float()
+        empirical = self.round_trip(x, keys)
+        log_p = torch.log_softmax(x / self.temperature, -1)
+        kl = torch.where(empirical > 0, empirical * (empirical.clamp_min(1e-30).log() - log_p), 0.0).sum(-1)
+        return {"tv": 0.5 * (empirical - log_p.exp()).abs().sum(-1), "kl_empirical": kl,
+                "top1_agreement": (empirical.argmax(-1) == x.argmax(-1)).float()}
 
 
 def _quantise_rows(x: torch.Tensor, precision: str) -> dict[str, np.ndarray]:
@@ -226,7 +324,7 @@ class EmbeddingCodec(Codec):
     def arrays(self) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
         return _row_arrays((self.dim,), self.precision)
 
-    def encode(self, x: torch.Tensor) -> dict[str, np.ndarray]:
+    def encode(self, x: torch.Tensor, keys: np.ndarray | None = None) -> dict[str, np.ndarray]:
         """``x [B, D]`` -> payload."""
         if x.shape[-1] != self.dim:
             raise ValueError(f"codec expects {self.dim}-d embeddings, teacher gave {x.shape[-1]}")
@@ -236,7 +334,7 @@ class EmbeddingCodec(Codec):
         """Payload -> ``[B, D] float32``."""
         return _dequantise_rows(payload, self.precision)
 
-    def fidelity(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    def fidelity(self, x: torch.Tensor, keys: np.ndarray | None = None) -> dict[str, torch.Tensor]:
         return {"cosine": F.cosine_similarity(self.round_trip(x), x.float(), dim=-1)}
 
 
@@ -268,14 +366,14 @@ class PatchCodec(Codec):
         x = x.float()
         return x if x.shape[-2:] == (self.grid, self.grid) else F.adaptive_avg_pool2d(x, self.grid)
 
-    def encode(self, x: torch.Tensor) -> dict[str, np.ndarray]:
+    def encode(self, x: torch.Tensor, keys: np.ndarray | None = None) -> dict[str, np.ndarray]:
         return _quantise_rows(self.pool(x).permute(0, 2, 3, 1), self.precision)
 
     def decode(self, payload: dict[str, torch.Tensor]) -> torch.Tensor:
         """Payload -> ``[B, C, grid, grid] float32``."""
         return _dequantise_rows(payload, self.precision).permute(0, 3, 1, 2)
 
-    def fidelity(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    def fidelity(self, x: torch.Tensor, keys: np.ndarray | None = None) -> dict[str, torch.Tensor]:
         """Cosine of every position vector after the round trip (``[B * grid²]``)."""
         pooled = self.pool(x)
         cosine = F.cosine_similarity(self.round_trip(x), pooled, dim=1)
@@ -294,6 +392,7 @@ class SegTopKLogitsCodec(Codec):
 
     name: ClassVar[str] = "seg_topk_logits"
     kind: ClassVar[str] = "seg_logits"
+    decoded: ClassVar[str] = "log_probs"
     k: int
     num_classes: int
     height: int
@@ -326,7 +425,7 @@ class SegTopKLogitsCodec(Codec):
         arrays = {name: (grid + shape, dtype) for name, (shape, dtype) in self.pixel.arrays().items()}
         return {**arrays, "index": ((*grid, self.k), self.index_dtype)}
 
-    def encode(self, x: torch.Tensor) -> dict[str, np.ndarray]:
+    def encode(self, x: torch.Tensor, keys: np.ndarray | None = None) -> dict[str, np.ndarray]:
         """``x [B, C, height, width]`` logits -> payload with leading dims ``[B, height, width]``."""
         if x.dim() != 4 or tuple(x.shape[1:]) != (self.num_classes, self.height, self.width):
             raise ValueError(f"codec expects logit maps [B, {self.num_classes}, {self.height}, {self.width}], "
@@ -342,7 +441,7 @@ class SegTopKLogitsCodec(Codec):
         dense = self.pixel.decode(flat)
         return dense.reshape(batch, self.height, self.width, self.num_classes).permute(0, 3, 1, 2)
 
-    def fidelity(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    def fidelity(self, x: torch.Tensor, keys: np.ndarray | None = None) -> dict[str, torch.Tensor]:
         """Per-view mean over pixels of KL(full softmax ‖ decoded) and of top-1 agreement (``[B]`` each)."""
         per_pixel = self.pixel.fidelity(x.float().permute(0, 2, 3, 1).reshape(-1, self.num_classes))
         return {metric: values.reshape(len(x), -1).mean(-1) for metric, values in per_pixel.items()}
