@@ -3,7 +3,8 @@
 Each epoch shows every stored sample once, through one of its K stored views chosen from
 (seed, epoch, sample), replayed by ``reinforce.replay`` at the student's size; the targets are the
 store's cached teacher outputs decoded by their codecs. Each target gets the loss of its kind
-(``--loss auto``: KL at temperature T for logits — task-oriented transfer; contrastive for an
+(``--loss auto``: KL at temperature T for top-k logits — task-oriented transfer; cross-entropy against
+the empirical distribution, at the store's sampling temperature, for sampled logits; contrastive for an
 embedding and cosine for patch features — the task-agnostic baseline); several targets combine
 with weights (``--targets logits,embedding:0.5``). Training always runs in a DeepSpeed engine (CPU:
 gloo), one process or many under ``torchrun``; a checkpoint is written every epoch and picked up
@@ -47,7 +48,7 @@ from reinforce.teachers import TeacherModel, create_teacher
 from stores.cli import cli_errors, debug_flag
 from stores.store import describe_mismatch
 from train import deepspeed_glue
-from train.losses import DEFAULT_LOSS, DistillObjective, create_loss
+from train.losses import DistillObjective, create_loss, loss_for
 from train.models import Student, create_student, save_student
 
 __all__ = ["DistillConfig", "distill", "main"]
@@ -90,6 +91,7 @@ def build_objective(student: Student, replay: Replay, config: DistillConfig) -> 
     """The student and one loss per target, sized from the decoded shape of each target (a decode of zeros shaped
     as the manifest says: no read, any store format) and a probe forward."""
     kinds = {name: replay.store.manifest.content.targets[name].kind for name in replay.targets}
+    codecs = {name: replay.store.codec(name) for name in replay.targets}
     names = config.losses * len(kinds) if len(config.losses) == 1 else config.losses
     if len(names) != len(kinds):
         raise ValueError(f"--loss gives {len(names)} losses for {len(kinds)} targets {list(kinds)}")
@@ -100,13 +102,14 @@ def build_objective(student: Student, replay: Replay, config: DistillConfig) -> 
     probe = student.eval().forward_parts(blank, {"embedding", "feature_map"})
     losses = {}
     for (name, kind), loss_name in zip(kinds.items(), names):
-        loss_name = DEFAULT_LOSS[kind] if loss_name == "auto" else loss_name
+        decoded = "log_probs" if config.online else codecs[name].decoded  # online: the teacher's own logits
+        loss_name = loss_for(loss_name, kind, decoded)
         teacher_size = sample[name].shape[1]  # embedding dim or patch channels
-        losses[name] = create_loss(loss_name, temperature=config.temperature,
+        # an empirical target estimates the teacher's softmax at the temperature the store drew at
+        temperature = codecs[name].temperature if decoded == "empirical" else config.temperature
+        losses[name] = create_loss(loss_name, temperature=temperature,
                                    student_dim=probe["embedding"].shape[-1], teacher_dim=teacher_size,
                                    student_channels=probe["feature_map"].shape[1], teacher_channels=teacher_size)
-        if losses[name].kind != kind:
-            raise ValueError(f"loss {loss_name!r} is for {losses[name].kind} targets; {name!r} holds {kind}")
     unknown = sorted(set(config.weights) - set(kinds))
     if unknown:
         raise ValueError(f"weights given for {unknown}, which are not distilled targets {list(kinds)}")
@@ -229,7 +232,9 @@ def distill(config: DistillConfig) -> dict[str, Any]:
              "teacher": {"name": content.teacher.name, "weights_sha256": content.teacher.weights_sha256},
              "transfer_set": {"spec": content.transfer_set.spec, "fingerprint": content.transfer_set.fingerprint},
              "targets": list(replay.targets), "losses": losses,
-             "weights": objective.weights, "epochs": config.epochs, "temperature": config.temperature,
+             "weights": objective.weights, "epochs": config.epochs,
+             "temperature": objective.losses["logits"].temperature if "logits" in objective.losses
+             else config.temperature,
              "steps": int(engine.global_steps), "size": replay.size, "views": replay.views, "online": config.online,
              "resumed_from": {"epoch": start_epoch, "step": start_step} if start_epoch else None,
              "world_size": world, "batch_size": config.batch_size}
@@ -286,8 +291,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[DistillConfig, bool]:
     parser.add_argument("--targets", default=None,
                         help="store targets to distill, with optional weights: logits,embedding:0.5 (default: all)")
     parser.add_argument("--loss", default="auto",
-                        help="auto (by target kind: logits kl, embedding contrastive, patch cosine), or loss names "
-                             "one per target: kl | contrastive | cosine")
+                        help="auto (by target kind and codec: top-k logits kl, sampled logits sampled_ce at the "
+                             "store's sampling temperature, embedding contrastive, patch cosine), or loss names one "
+                             "per target: kl | sampled_ce | contrastive | cosine | pixel_kl")
     parser.add_argument("--epochs", type=int, default=defaults.epochs, help="total epochs (a rerun continues)")
     parser.add_argument("--temperature", type=float, default=defaults.temperature, help="distillation T")
     parser.add_argument("--size", type=int, default=None, help="student input size (default: the store's)")

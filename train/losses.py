@@ -1,11 +1,14 @@
-"""Distillation losses by target kind, in a registry: KL for logits, contrastive for embeddings, cosine for patches,
-per-pixel KL for segmentation logit maps.
+"""Distillation losses by target kind, in a registry: KL for logits, cross-entropy against sampled (empirical)
+logit targets, contrastive for embeddings, cosine for patches, per-pixel KL for segmentation logit maps.
 
 A loss is an ``nn.Module`` because feature losses own learnable projections (trained with the
 student, dropped after distillation). Each declares the target ``kind`` it reads and the student
 output it compares (``logits``, ``embedding`` = pooled pre-logits features, ``feature_map`` = the
-last feature map). ``DistillObjective`` holds the student and one weighted loss per target, so a
-DeepSpeed engine trains projections and student together.
+last feature map) and what its target is once decoded (``target``: a codec's ``decoded``, ``log_probs``,
+``empirical`` or ``features``): ``loss_for`` pairs them, and a loss given a target it cannot read is refused
+(KL against an empirical distribution that omits classes is infinite; ``sampled_ce`` reads probabilities, not
+log-probabilities). ``DistillObjective`` holds the student and one weighted loss per target, so a DeepSpeed
+engine trains projections and student together.
 
 Example:
     >>> objective = DistillObjective(student, {"logits": create_loss("kl", temperature=2.0)})
@@ -21,10 +24,12 @@ import torch.nn.functional as F
 from torch import nn
 
 __all__ = ["DEFAULT_LOSS", "ContrastiveLoss", "CosineLoss", "DistillObjective", "KLLoss", "PixelKLLoss",
-           "create_loss", "kl_divergence", "list_losses", "register_loss"]
+           "SampledCELoss", "create_loss", "kl_divergence", "list_losses", "loss_for", "register_loss"]
 
 _LOSSES: dict[str, type[nn.Module]] = {}
-DEFAULT_LOSS = {"logits": "kl", "embedding": "contrastive", "patch": "cosine", "seg_logits": "pixel_kl"}  # auto
+DEFAULT_LOSS = {("logits", "log_probs"): "kl", ("logits", "empirical"): "sampled_ce",  # auto: (kind, decoded)
+                ("embedding", "features"): "contrastive", ("patch", "features"): "cosine",
+                ("seg_logits", "log_probs"): "pixel_kl"}
 
 
 def register_loss(cls: type[nn.Module]) -> type[nn.Module]:
@@ -44,6 +49,21 @@ def create_loss(name: str, **kwargs: Any) -> nn.Module:
     return _LOSSES[name](**kwargs)
 
 
+def loss_for(name: str, kind: str, decoded: str) -> str:
+    """The loss to distill a ``kind`` target that decodes to ``decoded`` (``name`` "auto": the default pairing),
+    or a ValueError naming the loss that fits."""
+    fits = DEFAULT_LOSS.get((kind, decoded))
+    if name == "auto" and fits:
+        return fits
+    loss = _LOSSES.get(name)
+    if loss is None:
+        raise ValueError(f"unknown loss {name!r}; registered: {', '.join(list_losses())}")
+    if (loss.kind, loss.target) != (kind, decoded):
+        raise ValueError(f"loss {name!r} reads {loss.kind} targets decoded to {loss.target}; this target is {kind} "
+                         f"decoded to {decoded}: use --loss {fits or 'auto'}")
+    return name
+
+
 def kl_divergence(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
     """``T² · KL(softmax(teacher/T) ‖ softmax(student/T))``, mean over the batch (Hinton et al. scaling).
 
@@ -60,6 +80,7 @@ class KLLoss(nn.Module):
 
     name: ClassVar[str] = "kl"
     kind: ClassVar[str] = "logits"
+    target: ClassVar[str] = "log_probs"
     student_output: ClassVar[str] = "logits"
 
     def __init__(self, temperature: float = 2.0, **_: Any):
@@ -68,6 +89,21 @@ class KLLoss(nn.Module):
 
     def forward(self, student: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return kl_divergence(student, target, self.temperature)
+
+
+@register_loss
+class SampledCELoss(KLLoss):
+    """``T² · CE(empirical, softmax(student / T))`` for targets drawn from the teacher (``sampled_logits``): the
+    empirical distribution averages to softmax(teacher / T), so the gradient is the KL's in expectation (the value
+    exceeds the KL by the target's entropy). T must be the temperature the store drew at (``train.distill`` passes
+    it from the codec)."""
+
+    name: ClassVar[str] = "sampled_ce"
+    target: ClassVar[str] = "empirical"
+
+    def forward(self, student: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        log_q = F.log_softmax(student.float() / self.temperature, dim=-1)
+        return -(target * log_q).sum(-1).mean() * self.temperature**2
 
 
 @register_loss
@@ -101,6 +137,7 @@ class ContrastiveLoss(nn.Module):
 
     name: ClassVar[str] = "contrastive"
     kind: ClassVar[str] = "embedding"
+    target: ClassVar[str] = "features"
     student_output: ClassVar[str] = "embedding"
 
     def __init__(self, student_dim: int, teacher_dim: int, dim: int = 768, tau: float = 0.07, **_: Any):
@@ -124,6 +161,7 @@ class CosineLoss(nn.Module):
 
     name: ClassVar[str] = "cosine"
     kind: ClassVar[str] = "patch"
+    target: ClassVar[str] = "features"
     student_output: ClassVar[str] = "feature_map"
 
     def __init__(self, student_channels: int, teacher_channels: int, **_: Any):
