@@ -24,7 +24,7 @@ from reinforce.segmentation import IGNORE_INDEX
 from reinforce.sources import IMAGE_SUFFIXES, SPEC_FORMS, Source, open_source, with_query
 
 __all__ = ["IN_MEMORY_LIMIT", "LabeledViews", "PooledMetrics", "SegmentationViews", "accuracy", "evaluate_model",
-           "headline_metric", "labeled_classes", "labeled_spec", "open_labeled", "predict"]
+           "headline_metric", "labeled_classes", "labeled_spec", "open_labeled", "predict", "predict_logits"]
 
 IN_MEMORY_LIMIT = 60_000  # images decoded once and kept (Fashion-MNIST train: ~140 MB as uint8)
 EPOCH_STRIDE = 1_000_003  # seed offset per epoch: epochs draw disjoint Philox keys
@@ -106,15 +106,23 @@ def labeled_classes(source: Source) -> tuple[str, ...]:
 
 
 @torch.inference_mode()
-def predict(model: nn.Module, source: Source, size: int, batch_size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
-    """The top-1 class of every deterministic eval view of ``source``, and its label (both ``[N] int64``)."""
+@torch.inference_mode()
+def predict_logits(model: nn.Module, source: Source, size: int,
+                   batch_size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    """The logits of every deterministic eval view of ``source`` (``[N, C] float32``) and its label (``[N] int64``)."""
     dataset = LabeledViews(source, size, train=False)
     was_training = model.training
     model.eval()
-    predictions = [model(views.contiguous(memory_format=torch.channels_last)).argmax(1)
-                   for views, _ in DataLoader(dataset, batch_size=batch_size)]
+    logits = [model(views.contiguous(memory_format=torch.channels_last)).float()
+              for views, _ in DataLoader(dataset, batch_size=batch_size)]
     model.train(was_training)
-    return torch.cat(predictions) if predictions else torch.zeros(0, dtype=torch.long), dataset.labels
+    return torch.cat(logits) if logits else torch.zeros(0, 0), dataset.labels
+
+
+def predict(model: nn.Module, source: Source, size: int, batch_size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    """The top-1 class of every deterministic eval view of ``source``, and its label (both ``[N] int64``)."""
+    logits, labels = predict_logits(model, source, size, batch_size)
+    return logits.argmax(1) if len(logits) else torch.zeros(0, dtype=torch.long), labels
 
 
 def evaluate_model(model: nn.Module, source: Source, size: int, batch_size: int = 256) -> dict[str, float]:

@@ -1,5 +1,8 @@
 """Evaluate a student directory or a teacher zoo entry on a labeled source; prints JSON.
 
+A classifier is scored by top-1, balanced accuracy and its calibration (``train.calibration``): ECE
+(torchmetrics ``MulticlassCalibrationError``, 15 equal-width bins), NLL, Brier and the reliability bins.
+
 A segmentation model (a ``SegmentationStudent`` or a ``timm_seg`` teacher) on image/mask pairs is scored by
 mIoU (torchmetrics ``MulticlassJaccardIndex``, macro) and pixel accuracy at its input size.
 
@@ -22,14 +25,16 @@ import numpy as np
 from reinforce.dense import SegmentationTeacher
 from reinforce.sources import open_source
 from stores.cli import cli_errors, debug_flag
-from train.data import accuracy, evaluate_model, open_labeled, predict
+from train.calibration import calibration
+from train.data import accuracy, evaluate_model, open_labeled, predict_logits
 from train.models import SegmentationStudent, load_classifier
 
 __all__ = ["evaluate", "main"]
 
 
 def evaluate(model_name: str, data: str, batch_size: int = 256, predictions: str | None = None) -> dict[str, Any]:
-    """Top-1 / balanced accuracy of ``model_name`` at its own input size on ``data``; ``predictions``: a .npy path."""
+    """Top-1 / balanced accuracy and calibration of ``model_name`` at its own input size on ``data``;
+    ``predictions``: a .npy path."""
     model, card = load_classifier(model_name)
     if isinstance(model, (SegmentationTeacher, SegmentationStudent)):
         source = open_source(data)
@@ -41,11 +46,12 @@ def evaluate(model_name: str, data: str, batch_size: int = 256, predictions: str
     source, class_names = open_labeled(data, None, 0)
     if len(class_names) != card.num_classes:
         raise ValueError(f"{model_name!r} has {card.num_classes} classes but {data!r} has {len(class_names)}")
-    predicted, labels = predict(model, source, card.input_size, batch_size)
+    logits, labels = predict_logits(model, source, card.input_size, batch_size)
+    predicted = logits.argmax(1)
     if predictions:
         Path(predictions).parent.mkdir(parents=True, exist_ok=True)
         np.save(predictions, predicted.numpy())
-    metrics = accuracy(predicted, labels, card.num_classes)
+    metrics = {**accuracy(predicted, labels, card.num_classes), **calibration(logits, labels)}
     return {**metrics, "num_images": len(source), "model": model_name, "data": data}
 
 
