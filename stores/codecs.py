@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from stores._philox import philox_uniform
 
 __all__ = ["Codec", "EmbeddingCodec", "PatchCodec", "SampledLogitsCodec", "SegTopKLogitsCodec", "TopKLogitsCodec",
-           "create_codec", "list_codecs", "philox_uniform", "register_codec"]
+           "bias_z2_per_dof", "create_codec", "list_codecs", "register_codec"]
 
 _CODECS: dict[str, type[Codec]] = {}
 
@@ -286,6 +286,22 @@ class SampledLogitsCodec(Codec):
         kl = torch.where(empirical > 0, empirical * (empirical.clamp_min(1e-30).log() - log_p), 0.0).sum(-1)
         return {"tv": 0.5 * (empirical - log_p.exp()).abs().sum(-1), "kl_empirical": kl,
                 "top1_agreement": (empirical.argmax(-1) == x.argmax(-1)).float()}
+
+
+def bias_z2_per_dof(decoded_sum: torch.Tensor, teacher: torch.Tensor, draws: int, repeats: int = 1,
+                    floor: float = 5.0) -> float:
+    """Is a target unbiased? ``decoded_sum [C]``: decoded targets (probabilities) summed over views, each view
+    decoded ``repeats`` times (draws keyed apart); ``teacher [V, C]``: those views' teacher probabilities. Each
+    class's pooled mass x ``draws`` (a top-k target: pseudo-counts at the same N) against its expectation under
+    ``draws`` multinomial draws per view, scaled by that exact variance N·Σ p(1 - p) (Pearson's Poisson E would
+    overstate it for a confident teacher); classes expected below ``floor`` merged into one bin. Mean z² per bin:
+    ≈ 1 for unbiased draws however many views; a biased target's grows in proportion to the views."""
+    teacher = teacher.double()
+    observed, expected = draws * decoded_sum.double(), draws * repeats * teacher.sum(0)
+    variance = draws * repeats * (teacher * (1 - teacher)).sum(0)
+    keep = expected >= floor
+    o, e, v = (torch.cat([x[keep], x[~keep].sum()[None]]) for x in (observed, expected, variance))
+    return float(((o - e)[v > 0] ** 2 / v[v > 0]).mean())
 
 
 def _quantise_rows(x: torch.Tensor, precision: str) -> dict[str, np.ndarray]:
