@@ -51,6 +51,9 @@ def _metrics(directory: Path, eval_file: Path | None) -> list[str]:
         return []
     metrics = json.loads(found.read_text())
     scores = [(label, f"{metrics[key]:.2%}") for key, label in METRIC_LABELS.items() if key in metrics]
+    if "ece" in metrics:  # train.evaluate's calibration of a classifier
+        scores += [(f"ECE ({metrics['ece_bins']} bins)", f"{metrics['ece']:.2%}"), ("NLL", f"{metrics['nll']:.3f}"),
+                   ("Brier", f"{metrics['brier']:.3f}")]
     return ["## Metrics", *_table([("data", f"`{metrics['data']}` ({metrics['num_images']} images)"), *scores])]
 
 

@@ -379,7 +379,8 @@ def run_cell(cell: Cell, planner: Planner, runner: Runner, flops: report.FlopsCo
     tuned = last_stage(finetune.out)
     metric, second = planner.metric, planner.second_metric
     row = {**dataclasses.asdict(cell), "seed": planner.seed, metric: metrics[metric], second: metrics[second],
-           **selection_columns(tuned, metric), **{k: round(v, 1) for k, v in seconds.items()},
+           **report.calibration_columns(metrics), **selection_columns(tuned, metric),
+           **{k: round(v, 1) for k, v in seconds.items()},
            "model": str(finetune.out)}
     teacher, store = (upstream[0].out, upstream[1].out) if upstream else (None, None)
     write_card(finetune.out, evaluation)
@@ -412,7 +413,8 @@ def teacher_row(shots: int, mode: str, planner: Planner, runner: Runner,
     metric, second = planner.metric, planner.second_metric
     return {"shots": shots, "transfer": None, "method": "teacher", "teacher_mode": mode,  # as its cells name it
             "seed": planner.seed, metric: metrics[metric], second: metrics[second],
-            **selection_columns(teacher_card.adaptation, metric), "teacher_seconds": record["seconds"],
+            **report.calibration_columns(metrics), **selection_columns(teacher_card.adaptation, metric),
+            "teacher_seconds": record["seconds"],
             "eval_seconds": eval_record["seconds"], "model": str(teacher.out),
             "teacher_adapt_flops": adapt, "teacher_pass_flops": 0, "student_flops": 0, "compute_flops": adapt}
 

@@ -8,8 +8,10 @@ FLOPs are measured once per (model, size) with ``torch.utils.flop_counter.FlopCo
 Rows of several seeds (``train.pipeline --seeds 0,1,2``) are reported as mean ± std over seeds, and the
 comparisons the paper makes as **paired differences** per seed (method − labeled-only, task-oriented −
 task-agnostic: same labeled draw, same folds) with a 95 % Student-t interval; a difference whose interval
-contains 0 is marked "within noise". ``python -m train.report RUN`` redraws ``RUN/results.md`` and the plots
-from ``RUN/results.parquet``.
+contains 0 is marked "within noise". Classifier rows also carry their calibration on the test split (ECE with 15
+equal-width bins, NLL, Brier: ``train.calibration``), tabled as mean ± std, and each row family (method, teacher
+mode) gets a reliability diagram ``reliability_<row>.png`` (bins pooled over seeds, one line per shots x transfer
+set). ``python -m train.report RUN`` redraws ``RUN/results.md`` and the plots from ``RUN/results.parquet``.
 
 Example:
     >>> write_report(rows, Path("runs/pipeline"), title="top-1 on fashion-mnist:test")
@@ -21,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -31,9 +34,11 @@ from reinforce.teachers import TeacherCard, read_teacher_card
 from stores.cli import cli_errors, debug_flag
 from stores.location import Location
 from stores.store import read_manifest
+from train.calibration import plot_reliability, pool_bins
 from train.models import read_student_card
 
-__all__ = ["COLUMNS", "FlopsCounter", "main", "paired_differences", "write_report"]
+__all__ = ["CALIBRATION", "COLUMNS", "FlopsCounter", "calibration_columns", "main", "paired_differences",
+           "write_report"]
 
 COLUMNS = {
     "shots": pl.Int64, "transfer": pl.Utf8, "method": pl.Utf8, "teacher_mode": pl.Utf8,
@@ -46,7 +51,9 @@ COLUMNS = {
     "teacher_adapt_flops": pl.Int64, "teacher_pass_flops": pl.Int64, "student_flops": pl.Int64,
     "compute_flops": pl.Int64, "teacher_val_top1": pl.Float64, "labels_only_val_top1": pl.Float64,
     "teacher_val_miou": pl.Float64, "labels_only_val_miou": pl.Float64, "teacher_ahead": pl.Boolean, "model": pl.Utf8,
+    "ece": pl.Float64, "nll": pl.Float64, "brier": pl.Float64, "reliability": pl.Utf8,
 }
+CALIBRATION = ("ece", "nll", "brier")  # train.evaluate's, classifiers only
 # headline metric -> (its label, the second metric, that one's label, what "shots" counts)
 METRICS = {"top1": ("top-1", "balanced_accuracy", "bal. acc", "labeled images per class"),
            "miou": ("mIoU", "pixel_accuracy", "pixel acc", "labeled images")}
@@ -174,6 +181,13 @@ def teacher_card(teacher_dir: Path) -> TeacherCard:
 def to_frame(rows: list[dict[str, Any]]) -> pl.DataFrame:
     """Rows -> a frame with exactly ``COLUMNS`` (missing values null), whatever subset each row has."""
     return pl.DataFrame([{name: row.get(name) for name in COLUMNS} for row in rows], schema=COLUMNS, orient="row")
+
+
+def calibration_columns(metrics: dict[str, Any]) -> dict[str, Any]:
+    """A classifier evaluation's calibration as result columns (reliability bins as JSON); {} for segmentation."""
+    if "ece" not in metrics:
+        return {}
+    return {**{k: metrics[k] for k in CALIBRATION}, "reliability": json.dumps(metrics["reliability"])}
 
 
 def headline(frame: pl.DataFrame) -> str:
@@ -306,6 +320,41 @@ def details_table(frame: pl.DataFrame) -> str:
     return _md_table(header, body, right={0, 3, 4, 5, 6, 9})
 
 
+def calibration_table(frame: pl.DataFrame) -> str:
+    """Per row: top-1, ECE (15 equal-width bins), NLL and Brier on the test split, mean ± std over seeds; "" when
+    no row has them (segmentation, or results from before calibration was measured)."""
+    if frame["ece"].is_null().all():
+        return ""
+    stats = frame.filter(pl.col("ece").is_not_null()).group_by(KEYS, maintain_order=True).agg(
+        pl.len().alias("seeds"), *(pl.col(c).mean() for c in ("top1", *CALIBRATION)),
+        *(pl.col(c).std().alias(f"{c}_std") for c in ("top1", *CALIBRATION)))
+    body = []
+    for r in stats.sort("shots", "transfer", nulls_last=True).iter_rows(named=True):
+        plain = {c: f"{r[c]:.3f}" + (f" ± {r[f'{c}_std']:.3f}" if r["seeds"] > 1 else "") for c in ("nll", "brier")}
+        body.append([str(r["shots"]), r["transfer"] or "(all)", column_label(r["method"], r["teacher_mode"]),
+                     _mean_std(r, "top1"), _mean_std(r, "ece"), plain["nll"], plain["brier"], str(r["seeds"])])
+    header = ["shots", "transfer", "row", "top-1", "ECE (%)", "NLL", "Brier", "seeds"]
+    return _md_table(header, body, right={0, 3, 4, 5, 6, 7})
+
+
+def plot_reliability_rows(frame: pl.DataFrame, run_dir: Path) -> list[Path]:
+    """``reliability_<row>.png`` per row family (method, teacher mode): one line per shots x transfer set, bins
+    pooled over seeds."""
+    paths = []
+    rows = frame.filter(pl.col("reliability").is_not_null())
+    for method, mode in _ordered_columns(rows) if len(rows) else []:
+        family = rows.filter((pl.col("method") == method) & pl.col("teacher_mode").eq_missing(mode))
+        curves = {}
+        for (shots, transfer), part in family.sort("shots").group_by("shots", "transfer", maintain_order=True):
+            curves[f"{shots} shots" + (f", {transfer}" if transfer else "")] = pool_bins(
+                [json.loads(b) for b in part["reliability"]])
+        label = column_label(method, mode)
+        path = run_dir / f"reliability_{re.sub(r'[^A-Za-z0-9]+', '_', label).strip('_')}.png"
+        plot_reliability(curves, path, f"{label}: test split, seeds pooled")
+        paths.append(path)
+    return paths
+
+
 def write_markdown(frame: pl.DataFrame, path: Path, title: str) -> None:
     seeds = sorted(frame["seed"].drop_nulls().unique())
     protocol = next(iter(frame["protocol"].drop_nulls()), "–")
@@ -316,6 +365,11 @@ def write_markdown(frame: pl.DataFrame, path: Path, title: str) -> None:
             "distilled student) are listed in every row that uses it; finetune seconds include the cross-validation "
             "runs. Compute: teacher adaptation + teacher pass over the stored views + 3 x student forward x images "
             f"seen by the final model.\n\n{details_table(frame)}\n")
+    calibration = calibration_table(frame)
+    if calibration:
+        text += ("\n## Calibration\n\nOn the test split: ECE (torchmetrics MulticlassCalibrationError, 15 "
+                 "equal-width confidence bins), NLL (nats) and Brier (squared error summed over classes), mean ± std "
+                 f"over seeds; reliability diagrams in reliability_<row>.png.\n\n{calibration}\n")
     path.write_text(text)
 
 
@@ -390,13 +444,13 @@ def plot_compute(frame: pl.DataFrame, path: Path) -> None:
 
 
 def render(frame: pl.DataFrame, run_dir: Path, title: str) -> dict[str, Path]:
-    """results.md and both plots from a results frame."""
+    """results.md, both plots and the reliability diagrams from a results frame."""
     files = {"parquet": run_dir / "results.parquet", "markdown": run_dir / "results.md",
              "labels_plot": run_dir / "top1_vs_labels.png", "compute_plot": run_dir / "top1_vs_compute.png"}
     write_markdown(frame, files["markdown"], title)
     plot_labels(frame, files["labels_plot"])
     plot_compute(frame, files["compute_plot"])
-    return files
+    return {**files, **{path.stem: path for path in plot_reliability_rows(frame, run_dir)}}
 
 
 def write_report(rows: list[dict[str, Any]], run_dir: Path, title: str = "results",
