@@ -1,5 +1,6 @@
 """Codecs on real teacher outputs (Lite0 with its ImageNet-1k head, real images): top-k logits at both
-precisions and index codings, int8/fp16 embeddings and feature maps, and every registered codec's contract."""
+precisions and index codings, sampled logits (keyed draws, unbiased where top-k is not), int8/fp16 embeddings and
+feature maps, and every registered codec's contract."""
 
 from __future__ import annotations
 
@@ -10,7 +11,16 @@ import torch.nn.functional as F
 
 from reinforce.augment import create_policy
 from reinforce.sources import open_source
-from stores.codecs import EmbeddingCodec, PatchCodec, TopKLogitsCodec, create_codec, list_codecs
+from stores._philox import philox_uniform
+from stores.codecs import (
+    EmbeddingCodec,
+    PatchCodec,
+    SampledLogitsCodec,
+    TopKLogitsCodec,
+    bias_z2_per_dof,
+    create_codec,
+    list_codecs,
+)
 
 KINDS = ("logits", "embedding", "patch")
 
@@ -44,7 +54,13 @@ EXAMPLES = {  # registered codec -> (arguments, the teacher output it encodes); 
     "embedding": ({"dim": 1280, "precision": "int8"}, "embedding"),
     "patch": ({"channels": 1280, "grid": 2, "precision": "int8"}, "patch4"),
     "seg_topk_logits": ({"k": 5, "num_classes": 1000, "height": 4, "width": 4}, "seg_logits"),
+    "sampled_logits": ({"samples": 8, "num_classes": 1000, "proposal_temperature": 2.0}, "logits"),
 }
+
+
+def view_keys(n: int, seed: int = 0) -> np.ndarray:
+    """``[n, 3]`` (seed, sample, view) keys: n samples, view 0."""
+    return np.stack([np.full(n, seed), np.arange(n), np.zeros(n, dtype=np.int64)], 1)
 
 
 @pytest.mark.parametrize("name", list_codecs())
@@ -55,7 +71,7 @@ def test_every_registered_codec_keeps_its_contract(outputs, name):
     codec = create_codec(name, **args)
     assert create_codec(**codec.to_dict()) == codec
     x = outputs[kind]
-    payload = codec.encode(x)
+    payload = codec.encode(x, view_keys(len(x)))
     declared = codec.arrays()
     assert sorted(payload) == sorted(declared)
     for array, (shape, dtype) in declared.items():
@@ -66,7 +82,7 @@ def test_every_registered_codec_keeps_its_contract(outputs, name):
 
 
 def test_codec_errors_name_what_is_valid():
-    registered = "embedding, patch, seg_topk_logits, topk_logits"
+    registered = "embedding, patch, sampled_logits, seg_topk_logits, topk_logits"
     with pytest.raises(ValueError, match=f"unknown codec 'topk8'; registered: {registered}"):
         create_codec("topk8")
     with pytest.raises(ValueError, match=r"unknown \['bits'\]"):
@@ -186,3 +202,72 @@ def test_patch_round_trip_cosine(outputs, precision, maps, grid):
     decoded = codec.round_trip(x)
     assert decoded.shape == (len(x), 1280, grid, grid)
     torch.testing.assert_close(codec.pool(x), F.adaptive_avg_pool2d(x, grid))
+
+
+def test_philox_uniform_is_numpys_philox_stream():
+    """The vectorised Philox draws exactly what ``np.random.Generator(np.random.Philox(key, counter)).random()``
+    draws, row by row (so the keying is the documented generator's, not a look-alike)."""
+    key = np.array([[0, 12], [7, 3], [2**40, 99]], dtype=np.uint64)
+    counter = np.array([[0, 1, 3, 0], [0, 1, 0, 0], [5, 1, 2, 0]], dtype=np.uint64)
+    drawn = philox_uniform(key, counter, 11)
+    for row in range(len(key)):
+        expected = np.random.Generator(np.random.Philox(key=key[row], counter=counter[row])).random(11)
+        assert np.array_equal(drawn[row], expected)
+
+
+def test_sampled_payload_is_keyed_counted_and_decodes_to_the_empirical_distribution(outputs):
+    logits = outputs["logits"]
+    codec = SampledLogitsCodec(samples=16, num_classes=1000)
+    payload = codec.encode(logits, view_keys(len(logits)))
+    assert (payload["count"].astype(int).sum(-1) == 16).all()
+    index = np.cumsum(payload["index"].astype(np.int64), -1)
+    counted = payload["count"] > 0
+    for row, used in zip(index, counted):  # distinct ids, ascending; padding repeats the last id with count 0
+        assert (np.diff(row[used]) > 0).all() and (row[~used] == row[used][-1]).all()
+    again = codec.encode(logits, view_keys(len(logits)))
+    assert all(np.array_equal(payload[a], again[a]) for a in payload)  # same keys, same draws
+    other = codec.encode(logits, view_keys(len(logits), seed=1))
+    assert not np.array_equal(payload["index"], other["index"])
+    decoded = codec.decode({a: torch.from_numpy(v.astype(np.int32) if v.dtype == np.uint16 else v)
+                            for a, v in payload.items()})
+    torch.testing.assert_close(decoded.sum(-1), torch.ones(len(logits)))
+    dense = np.zeros((len(logits), 1000))
+    np.add.at(dense, (np.arange(len(logits))[:, None], index), payload["count"] / 16)
+    torch.testing.assert_close(decoded, torch.from_numpy(dense).float())
+    fidelity = codec.fidelity(logits, view_keys(len(logits)))
+    assert fidelity["tv"].max() < 1 and (fidelity["kl_empirical"] >= 0).all()
+    with pytest.raises(ValueError, match=r"encode needs keys \[B, 3\]"):
+        codec.encode(logits)
+
+
+def redrawn(codec, logits: torch.Tensor, redraws: int) -> torch.Tensor:
+    """Decoded targets of every view summed over ``redraws`` differently keyed draws, ``[C]`` float64."""
+    return sum(codec.round_trip(logits, view_keys(len(logits), seed)).double().sum(0) for seed in range(redraws))
+
+
+def test_sampled_targets_average_to_the_teacher_where_top_k_does_not(outputs):
+    """Pooled over 200 draws of each of 144 real views, 4-sample targets deviate from the teacher's probabilities
+    as much as multinomial noise does (z²/dof ≈ 1); top-5 targets (pseudo-counts at the same N) by far more."""
+    logits = outputs["logits"]
+    teacher = torch.softmax(logits, -1)
+    sampled = bias_z2_per_dof(redrawn(SampledLogitsCodec(samples=4, num_classes=1000), logits, 200), teacher, 4,
+                              repeats=200)
+    top5 = TopKLogitsCodec(k=5, num_classes=1000)
+    biased = bias_z2_per_dof(200 * top5.round_trip(logits).exp().double().sum(0), teacher, 4, repeats=200)
+    print(f"\nz²/dof over 200 x {len(logits)} views: sampled N=4 {sampled:.2f}, top-5 {biased:.2f}")
+    assert 0.5 < sampled < 1.5 < biased
+
+
+def test_a_tempered_proposal_stays_unbiased_through_its_weights(outputs):
+    """Drawn at T=3 with log p/q stored (p at T=1): the weighted targets average to the T=1 teacher (total
+    variation of the pooled mean well below the proposal's own and top-5's bias)."""
+    logits = outputs["logits"]
+    teacher = torch.softmax(logits, -1).double().mean(0)
+    codec = SampledLogitsCodec(samples=8, num_classes=1000, proposal_temperature=3.0)
+    weighted = redrawn(codec, logits, 200) / (200 * len(logits))
+    unweighted = redrawn(SampledLogitsCodec(samples=8, num_classes=1000, temperature=3.0), logits, 200)
+    top5 = TopKLogitsCodec(k=5, num_classes=1000).round_trip(logits).exp().double().mean(0)
+    tv = {name: 0.5 * (mean - teacher).abs().sum().item() for name, mean in
+          (("weighted", weighted), ("proposal", unweighted / (200 * len(logits))), ("top5", top5))}
+    print(f"\nTV(pooled mean, teacher): {tv}")
+    assert tv["weighted"] < tv["top5"] / 2 and tv["weighted"] < tv["proposal"] / 4
