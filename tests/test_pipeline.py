@@ -105,6 +105,11 @@ def test_report_table_and_plots(run):
     text = (run_dir / "results.md").read_text()
     assert "| labeled images per class | transfer set | task-agnostic (embedding) | task-agnostic (patch) |" in text
     assert "| 3 | task-related |" in text
+    # every classifier row's calibration on test, and a reliability diagram per row family
+    assert "ECE (torchmetrics MulticlassCalibrationError, 15 equal-width confidence bins)" in text
+    assert "| shots | transfer | row | top-1 | ECE (%) | NLL | Brier | seeds |" in text
+    for family in ("task_agnostic_embedding", "task_agnostic_patch"):
+        assert (run_dir / f"reliability_{family}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 TASK_RECIPE = {
