@@ -18,6 +18,7 @@ from reinforce.build import main as build_main
 from stores.codecs import bias_z2_per_dof
 from stores.store import THETA, open_store
 from stores.verify import describe_store
+from train.card import render_card
 from train.evaluate import main as evaluate_main
 from train.teacher import main as teacher_main
 
@@ -79,11 +80,15 @@ def test_distill_auto_picks_sampled_ce_and_evaluate_reports_calibration(store, t
     stage = json.loads((tmp_path / "student" / "student.json").read_text())["history"][-1]
     assert stage["losses"] == {"logits": "sampled_ce"}
     assert stage["temperature"] == 2.0  # the store's sampling temperature, not --temperature
-    result = evaluate_main(["--model", str(tmp_path / "student"), "--data", "fashion-mnist:test?limit=200"])
+    student, evaluation = tmp_path / "student", tmp_path / "eval.json"
+    result = evaluate_main(["--model", str(student), "--data", "fashion-mnist:test?limit=200", "--out",
+                            str(evaluation)])
     printed = json.loads(capsys.readouterr().out)
     assert printed["ece_bins"] == "15 equal-width" and 0 <= printed["ece"] <= 1 and printed["nll"] > 0
     assert 0 <= printed["brier"] <= 2 and sum(printed["reliability"]["count"]) == 200
     assert printed == json.loads(json.dumps(result))
+    card = render_card(student, evaluation)  # the model card carries the calibration
+    assert f"| ECE (15 equal-width bins) | {printed['ece']:.2%} |" in card and f"| NLL | {printed['nll']:.3f} |" in card
 
 
 def test_wrong_codec_loss_pairing_is_refused_in_one_line(store, tmp_path):
