@@ -27,7 +27,7 @@ from reinforce.teachers import create_teacher
 from stores.store import open_store
 from train.deepspeed_glue import default_config, load_config
 from train.distill import DistillConfig, build_objective
-from train.losses import kl_divergence
+from train.losses import create_loss, kl_divergence
 from train.models import create_student, load_student
 
 REPO = Path(__file__).resolve().parents[1]
@@ -319,3 +319,24 @@ def test_finetune_rejects_data_with_other_classes(distilled, photo_dir, tmp_path
     assert exit_info.value.code == 2 and "\n" not in err
     assert err.startswith("train.finetune: error: ") and "10 classes" in err and "has 2" in err
     assert not (tmp_path / "never").exists()
+
+
+def test_sampled_ce_has_the_kl_gradient_in_expectation():
+    """Cross-entropy against empirical targets (``sampled_logits`` draws) is linear in the target, so its gradient
+    averaged over draws is the gradient against the draws' mean, which tends to the teacher's: the KL gradient."""
+    from stores.codecs import SampledLogitsCodec
+
+    generator = torch.Generator().manual_seed(0)
+    teacher, student = torch.randn(16, 10, generator=generator) * 2, torch.randn(16, 10, generator=generator)
+    codec = SampledLogitsCodec(samples=32, num_classes=10, temperature=2.0)
+    keys = np.stack([np.zeros(16), np.arange(16), np.zeros(16)], 1).astype(np.int64)
+    grads = {}
+    for name, target in (("kl", teacher), ("sampled_ce", None)):
+        loss = create_loss(name, temperature=2.0)
+        x = student.clone().requires_grad_(True)
+        if target is None:  # 500 draws of 32 per view, keyed apart
+            draws = [codec.round_trip(teacher, np.c_[np.full(16, seed), keys[:, 1:]]) for seed in range(500)]
+            target = torch.stack(draws).mean(0)
+        loss(x, target).backward()
+        grads[name] = x.grad
+    torch.testing.assert_close(grads["sampled_ce"], grads["kl"], atol=2e-3, rtol=0)
