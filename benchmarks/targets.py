@@ -126,7 +126,7 @@ def part_a(work: Path, crops: int, redraws: int, threads: int) -> dict[str, Any]
              for k in (1, 3, 5, 10)]
     rows += [build(f"sampled{n}", work, str(teacher), transfer, ["--codec", "sampled_logits", "--samples", str(n),
                                                                   "--sample-temperature", "1"], threads, policy=policy)
-             for n in (2, 4, 8)]
+             for n in (2, 4, 8, 16, 32)]
     teacher_log_p = decoded_targets(rows[0]["store"])
     teacher_p = teacher_log_p.exp()
     for row in rows:
