@@ -164,7 +164,7 @@ def part_b(work: Path, limit: int, epochs: int, seeds: list[int], samples: list[
     results = []
     for store in (top5, sampled, fp16):
         for seed in seeds:
-            out = work / "students" / f"{store['name']}-s{seed}"
+            out = work / "students" / f"{store['name']}-e{epochs}-s{seed}"
             if not (out / "model.safetensors").exists():
                 store.setdefault("distill_seconds", []).append(
                     run("train.distill", "--store", store["store"], *STUDENT, "--epochs", str(epochs), "--seed",
@@ -176,7 +176,8 @@ def part_b(work: Path, limit: int, epochs: int, seeds: list[int], samples: list[
             metrics = json.loads(evaluation.read_text())
             results.append({"store": store["name"], "seed": seed, **{k: metrics[k] for k in
                                                                      ("top1", "ece", "nll", "brier", "reliability")}})
-    steps = json.loads((work / "students" / f"fm_top5-s{seeds[0]}" / "student.json").read_text())["history"][-1]
+    steps = json.loads((work / "students" / f"fm_top5-e{epochs}-s{seeds[0]}" / "student.json").read_text())
+    steps = steps["history"][-1]
     return {"transfer_set": transfer, "epochs": epochs, "steps": steps["steps"], "stores": [top5, sampled, fp16],
             "candidates": candidates, "students": results}
 
