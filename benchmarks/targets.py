@@ -19,7 +19,8 @@ measures both claims with the CLIs a user runs:
     finetuning: top-1, ECE (15 equal-width bins), NLL, Brier. Sized for a loaded 2-core CPU (``--transfer-limit``
     images, ``--epochs``), smaller than the recipe's 10k images x 13 epochs.
 
-Writes ``OUT/targets.json`` and ``OUT/reliability_targets.png`` and prints the tables (docs/targets.md quotes them).
+Writes ``OUT/targets_e{epochs}.json`` and ``OUT/reliability_targets_e{epochs}.png`` and prints the tables
+(docs/targets.md quotes them).
 
 Example:
     python benchmarks/targets.py --out docs --work runs/targets --threads 1
@@ -241,7 +242,7 @@ def plot_reliability(b: dict[str, Any], path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", default="docs", help="targets.json and reliability_targets.png go here")
+    parser.add_argument("--out", default="docs", help="the json and the reliability diagram go here")
     parser.add_argument("--work", default="runs/targets", help="teachers, stores and students (reused on a rerun)")
     parser.add_argument("--crops", type=int, default=1024, help="(a): photo crops, 4 views each")
     parser.add_argument("--redraws", type=int, default=64, help="(a): targets redrawn per view for the bias test")
@@ -260,8 +261,8 @@ def main(argv: list[str] | None = None) -> int:
     b = part_b(work, args.transfer_limit, args.epochs, [int(s) for s in args.seeds.split(",")],
                [int(n) for n in args.samples.split(",")], args.threads)
     result = {"a": a, "b": b, "seconds": round(time.perf_counter() - started, 1), "threads": args.threads}
-    (out / "targets.json").write_text(json.dumps(result, indent=1) + "\n")
-    plot_reliability(b, out / "reliability_targets.png")
+    (out / f"targets_e{args.epochs}.json").write_text(json.dumps(result, indent=1) + "\n")
+    plot_reliability(b, out / f"reliability_targets_e{args.epochs}.png")
     print(markdown(a, b))
     return 0
 
