@@ -44,6 +44,7 @@ import torch
 from stores.codecs import bias_z2_per_dof, create_codec
 from stores.store import open_store
 from stores.verify import describe_store
+from train.calibration import plot_reliability, pool_bins
 
 FMNIST = "fashion-mnist:train"
 TEACHER = ["--backbone", "tf_efficientnet_lite0", "--library", "timm", "--weights", "embedded", "--size", "64",
@@ -215,29 +216,11 @@ def markdown(a: dict[str, Any], b: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot_reliability(b: dict[str, Any], path: Path) -> None:
-    """Accuracy vs confidence per equal-width bin, bins pooled over seeds, one line per target."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5, 4.6))
-    ax.plot([0, 1], [0, 1], color="gray", linestyle=":", label="calibrated")
-    for store in b["stores"]:
-        bins = [r["reliability"] for r in b["students"] if r["store"] == store["name"]]
-        count = np.sum([x["count"] for x in bins], 0)
-        correct = np.sum([[(a or 0) * c for a, c in zip(x["accuracy"], x["count"])] for x in bins], 0)
-        conf = np.sum([[(f or 0) * c for f, c in zip(x["confidence"], x["count"])] for x in bins], 0)
-        seen = count > 0
-        ax.plot(conf[seen] / count[seen], correct[seen] / count[seen], marker="o", label=store["name"])
-    ax.set(xlabel="confidence (15 equal-width bins)", ylabel="accuracy", xlim=(0, 1), ylim=(0, 1),
-           title="students on Fashion-MNIST test, seeds pooled")
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+def plot_reliability_targets(b: dict[str, Any], path: Path) -> None:
+    """The students' reliability diagram, one line per target, bins pooled over seeds."""
+    curves = {store["name"]: pool_bins([r["reliability"] for r in b["students"] if r["store"] == store["name"]])
+              for store in b["stores"]}
+    plot_reliability(curves, path, f"Fashion-MNIST test, {b['steps']} distillation steps, seeds pooled")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -262,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
                [int(n) for n in args.samples.split(",")], args.threads)
     result = {"a": a, "b": b, "seconds": round(time.perf_counter() - started, 1), "threads": args.threads}
     (out / f"targets_e{args.epochs}.json").write_text(json.dumps(result, indent=1) + "\n")
-    plot_reliability(b, out / f"reliability_targets_e{args.epochs}.png")
+    plot_reliability_targets(b, out / f"reliability_targets_e{args.epochs}.png")
     print(markdown(a, b))
     return 0
 
