@@ -65,12 +65,15 @@ def run(module: str, *argv: str, threads: int) -> float:
 
 def build(name: str, work: Path, teacher: str, transfer: str, codec: list[str], threads: int,
           views: int = 4, policy: list[str] = ()) -> dict[str, Any]:
-    """One ``reinforce.build`` (skipped when the store exists): its bytes and seconds per 1000 views."""
+    """One ``reinforce.build`` (skipped when the store exists; its wall seconds kept beside it in NAME.seconds):
+    its bytes and seconds per 1000 views."""
     out = work / "stores" / name
-    seconds = None
+    timing = out.with_name(f"{name}.seconds")
     if not (out / "manifest.json").exists():
         seconds = run("reinforce.build", "--teacher", teacher, "--transfer-set", transfer, "--views", str(views),
                       "--targets", "logits", *codec, *policy, "--workers", "0", "--out", str(out), threads=threads)
+        timing.write_text(f"{seconds}\n")
+    seconds = float(timing.read_text()) if timing.exists() else None
     described = describe_store(out)
     total = described["samples_ok"] * described["views"]
     target = described["targets"]["logits"]
