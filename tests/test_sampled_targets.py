@@ -24,8 +24,8 @@ from train.teacher import main as teacher_main
 
 REPO = Path(__file__).resolve().parents[1]
 TRANSFER = "fashion-mnist:train?shots=10&seed=0&part=unlabeled&limit=256"
-SAMPLED = ["--codec", "sampled_logits", "--samples", "16", "--sample-temperature", "2", "--views", "2",
-           "--workers", "0", "--policy", "rrc_flip"]
+SAMPLED = ["--codec", "sampled_logits", "--samples", "16", "--sample-temperature", "2", "--workers", "0",
+           "--policy", "rrc_flip"]
 
 pytestmark = pytest.mark.slow
 
@@ -42,7 +42,8 @@ def teacher(vfm_home) -> str:
 @pytest.fixture(scope="module")
 def store(teacher, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("sampled") / "store"
-    assert build_main(["--teacher", teacher, "--transfer-set", TRANSFER, *SAMPLED, "--out", str(out)]) == 0
+    assert build_main(["--teacher", teacher, "--transfer-set", TRANSFER, *SAMPLED, "--views", "2", "--out",
+                       str(out)]) == 0
     return out
 
 
@@ -66,12 +67,26 @@ def test_sampled_store_holds_draws_and_rebuilds_bit_identically(store, teacher, 
                                                   "count": payload["logits/count"][:, 0]})
     torch.testing.assert_close(decoded.sum(-1), torch.ones(len(decoded)))
     again = tmp_path / "again"
-    assert build_main(["--teacher", teacher, "--transfer-set", TRANSFER, *SAMPLED, "--out", str(again)]) == 0
+    assert build_main(["--teacher", teacher, "--transfer-set", TRANSFER, *SAMPLED, "--views", "2", "--out",
+                       str(again)]) == 0
     rebuilt = open_store(again)
     assert rebuilt.manifest.store_id == manifest.store_id
     for name, array in rebuilt.read_range(0, manifest.num_samples).items():
         assert np.array_equal(array, payload[name]), name  # θ and the draws: keyed by (seed, sample, view)
     assert THETA in payload
+
+
+def test_extend_draws_the_new_views_as_a_longer_build_would(store, teacher, tmp_path):
+    """--extend --add-views 1 copies the 2 stored views and draws view 2 exactly as a 3-view build draws it."""
+    extended, fresh = tmp_path / "extended", tmp_path / "fresh"
+    assert build_main(["--extend", str(store), "--add-views", "1", "--teacher", teacher, "--workers", "0",
+                       "--out", str(extended)]) == 0
+    assert build_main(["--teacher", teacher, "--transfer-set", TRANSFER, *SAMPLED, "--views", "3", "--out",
+                       str(fresh)]) == 0
+    samples = open_store(fresh).manifest.num_samples
+    mine, theirs = open_store(extended).read_range(0, samples), open_store(fresh).read_range(0, samples)
+    for name in ("logits/index", "logits/count", THETA):
+        assert np.array_equal(mine[name], theirs[name]), name
 
 
 def test_distill_auto_picks_sampled_ce_and_evaluate_reports_calibration(store, tmp_path, capsys):
