@@ -351,6 +351,10 @@ class Runner:
             record = json.loads(marker.read_text())
             self.note(step.stage, step.out, "skipped", record["seconds"])
             return record
+        if step.stage == "distill" and (step.out / "checkpoints" / "latest").exists():
+            # this run's own distillation, stopped before it finished: continue it (train.distill loads a
+            # checkpoint only when told to, and only the run's own: checkpoints/run.json)
+            step = dataclasses.replace(step, argv=(*step.argv, "--resume"))
         print(f"\n== {step.stage} {step.out.name}\n$ {step.command_line()}", flush=True)
         started = time.perf_counter()
         code = _execute(step, self.threads)
