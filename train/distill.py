@@ -148,8 +148,8 @@ def make_loader(dataset: Replay, config: DistillConfig, rank: int,
                       collate_fn=_identity, num_workers=config.workers, persistent_workers=False)
 
 
-def resume(engine, config: DistillConfig, identity: dict[str, Any]) -> tuple[int, int]:
-    """With ``--resume``, load this run's checkpoint under ``OUT/checkpoints``; returns (epochs done, steps done).
+def check_resume(config: DistillConfig, identity: dict[str, Any]) -> bool:
+    """Whether to load the checkpoint under ``OUT/checkpoints``, decided before DeepSpeed starts.
 
     DeepSpeed checkpoints are pickle files: loading one runs whatever code it holds. So one is loaded only when
     asked (``--resume``) and only when ``checkpoints/run.json``, written by the run that saved it, records this
@@ -161,7 +161,7 @@ def resume(engine, config: DistillConfig, identity: dict[str, Any]) -> tuple[int
         if found:
             raise InputError(f"{directory} holds a checkpoint: rerun with --resume to continue your own run "
                              "(checkpoints are pickle files: load only your own), or choose another --out")
-        return 0, 0
+        return False
     if not found:
         raise InputError(f"--resume: no checkpoint under {directory}")
     try:
@@ -169,12 +169,18 @@ def resume(engine, config: DistillConfig, identity: dict[str, Any]) -> tuple[int
     except (OSError, ValueError):
         raise InputError(f"--resume: {directory / RUN_RECORD} is missing or unreadable, so {directory} was not "
                          "written by a train.distill run of this --out; refusing to load its pickle files") from None
-    if recorded != json.loads(json.dumps(identity)):
+    expected = json.loads(json.dumps(identity))
+    if recorded != expected:
         raise InputError(f"--resume: the checkpoint in {directory} belongs to another run "
-                         f"({describe_mismatch(recorded, json.loads(json.dumps(identity)))}); use another --out")
-    path, state = engine.load_checkpoint(str(directory))
+                         f"({describe_mismatch(recorded, expected)}); use another --out")
+    return True
+
+
+def resume(engine, config: DistillConfig) -> tuple[int, int]:
+    """Load the checkpoint ``check_resume`` allowed; returns (epochs done, steps done)."""
+    path, state = engine.load_checkpoint(str(Path(config.out) / CHECKPOINTS))
     if path is None:
-        raise InputError(f"checkpoint under {directory} could not be loaded")
+        raise InputError(f"checkpoint under {Path(config.out) / CHECKPOINTS} could not be loaded")
     log.info("resumed from %s: epoch %d, step %d", path, state["epoch"], state["step"])
     return int(state["epoch"]), int(state["step"])
 
@@ -230,15 +236,16 @@ def distill(config: DistillConfig) -> dict[str, Any]:
         log.setLevel(logging.WARNING)  # one copy of the per-epoch log
     elif config.deepspeed is None:  # the built-in config, for the user to edit and pass back with --deepspeed
         deepspeed_glue.write_default_config(Path(config.out) / "deepspeed.json")
+    losses = {name: type(loss).name for name, loss in objective.losses.items()}
+    identity = {"store_id": replay.store.manifest.store_id, "student": config.student, "size": replay.size,
+                "world": world, "losses": losses, "views": replay.views, "online": config.online}
+    resuming = check_resume(config, identity)
     loader = make_loader(replay, config, rank, world)
     ds_config = deepspeed_glue.resolve_config(deepspeed_glue.load_config(config.deepspeed),
                                               batch_size=config.batch_size, lr=config.lr,
                                               total_steps=config.epochs * len(loader))
     engine = deepspeed_glue.initialize(objective, ds_config)
-    losses = {name: type(loss).name for name, loss in objective.losses.items()}
-    identity = {"store_id": replay.store.manifest.store_id, "student": config.student, "size": replay.size,
-                "world": world, "losses": losses, "views": replay.views, "online": config.online}
-    start_epoch, start_step = resume(engine, config, identity)
+    start_epoch, start_step = resume(engine, config) if resuming else (0, 0)
     if teacher is not None:
         teacher.to(engine.device)
     seen = _run_epochs(engine, replay, loader, config, start_epoch, identity, teacher)
