@@ -1,0 +1,183 @@
+"""Inputs from strangers and careless colleagues, through the command lines a user runs: one writer per store
+(two real builds on one ``--out``, a lock left by a killed build), recipes and safetensors files that are
+not what they claim, DeepSpeed checkpoints (pickle) that a run did not write itself. An input error is one
+line and exit status 2; a bug keeps its traceback."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from reinforce.build import main as build_main
+from stores.lock import LOCK
+from stores.store import open_store
+from train import pipeline
+
+REPO = Path(__file__).resolve().parents[1]
+SPEC = "fashion-mnist:test?limit=64"
+ENV = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+
+
+def run(module: str, *args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, env=ENV, capture_output=True, text=True,
+                          timeout=600)
+
+
+def one_line_error(result: subprocess.CompletedProcess, prog: str) -> str:
+    """The single ``PROG: error: ...`` line of a run that exited 2 (and no traceback)."""
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1 and lines[0].startswith(f"{prog}: error: "), result.stderr[-3000:]
+    return lines[0]
+
+
+def build_args(zoo: Path, out: Path) -> list[str]:
+    return ["--teacher", str(zoo), "--transfer-set", SPEC, "--targets", "logits", "--views", "2", "--unit-samples",
+            "16", "--chunk-samples", "8", "--batch-size", "32", "--workers", "0", "--out", str(out)]
+
+
+def start_build_until_locked(zoo: Path, out: Path) -> subprocess.Popen:
+    """A ``python -m reinforce.build`` process, returned as soon as it holds the store's lock."""
+    process = subprocess.Popen([sys.executable, "-m", "reinforce.build", *build_args(zoo, out)], cwd=REPO, env=ENV,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    lock = out.with_name(out.name + ".partial") / LOCK
+    while process.poll() is None and not lock.exists():
+        time.sleep(0.002)
+    assert process.poll() is None, f"the build ended before it took the lock: {process.stderr.read()[-3000:]}"
+    return process
+
+
+def assert_published_clean(out: Path) -> None:
+    """``out`` is published, verifies, and holds exactly its manifest's files: no lock, no partial store."""
+    manifest = open_store(out).manifest
+    files = {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()}
+    assert files == {record.path for record in manifest.files} | {"manifest.json"}
+    assert not out.with_name(out.name + ".partial").exists()
+    assert run("stores", "verify", str(out)).returncode == 0
+
+
+@pytest.mark.slow
+def test_a_second_build_on_one_out_is_refused_naming_the_owner(lite0_teacher, tmp_path):
+    """Two real builds on one --out: while the first holds the lock (stopped mid-build, alive), the second exits 2
+    in one line naming its pid; the first then publishes a store that verifies, with no stray file."""
+    zoo, out = lite0_teacher[2], tmp_path / "store"
+    first = start_build_until_locked(zoo, out)
+    os.kill(first.pid, signal.SIGSTOP)
+    try:
+        second = run("reinforce.build", *build_args(zoo, out))
+    finally:
+        os.kill(first.pid, signal.SIGCONT)
+    error = one_line_error(second, "reinforce.build")
+    assert f"another build (pid {first.pid} on host" in error and "is writing this store" in error, error
+    assert first.wait(timeout=600) == 0, first.stderr.read()[-3000:]
+    assert_published_clean(out)
+    again = run("reinforce.build", *build_args(zoo, out))  # published: found, not rebuilt, no lock left behind
+    assert again.returncode == 0 and "already built" in again.stderr, again.stderr[-3000:]
+    assert_published_clean(out)
+
+
+@pytest.mark.slow
+def test_a_killed_builds_lock_is_taken_over(lite0_teacher, tmp_path):
+    """A build killed while holding the lock leaves it behind: its pid is gone from this host, so the next build
+    takes it over by itself. A lock made on another host needs --resume (its processes cannot be seen here)."""
+    zoo, out = lite0_teacher[2], tmp_path / "store"
+    killed = start_build_until_locked(zoo, out)
+    killed.kill()
+    killed.wait()
+    lock = out.with_name(out.name + ".partial") / LOCK
+    record = json.loads(lock.read_text())
+    assert record["pid"] == killed.pid
+    lock.write_text(json.dumps({**record, "host": "another-host"}))
+    with pytest.raises(SystemExit) as exit_info:
+        build_main(build_args(zoo, out))
+    assert exit_info.value.code == 2 and json.loads(lock.read_text())["host"] == "another-host"
+    assert build_main([*build_args(zoo, out), "--resume"]) == 0
+    assert_published_clean(out)
+
+    out = tmp_path / "again"
+    killed = start_build_until_locked(zoo, out)
+    killed.kill()
+    killed.wait()
+    resumed = run("reinforce.build", *build_args(zoo, out))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert_published_clean(out)
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ("data: !!python/object/apply:os.system ['touch SENTINEL']\n",
+     "line 1, column 7: could not determine a constructor for the tag"),
+    ("- data: fashion-mnist:train\n- grid: {}\n", "a recipe is a mapping of sections"),
+    ("data: fashion-mnist:train\ngrid: [10, 20\n", "line 3, column 1: expected ',' or ']'"),
+    ("data: x\n\tgrid: 5\n", "line 2, column 1: found character '\\t' that cannot start any token"),
+    ("data: x\ngrid: 5\n", "grid must be a mapping"),
+])
+def test_bad_recipes_are_one_line_naming_file_and_line(tmp_path, capsys, text, expected):
+    """``python -m train.pipeline RECIPE`` (its ``main``, in process: five interpreters would cost 40 s here)."""
+    sentinel = tmp_path / "ran"
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(text.replace("SENTINEL", str(sentinel)))
+    with pytest.raises(SystemExit) as exit_info:
+        pipeline.main([str(recipe), "--plan", "--run-dir", str(tmp_path / "run")])
+    error = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2 and "\n" not in error, error
+    assert error.startswith(f"train.pipeline: error: {recipe}") and expected in error, error
+    assert not sentinel.exists()
+
+
+def test_a_corrupt_safetensors_file_is_one_line(tmp_path):
+    """A weights file whose header lies (a length past the end, then not JSON) is refused naming the file."""
+    weights = tmp_path / "vfm.safetensors"
+    weights.write_bytes((64).to_bytes(8, "little") + b'{"w": {"dtype": "F32", nonsense')
+    error = one_line_error(run("train.teacher", "--backbone", "resnet18", "--weights", str(weights), "--mode",
+                               "frozen", "--name", "x", "--out-dir", str(tmp_path / "zoo")), "train.teacher")
+    assert f"{weights} is not a readable safetensors file" in error, error
+
+
+def test_a_bug_keeps_its_traceback(tmp_path, monkeypatch):
+    """A ValueError raised inside a dependency (here numpy, called wrongly by a patched-in internal) is a bug, not
+    the user's input: it reaches the caller with its traceback, while the same command's input errors are one line."""
+    def broken_read(path):
+        return np.reshape(np.arange(3), (2, 2))
+
+    monkeypatch.setattr(pipeline, "read_recipe", broken_read)
+    with pytest.raises(ValueError, match="cannot reshape array"):
+        pipeline.main([str(tmp_path / "recipe.yaml"), "--plan"])
+
+
+class Payload:
+    """What a planted pickle runs when it is loaded: it creates ``path``."""
+
+    def __init__(self, path: Path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return open, (self.path, "w")
+
+
+@pytest.mark.slow
+def test_distill_loads_no_checkpoint_it_did_not_write(lite0_teacher, tmp_path):
+    """A checkpoint directory planted in --out (DeepSpeed's layout, a pickle that would create a file) is refused
+    without --resume, and with --resume because no run.json of this run is there: nothing is unpickled."""
+    zoo = lite0_teacher[2]
+    store = tmp_path / "store"
+    assert build_main(build_args(zoo, store)) == 0
+    out, sentinel = tmp_path / "student", tmp_path / "ran"
+    tag = out / "checkpoints" / "global_step1"
+    tag.mkdir(parents=True)
+    (out / "checkpoints" / "latest").write_text("global_step1")
+    (tag / "mp_rank_00_model_states.pt").write_bytes(pickle.dumps(Payload(sentinel)))
+    args = ["--store", str(store), "--student", "mobilenetv3_small_050", "--size", "32", "--epochs", "1",
+            "--batch-size", "16", "--workers", "0", "--out", str(out)]
+    error = one_line_error(run("train.distill", *args), "train.distill")
+    assert "holds a checkpoint: rerun with --resume" in error, error
+    error = one_line_error(run("train.distill", *args, "--resume"), "train.distill")
+    assert "run.json is missing or unreadable" in error and "refusing to load its pickle files" in error, error
+    assert not sentinel.exists()
