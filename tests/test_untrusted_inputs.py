@@ -33,10 +33,13 @@ def run(module: str, *args: str, cwd: Path = REPO) -> subprocess.CompletedProces
 
 
 def one_line_error(result: subprocess.CompletedProcess, prog: str) -> str:
-    """The single ``PROG: error: ...`` line of a run that exited 2 (and no traceback)."""
+    """The single ``PROG: error: ...`` line, last on stderr, of a run that exited 2 without a traceback (what comes
+    before it is logging, e.g. DeepSpeed's import-time warnings)."""
     lines = result.stderr.strip().splitlines()
-    assert result.returncode == 2 and len(lines) == 1 and lines[0].startswith(f"{prog}: error: "), result.stderr[-3000:]
-    return lines[0]
+    errors = [line for line in lines if line.startswith(f"{prog}: error: ")]
+    assert result.returncode == 2 and errors == lines[-1:], result.stderr[-3000:]
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    return lines[-1]
 
 
 def build_args(zoo: Path, out: Path) -> list[str]:
