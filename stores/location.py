@@ -20,6 +20,8 @@ from typing import Any
 
 import fsspec
 
+from stores.errors import InputError
+
 __all__ = ["Location"]
 
 # botocore logs credential and endpoint discovery at INFO in every process; the CLIs log at INFO
@@ -34,7 +36,12 @@ class Location:
         self.url = str(url).rstrip("/") if "://" in str(url) else os.path.abspath(url)
         # no listings cache on remote filesystems: other ranks and machines write the same prefixes
         options = {"use_listings_cache": False} if "://" in self.url and not self.url.startswith("file://") else {}
-        self.fs, self.root = fsspec.core.url_to_fs(self.url, **options)
+        try:
+            self.fs, self.root = fsspec.core.url_to_fs(self.url, **options)
+        except ValueError as error:  # fsspec: an unknown protocol, a malformed URL
+            raise InputError(f"{self.url}: {error}") from None
+        except ImportError as error:  # fsspec: the protocol's package (s3fs, gcsfs) is not installed
+            raise ImportError(f"{self.url}: {error}") from None
         self.is_local = "file" in _protocols(self.fs)
 
     def __repr__(self) -> str:

@@ -5,6 +5,7 @@ line and exit status 2; a bug keeps its traceback."""
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import pickle
@@ -16,10 +17,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from reinforce.build import main as build_main
+from stores.cli import _message, is_user_error
+from stores.location import Location
 from stores.lock import LOCK
-from stores.store import open_store
+from stores.store import StoreCorruptError, open_store
 from train import pipeline
 
 REPO = Path(__file__).resolve().parents[1]
@@ -184,3 +188,45 @@ def test_distill_loads_no_checkpoint_it_did_not_write(lite0_teacher, tmp_path):
     error = one_line_error(run("train.distill", *args, "--resume"), "train.distill")
     assert "run.json is missing or unreadable" in error and "refusing to load its pickle files" in error, error
     assert not sentinel.exists()
+
+
+class FailingDataset(torch.utils.data.Dataset):
+    """Item 0 raises ``error``: in a DataLoader worker, as a shard read by ``StreamReplay`` would."""
+
+    def __init__(self, error: Exception):
+        self.error = error
+
+    def __len__(self) -> int:
+        return 1
+
+    def __getitem__(self, index: int):
+        raise self.error
+
+
+def _raised(function) -> BaseException:
+    try:
+        function()
+    except Exception as error:
+        return error
+    raise AssertionError("nothing raised")
+
+
+def test_which_errors_are_the_users(tmp_path):
+    """The net's rule on real errors: input errors by type, the OS's refusals, our own checks; not a ValueError
+    from inside numpy. A DataLoader worker's error is judged by the worker's traceback and shown by its message."""
+    from reinforce.sources import _load_file
+
+    garbage = tmp_path / "garbage.png"
+    garbage.write_bytes(b"not an image")
+    assert is_user_error(_raised(lambda: _load_file(str(garbage))))  # InputError naming the file
+    assert is_user_error(_raised(garbage.with_name("missing").read_bytes))  # in pathlib, but errno is set
+    assert is_user_error(_raised(lambda: Location("nosuchprotocol://bucket/store")))
+    assert is_user_error(_raised(lambda: importlib.import_module("no_such_optional_package")))
+    assert not is_user_error(_raised(lambda: np.reshape(np.arange(3), (2, 2))))
+    assert not is_user_error(_raised(lambda: importlib.import_module("train.no_such_module")))
+    corrupt = StoreCorruptError("shards/shard-000003.tar: truncated or corrupt tar shard")
+    for error, ours in ((corrupt, True), (ValueError("a bug in a dataset"), False)):
+        loader = torch.utils.data.DataLoader(FailingDataset(error), num_workers=1)
+        raised = _raised(lambda loader=loader: next(iter(loader)))
+        assert type(raised) is type(error) and is_user_error(raised) == ours
+        assert _message(raised) == str(error)
