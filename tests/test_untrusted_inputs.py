@@ -9,6 +9,7 @@ import importlib
 import json
 import os
 import pickle
+import shutil
 import signal
 import subprocess
 import sys
@@ -24,7 +25,8 @@ from stores.cli import _message, is_user_error
 from stores.location import Location
 from stores.lock import LOCK
 from stores.store import StoreCorruptError, open_store
-from train import pipeline
+from train import evaluate, pipeline
+from train.models import create_student, save_student
 
 REPO = Path(__file__).resolve().parents[1]
 SPEC = "fashion-mnist:test?limit=64"
@@ -146,6 +148,32 @@ def test_a_corrupt_safetensors_file_is_one_line(tmp_path):
     error = one_line_error(run("train.teacher", "--backbone", "resnet18", "--weights", str(weights), "--mode",
                                "frozen", "--name", "x", "--out-dir", str(tmp_path / "zoo")), "train.teacher")
     assert f"{weights} is not a readable safetensors file" in error, error
+
+
+def test_an_unreadable_image_or_student_file_is_one_line(photo_dir, tmp_path, capsys):
+    """``train.evaluate`` on labeled data holding a file that is no image, then on a student whose weights file is
+    cut inside its header: one line naming the file each time."""
+    student = tmp_path / "student"
+    save_student(*create_student("mobilenetv3_small_050", class_names=("a", "b"), input_size=32), student)
+    data = tmp_path / "labeled"
+    for label, names in (("a", ("chelsea", "coffee")), ("b", ("rocket", "astronaut"))):
+        (data / label).mkdir(parents=True)
+        for name in names:
+            shutil.copy(photo_dir / f"{name}.png", data / label / f"{name}.png")
+    fake, weights = data / "b" / "zz.png", student / "model.safetensors"
+    fake.write_bytes(b"\x89PNG not really")
+
+    def one_line() -> str:
+        with pytest.raises(SystemExit) as exit_info:
+            evaluate.main(["--model", str(student), "--data", f"imagefolder:{data}"])
+        error = capsys.readouterr().err.strip()
+        assert exit_info.value.code == 2 and "\n" not in error, error
+        return error
+
+    assert f"{fake}: not a readable image" in one_line()
+    fake.unlink()
+    weights.write_bytes(weights.read_bytes()[:100])
+    assert f"{weights} is not a readable safetensors file" in one_line()
 
 
 def test_a_bug_keeps_its_traceback(tmp_path, monkeypatch):
