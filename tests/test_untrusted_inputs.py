@@ -200,7 +200,8 @@ class Payload:
 @pytest.mark.slow
 def test_distill_loads_no_checkpoint_it_did_not_write(lite0_teacher, tmp_path):
     """A checkpoint directory planted in --out (DeepSpeed's layout, a pickle that would create a file) is refused
-    without --resume, and with --resume because no run.json of this run is there: nothing is unpickled."""
+    without --resume, and with --resume because no run.json of this run is there: nothing is unpickled. A run's
+    own checkpoint is continued: ``train.pipeline`` rerunning its stopped distill stage passes --resume."""
     zoo = lite0_teacher[2]
     store = tmp_path / "store"
     assert build_main(build_args(zoo, store)) == 0
@@ -216,6 +217,18 @@ def test_distill_loads_no_checkpoint_it_did_not_write(lite0_teacher, tmp_path):
     error = one_line_error(run("train.distill", *args, "--resume"), "train.distill")
     assert "run.json is missing or unreadable" in error and "refusing to load its pickle files" in error, error
     assert not sentinel.exists()
+
+    # the pipeline's own distill stage, stopped after its first epoch, is continued (it adds --resume) from the
+    # checkpoint that run wrote, with its run.json
+    shutil.rmtree(out)
+    assert run("train.distill", *args).returncode == 0
+    assert json.loads((out / "checkpoints" / "run.json").read_text())["store_id"] == open_store(store).manifest.store_id
+    epochs = args.index("--epochs") + 1
+    step = pipeline.Step("distill", "train.distill", (*args[:epochs], "2", *args[epochs + 1:]), out)
+    record = pipeline.Runner(tmp_path).ensure(step)
+    assert record["command"].endswith("--resume")
+    history = json.loads((out / "student.json").read_text())["history"][-1]
+    assert history["epochs"] == 2 and history["resumed_from"]["epoch"] == 1
 
 
 class FailingDataset(torch.utils.data.Dataset):
