@@ -127,7 +127,8 @@ class StoreLock:
             return f"{where} exists but is unreadable; if no build is writing this store, rerun with --resume"
         who = f"pid {owner.get('pid')} on host {owner.get('host')!r} since {owner.get('started')}"
         if owner.get("host") == self.record["host"]:
-            return f"another build ({who}) is writing this store (lock {where}); wait for it to finish"
+            return (f"another build ({who}) is writing this store (lock {where}); wait for it to finish (if pid "
+                    f"{owner.get('pid')} is no build, delete the lock)")
         return (f"another build ({who}) is writing this store (lock {where}); wait for it, or if that build "
                 "is gone, rerun with --resume to take its lock over")
 
