@@ -240,6 +240,9 @@ def distill(config: DistillConfig) -> dict[str, Any]:
     identity = {"store_id": replay.store.manifest.store_id, "student": config.student, "size": replay.size,
                 "world": world, "losses": losses, "views": replay.views, "online": config.online}
     resuming = check_resume(config, identity)
+    if rank == 0:  # before the first checkpoint: what --resume checks before it loads one
+        (Path(config.out) / CHECKPOINTS).mkdir(exist_ok=True)
+        (Path(config.out) / CHECKPOINTS / RUN_RECORD).write_text(json.dumps(identity, indent=1, sort_keys=True))
     loader = make_loader(replay, config, rank, world)
     ds_config = deepspeed_glue.resolve_config(deepspeed_glue.load_config(config.deepspeed),
                                               batch_size=config.batch_size, lr=config.lr,
@@ -283,9 +286,6 @@ def _run_epochs(engine, replay: Replay, loader: DataLoader | wds.WebLoader, conf
                 f.write(json.dumps({"epoch": epoch + 1, "step": step, **losses}) + "\n")
         engine.save_checkpoint(str(Path(config.out) / CHECKPOINTS),
                                client_state={"epoch": epoch + 1, "step": step, **identity})
-        if rank == 0:  # what --resume checks before it loads any pickle
-            record = Path(config.out) / CHECKPOINTS / RUN_RECORD
-            record.write_text(json.dumps(identity, indent=1, sort_keys=True))
     return seen
 
 
