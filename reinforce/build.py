@@ -217,14 +217,17 @@ def build(config: BuildConfig, teacher: tuple[TeacherModel, TeacherCard] | None 
         content = store_content(card, source, policy, codecs, config)
     else:
         source, policy, codecs, content = _extension(parent, card, config)
+    found = _published_store(Location(config.out), content, config.catalog, config.format)
+    if found is not None:  # nothing to write (--out may be read-only): no lock
+        return found
     writer = (WdsWriter(config.out, content, source.encoded, unit_samples=config.unit_samples)
               if config.format == WDS_FORMAT else
               StoreWriter(config.out, content, unit_samples=config.unit_samples, chunk_samples=config.chunk_samples))
-    # one writer per store: rank 0 holds the lock from before the published-store check to the publish
+    # one writer per store: rank 0 holds the lock until the store is published
     with writer.lock().held(resume=config.resume) if rank == 0 else contextlib.nullcontext():
         _barrier(world)
         found = _published_store(Location(config.out), content, config.catalog, config.format)
-        if found is not None:
+        if found is not None:  # published by a build that held the lock until a moment ago
             return found
         if rank == 0:
             writer.create()
