@@ -86,7 +86,8 @@ def test_a_second_build_on_one_out_is_refused_naming_the_owner(lite0_teacher, tm
         os.kill(first.pid, signal.SIGCONT)
     error = one_line_error(second, "reinforce.build")
     assert f"another build (pid {first.pid} on host" in error and "is writing this store" in error, error
-    assert first.wait(timeout=600) == 0, first.stderr.read()[-3000:]
+    _, log = first.communicate(timeout=600)
+    assert first.returncode == 0, log[-3000:]
     assert_published_clean(out)
     again = run("reinforce.build", *build_args(zoo, out))  # published: found, not rebuilt, no lock left behind
     assert again.returncode == 0 and "already built" in again.stderr, again.stderr[-3000:]
