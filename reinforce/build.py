@@ -25,6 +25,7 @@ Example:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import datetime
 import json
@@ -110,6 +111,7 @@ class BuildConfig:
     catalog: str | None = None  # a folder/URL of published stores: an identical one there is returned, not rebuilt
     extend: str | None = None  # parent store for add_views
     add_views: int = 0
+    resume: bool = False  # take over the lock of an interrupted build made on another host
 
 
 class ViewDataset(Dataset):
@@ -236,26 +238,32 @@ def build(config: BuildConfig, teacher: tuple[TeacherModel, TeacherCard] | None 
     else:
         source, policy, codecs, content = _extension(parent, card, config)
     found = _published_store(Location(config.out), content, config.catalog, config.format)
-    if found is not None:
+    if found is not None:  # nothing to write (--out may be read-only): no lock
         return found
     writer = (WdsWriter(config.out, content, source.encoded, unit_samples=config.unit_samples)
               if config.format == WDS_FORMAT else
               StoreWriter(config.out, content, unit_samples=config.unit_samples, chunk_samples=config.chunk_samples))
-    if rank == 0:
-        writer.create()
-    _barrier(world)
-    writer.check_created()
-    first_view = parent.manifest.views if parent else 0
-    dataset = ViewDataset(source, policy, content.views - first_view, content.seed, first_view)
-    units = writer.pending_units(rank, world)
-    log.info("rank %d of %d: %d of %d units to write", rank, world, len(units), writer.num_units)
-    _run_teacher(model, device, writer, units, dataset, codecs, config, parent)
-    _barrier(world)
-    if rank == 0:
-        manifest = writer.finalize(library_version())
-        log.info("store %s: %s", config.out, manifest.summary)
-    _barrier(world)
-    return manifest if rank == 0 else open_store(config.out).manifest
+    # one writer per store: rank 0 holds the lock until the store is published
+    with writer.lock().held(resume=config.resume) if rank == 0 else contextlib.nullcontext():
+        _barrier(world)
+        found = _published_store(Location(config.out), content, config.catalog, config.format)
+        if found is not None:  # published by a build that held the lock until a moment ago
+            return found
+        if rank == 0:
+            writer.create()
+        _barrier(world)
+        writer.check_created()
+        first_view = parent.manifest.views if parent else 0
+        dataset = ViewDataset(source, policy, content.views - first_view, content.seed, first_view)
+        units = writer.pending_units(rank, world)
+        log.info("rank %d of %d: %d of %d units to write", rank, world, len(units), writer.num_units)
+        _run_teacher(model, device, writer, units, dataset, codecs, config, parent)
+        _barrier(world)
+        if rank == 0:
+            manifest = writer.finalize(library_version())
+            log.info("store %s: %s", config.out, manifest.summary)
+        _barrier(world)
+        return manifest if rank == 0 else open_store(config.out).manifest
 
 
 def _join_ranks() -> tuple[int, int, int]:
@@ -441,6 +449,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[BuildConfig, bool]:
     parser.add_argument("--extend", default=None, metavar="STORE",
                         help="new store = STORE's views byte for byte + --add-views more (its teacher, policy, codecs)")
     parser.add_argument("--add-views", type=int, default=0, metavar="M", help="with --extend: views K..K+M-1")
+    parser.add_argument("--resume", action="store_true",
+                        help="take over the lock of an interrupted build of --out made on another host (one "
+                             "whose process is gone from this host is taken over without it)")
     parser.add_argument("--targets", default=",".join(defaults.targets),
                         help="comma-separated targets from one teacher pass: logits, embedding, patch; "
                              "seg_logits (segmentation teachers: per-pixel top-k at 1/8 resolution)")

@@ -54,6 +54,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from stores.errors import InputError
+
 if TYPE_CHECKING:
     from reinforce.augment import AugParams, CropFlip
 
@@ -313,11 +315,16 @@ def _file_bytes(uri: str) -> bytes:
 
 
 def _load_file(uri: str) -> torch.Tensor:
-    """Any URI a source writes (so manifests may list them too), else an image file or tar member."""
+    """Any URI a source writes (so manifests may list them too), else an image file or tar member; a file that
+    does not decode is an ``InputError`` naming it (a build records it and skips the sample)."""
     for prefix, loader in _URI_LOADERS:
         if uri.startswith(prefix):
             return loader(uri)
-    return load_image_bytes(_file_bytes(uri))
+    data = _file_bytes(uri)
+    try:
+        return load_image_bytes(data)
+    except (OSError, ValueError, Image.DecompressionBombError) as error:  # PIL: unidentified, truncated, bombs
+        raise InputError(f"{uri}: not a readable image ({type(error).__name__}: {error})") from None
 
 
 def _files_content_id(paths: list[Path]) -> str:

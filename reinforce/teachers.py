@@ -25,11 +25,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 from torch import nn
 
 from reinforce.layout import TASK_FIELDS, read_card, read_task_fields, timm_config, write_card, write_json
-from reinforce.tensor_files import save_tensors
+from reinforce.tensor_files import load_tensors, save_tensors
 from stores.location import Location
 from stores.manifest import TeacherCard
 
@@ -278,12 +277,12 @@ def create_teacher(name_or_path: str, device: str | torch.device = "cpu") -> tup
                          f"{card.weights_sha256[:12]}…")
     model = _teacher_class(card.library)(create_backbone(card.library, card.backbone), card.num_classes,
                                          card.mean, card.std)
-    state = load_file(str(directory / "model.safetensors"))
+    state = load_tensors(directory / "model.safetensors")
     if card.library == "timm":
         prefix = f"{model.backbone.pretrained_cfg['classifier']}."
         head = {k.removeprefix(prefix): state.pop(k) for k in list(state) if k.startswith(prefix)}
     else:
-        head = load_file(str(directory / "head.safetensors")) if card.num_classes else {}
+        head = load_tensors(directory / "head.safetensors") if card.num_classes else {}
     model.backbone.load_state_dict(state)
     if model.head is not None:
         model.head.load_state_dict(head)
@@ -313,7 +312,7 @@ def read_checkpoint(weights_file: str | os.PathLike) -> dict[str, torch.Tensor]:
     """
     path = str(weights_file)
     if path.endswith(".safetensors"):
-        return load_file(path)
+        return load_tensors(path)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # pickle errors of every kind: one line naming the file

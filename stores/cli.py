@@ -1,9 +1,26 @@
 """The one error path of every command line (``stores``, ``reinforce.*``, ``train.*``).
 
-A user error (a bad spec, a missing file, a damaged store, no network) is one ``PROG: error: ...``
-line on stderr and exit status 2, as argparse does for a bad flag; a traceback is for bugs and
-for ``--debug`` (or ``VFM_REINFORCE_DEBUG=1``, read when the error happens). Ctrl-C is one line
-and the shell's status 130. It lives in ``stores``, the bottom package, so every CLI can use it.
+An error caused by input (a bad spec or file, a damaged or locked store, a missing path, no network) is one
+``PROG: error: ...`` line on stderr and exit status 2, as argparse does for a bad flag. A bug in this
+library or in a dependency keeps its traceback (exit status 1), and so does any error under ``--debug`` (or
+``VFM_REINFORCE_DEBUG=1``, read when the error happens). Ctrl-C is one line and the shell's status 130. It
+lives in ``stores``, the bottom package, so every CLI can use it.
+
+Which errors are the user's (``is_user_error``), and why:
+
+* the library's own input errors, by type: ``InputError``, ``StoreFormatError``, ``ManifestError``,
+  ``StoreCorruptError``, ``StoreLockedError`` (raised where input is checked, the message naming it);
+* a ``ValueError``, ``OSError`` or ``ImportError`` raised *by this library's own code* (the innermost frame of
+  its traceback is in ``stores``, ``reinforce`` or ``train``): every such ``raise`` is a check of input with a
+  message written for the user. The same types raised inside numpy, torch, zarr... are not: there they are a
+  wrong call, i.e. a bug, and a one-line "error: cannot reshape array" would hide it;
+* an ``OSError`` carrying an ``errno`` (a path that is missing or not readable, a full disk, a refused
+  connection): the operating system or the server refused, whoever asked; its message names the path;
+* a missing optional dependency (``ModuleNotFoundError`` of a package not ours): ``pip install`` fixes it;
+* ``json.JSONDecodeError``: a JSON file given to us (``--deepspeed``, a policy argument) does not parse.
+
+An error re-raised from a DataLoader worker is judged by the worker's traceback (the message carries it),
+and printed by its original message.
 
 Example:
     >>> parser = debug_flag(argparse.ArgumentParser(prog="train.evaluate"))
@@ -16,16 +33,26 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
+import re
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 
-from stores.store import StoreCorruptError
+from stores.errors import InputError
+from stores.lock import StoreLockedError
+from stores.manifest import ManifestError
+from stores.store import StoreCorruptError, StoreFormatError
 
-__all__ = ["USER_ERRORS", "cli_errors", "debug_flag"]
+__all__ = ["INPUT_ERRORS", "cli_errors", "debug_flag", "is_user_error"]
 
-# StoreFormatError and ManifestError are ValueErrors; ConnectionError and PermissionError are OSErrors
-USER_ERRORS = (ValueError, OSError, ImportError, StoreCorruptError)
+INPUT_ERRORS = (InputError, StoreFormatError, ManifestError, StoreCorruptError, StoreLockedError,
+                json.JSONDecodeError)
+OUR_PACKAGES = ("stores", "reinforce", "train")
+_ROOT = Path(__file__).resolve().parents[1]
+_OURS = tuple(str(_ROOT / package) + os.sep for package in OUR_PACKAGES)
+_WORKER = re.compile(r"^Caught \w+ in DataLoader worker process \d+\.")
 
 
 def debug_flag(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -34,17 +61,50 @@ def debug_flag(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return parser
 
 
+def is_user_error(error: BaseException) -> bool:
+    """Whether ``error`` was caused by input (one line, exit 2) rather than by a bug (a traceback); see above."""
+    if isinstance(error, INPUT_ERRORS):
+        return True
+    if isinstance(error, OSError) and error.errno is not None:
+        return True
+    if isinstance(error, ModuleNotFoundError) and error.name and error.name.split(".")[0] not in OUR_PACKAGES:
+        return True
+    return isinstance(error, (ValueError, OSError, ImportError)) and _raised_by_us(error)
+
+
+def _raised_by_us(error: BaseException) -> bool:
+    """The innermost frame of ``error``'s traceback (of the worker's, for a DataLoader worker's error) is in
+    this library's packages."""
+    if _WORKER.match(str(error)):
+        files = re.findall(r'^\s*File "([^"]+)"', str(error), re.MULTILINE)
+        innermost = files[-1] if files else ""
+    else:
+        traceback = error.__traceback__
+        while traceback is not None and traceback.tb_next is not None:
+            traceback = traceback.tb_next
+        innermost = traceback.tb_frame.f_code.co_filename if traceback is not None else ""
+    return os.path.abspath(innermost).startswith(_OURS)
+
+
+def _message(error: BaseException) -> str:
+    """The first line of the error's message; a DataLoader worker's error by its original message."""
+    text = str(error)
+    if _WORKER.match(text):
+        text = text.rstrip().splitlines()[-1].split(": ", 1)[-1]
+    return text.splitlines()[0] if text.strip() else type(error).__name__
+
+
 @contextlib.contextmanager
 def cli_errors(prog: str, debug: bool = False) -> Iterator[None]:
-    """Turn a user error into one ``PROG: error: ...`` line and ``SystemExit(2)``; re-raise it when debugging."""
+    """Turn a user error into one ``PROG: error: ...`` line and ``SystemExit(2)``; re-raise it when debugging,
+    and re-raise every other error (a bug) with its traceback."""
     try:
         yield
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         raise SystemExit(130) from None
-    except USER_ERRORS as error:
-        if debug or os.environ.get("VFM_REINFORCE_DEBUG", "") not in ("", "0"):
+    except Exception as error:
+        if not is_user_error(error) or debug or os.environ.get("VFM_REINFORCE_DEBUG", "") not in ("", "0"):
             raise
-        message = str(error).splitlines()[0] if str(error) else type(error).__name__
-        print(f"{prog}: error: {message}", file=sys.stderr)
+        print(f"{prog}: error: {_message(error)}", file=sys.stderr)
         raise SystemExit(2) from None

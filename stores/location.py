@@ -20,6 +20,8 @@ from typing import Any
 
 import fsspec
 
+from stores.errors import InputError
+
 __all__ = ["Location"]
 
 # botocore logs credential and endpoint discovery at INFO in every process; the CLIs log at INFO
@@ -34,7 +36,12 @@ class Location:
         self.url = str(url).rstrip("/") if "://" in str(url) else os.path.abspath(url)
         # no listings cache on remote filesystems: other ranks and machines write the same prefixes
         options = {"use_listings_cache": False} if "://" in self.url and not self.url.startswith("file://") else {}
-        self.fs, self.root = fsspec.core.url_to_fs(self.url, **options)
+        try:
+            self.fs, self.root = fsspec.core.url_to_fs(self.url, **options)
+        except ValueError as error:  # fsspec: an unknown protocol, a malformed URL
+            raise InputError(f"{self.url}: {error}") from None
+        except ImportError as error:  # fsspec: the protocol's package (s3fs, gcsfs) is not installed
+            raise ImportError(f"{self.url}: {error}") from None
         self.is_local = "file" in _protocols(self.fs)
 
     def __repr__(self) -> str:
@@ -89,6 +96,21 @@ class Location:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, target)
+
+    def create_exclusive(self, rel: str, data: bytes) -> bool:
+        """Create ``rel`` holding ``data`` only if it does not exist; False when it does. Atomic on a local disk
+        (``O_EXCL``), on S3 (a PUT with ``If-None-Match: *``) and in memory; elsewhere check-then-write."""
+        try:
+            if self.is_local:
+                os.makedirs(os.path.dirname(self.path(rel)), exist_ok=True)
+                descriptor = os.open(self.path(rel), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+                with os.fdopen(descriptor, "wb") as f:
+                    f.write(data)
+            else:
+                self.fs.pipe_file(self.path(rel), data, mode="create")
+        except FileExistsError:
+            return False
+        return True
 
     def write_text(self, rel: str, text: str) -> None:
         self.write_bytes(rel, text.encode())
@@ -147,13 +169,17 @@ class Location:
             return zarr.storage.LocalStore(self.path(rel), read_only=read_only)
         return zarr.storage.FsspecStore.from_url(self.where(rel), read_only=read_only)
 
-    def publish_to(self, final: Location, last: str) -> None:
+    def publish_to(self, final: Location, last: str, leave: str = "") -> None:
         """Make this directory ``final``: a rename on disk; on object storage a server-side copy of every
-        file, ``last`` (the manifest) copied after all others, then this directory removed."""
+        file, ``last`` (the manifest) copied after all others, then this directory removed. ``leave`` (the
+        writer's lock) is not published: on disk it moves with the rename, held to the end, and is removed
+        from ``final`` at once; on object storage it is not copied and goes with this directory."""
         if self.is_local and final.is_local:
             os.replace(self.root, final.root)
+            if leave:
+                final.remove(leave)
             return
-        files = sorted(self.file_sizes(), key=lambda rel: rel == last)
+        files = sorted((rel for rel in self.file_sizes() if rel != leave), key=lambda rel: rel == last)
         for rel in files:
             self.fs.copy(self.path(rel), final.path(rel))
         self.remove()

@@ -31,6 +31,7 @@ import zarr.codecs
 from stores.codecs import Codec, create_codec
 from stores.lineage import dependency_versions
 from stores.location import Location
+from stores.lock import LOCK, StoreLock
 from stores.manifest import (
     FORMAT_VERSION,
     STORE_ID_PROMISE,
@@ -168,7 +169,9 @@ class StoreWriter:
         if self.partial.exists(BUILD_RECORD):
             self.check_created()
             return
-        self.partial.remove()  # crashed before build.json was written: nothing committed yet
+        for name in self.partial.listdir():  # crashed before build.json was written: nothing committed yet
+            if name != LOCK:
+                self.partial.remove(name)
         self.partial.makedirs(COMMITS_DIR)
         self._create_data()
         self.partial.write_text(BUILD_RECORD, json.dumps(self._build_record(), indent=1, sort_keys=True))
@@ -242,7 +245,7 @@ class StoreWriter:
         self.partial.remove(COMMITS_DIR)
         self.partial.remove(BUILD_RECORD)
         skipped = int((samples["status"] != "ok").sum())
-        sizes = self.partial.file_sizes()
+        sizes = {rel: size for rel, size in self.partial.file_sizes().items() if rel != LOCK}
         manifest = StoreManifest(
             format_version=FORMAT_VERSION, store_id=self.store_id, content=self.content, layout=self.layout,
             summary={"samples": self.num_samples, "ok": self.num_samples - skipped, "skipped": skipped,
@@ -256,8 +259,12 @@ class StoreWriter:
             versions=dependency_versions(),
         )
         self.partial.write_text(MANIFEST, json.dumps(manifest.to_dict(), indent=1))
-        self.partial.publish_to(self.location, last=MANIFEST)
+        self.partial.publish_to(self.location, last=MANIFEST, leave=LOCK)
         return manifest
+
+    def lock(self) -> StoreLock:
+        """The one-writer lock of this store (``STORE.partial/lock.json``); ``reinforce.build`` holds it."""
+        return StoreLock(self.partial)
 
 
 class ReinforcedStore:

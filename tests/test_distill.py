@@ -76,12 +76,12 @@ def _distill(store: Path, out: Path, epochs: int, *extra: str, nproc: int = 2,
 
 @pytest.fixture(scope="module")
 def distilled(store_dir, tmp_path_factory) -> tuple[Path, list[subprocess.CompletedProcess]]:
-    """One epoch, then a rerun asking for EPOCHS on the same --out (must continue, not restart)."""
+    """One epoch, then a rerun asking for EPOCHS on the same --out with --resume (must continue, not restart)."""
     out = tmp_path_factory.mktemp("run") / "student"
     first = _distill(store_dir, out, 1)
     assert first.returncode == 0, first.stderr[-3000:]
     first_samples = [np.load(out / f"rank{r}_samples.npy") for r in range(2)]
-    second = _distill(store_dir, out, EPOCHS)
+    second = _distill(store_dir, out, EPOCHS, "--resume")
     assert second.returncode == 0, second.stderr[-3000:]
     return out, [first, second], first_samples
 
@@ -119,8 +119,8 @@ def test_resume_restores_weights_and_optimizer_state(store_dir, tmp_path):
     config["scheduler"]["params"].update(total_num_steps=steps, warmup_num_steps=steps // 8)
     (tmp_path / "ds.json").write_text(json.dumps(config))
     resumed, straight = tmp_path / "resumed", tmp_path / "straight"
-    for out, epochs in ((resumed, 1), (resumed, 2), (straight, 2)):
-        run = _distill(store_dir, out, epochs, "--deepspeed", str(tmp_path / "ds.json"))
+    for out, epochs, extra in ((resumed, 1, ()), (resumed, 2, ("--resume",)), (straight, 2, ())):
+        run = _distill(store_dir, out, epochs, "--deepspeed", str(tmp_path / "ds.json"), *extra)
         assert run.returncode == 0, run.stderr[-3000:]
     assert json.loads((resumed / "student.json").read_text())["history"][-1]["resumed_from"]["epoch"] == 1
     final = [load_file(str(out / "model.safetensors")) for out in (resumed, straight)]

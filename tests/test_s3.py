@@ -19,6 +19,7 @@ import pytest
 
 from stores.__main__ import main as stores_main
 from stores.location import Location
+from stores.lock import LOCK, StoreLock, StoreLockedError
 from stores.store import open_store
 
 REPO = Path(__file__).resolve().parents[1]
@@ -146,3 +147,15 @@ def test_deleted_shard_and_missing_store_are_named(s3, lite0_teacher, tmp_path):
                   "--out", str(tmp_path / "n"), env=env, check=False)
     assert nowhere.returncode == 2 and "no reinforced store at 's3://stores/nowhere'" in nowhere.stderr
     assert stores_main(["verify", "s3://stores/nowhere"]) == 1
+
+
+def test_one_writer_per_store_on_s3(s3):
+    """The lock record is a conditional PUT (``If-None-Match: *``): the server refuses a second create of the same
+    key (s3fs checks nothing itself in this mode), so two builds cannot both hold one store's lock."""
+    partial = Location("s3://stores/locked/fmnist.partial")
+    assert partial.create_exclusive("probe", b"first") and not partial.create_exclusive("probe", b"second")
+    assert partial.read_bytes("probe") == b"first"
+    held = f"pid {os.getpid()} on host .* is writing this store"
+    with StoreLock(partial).held(), pytest.raises(StoreLockedError, match=held):
+        StoreLock(partial).acquire()
+    assert not partial.exists(LOCK)

@@ -17,10 +17,9 @@ import json
 import os
 from pathlib import Path
 
-from safetensors.torch import load_file
-
 from reinforce.layout import LAYOUT_VERSION
 from reinforce.teachers import TeacherCard, TeacherModel, create_backbone, save_teacher
+from reinforce.tensor_files import load_tensors
 from stores.cli import cli_errors, debug_flag
 from train.models import StudentCard, create_student, save_student
 
@@ -37,7 +36,7 @@ def convert(directory: str | os.PathLike) -> str:
     data = json.loads(card_path.read_text())
     if "layout_version" in data:
         raise ValueError(f"{str(directory)!r} already has layout {data['layout_version']} (current: {LAYOUT_VERSION})")
-    state = load_file(str(weights))
+    state = load_tensors(weights)
     if kind == "student":
         card = StudentCard.from_dict(data)
         model, _ = create_student(card.arch, class_names=card.class_names, input_size=card.input_size)

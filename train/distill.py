@@ -7,8 +7,10 @@ store's cached teacher outputs decoded by their codecs. Each target gets the los
 the empirical distribution, at the store's sampling temperature, for sampled logits; contrastive for an
 embedding and cosine for patch features — the task-agnostic baseline); several targets combine
 with weights (``--targets logits,embedding:0.5``). Training always runs in a DeepSpeed engine (CPU:
-gloo), one process or many under ``torchrun``; a checkpoint is written every epoch and picked up
-again automatically, so a rerun with a larger ``--epochs`` continues where the last one stopped.
+gloo), one process or many under ``torchrun``; a checkpoint is written every epoch, and a rerun with
+``--resume`` (and, say, a larger ``--epochs``) continues where the last one stopped. Checkpoints are
+DeepSpeed's pickle files, trusted only as your own: ``--resume`` loads one only from a run's own ``--out``,
+recorded in ``checkpoints/run.json``.
 
 ``--views K`` trains on the first K stored views only (the views ablation: they are exactly what a
 K-view build stores). ``--online`` is the uncached ceiling the store is measured against: the
@@ -46,6 +48,7 @@ from reinforce.progress import progress_bar
 from reinforce.replay import Replay, ReplayDataset, StreamReplay, open_replay
 from reinforce.teachers import TeacherModel, create_teacher
 from stores.cli import cli_errors, debug_flag
+from stores.errors import InputError
 from stores.store import describe_mismatch
 from train import deepspeed_glue
 from train.losses import DistillObjective, create_loss, loss_for
@@ -55,6 +58,7 @@ __all__ = ["DistillConfig", "distill", "main"]
 
 log = logging.getLogger(__name__)
 CHECKPOINTS = "checkpoints"
+RUN_RECORD = "run.json"  # the identity of the run that wrote checkpoints/, checked before --resume loads them
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -75,7 +79,7 @@ class DistillConfig:
     deepspeed: str | None = None  # JSON config; default: train.deepspeed_glue.default_config()
     workers: int = 2
     seed: int = 0
-    resume: bool = False  # require a checkpoint (one is always used when present)
+    resume: bool = False  # continue from this run's own checkpoint (pickle: never loaded without it)
     views: int | None = None  # replay only the first K stored views (default: all)
     online: bool = False  # run the teacher on fresh views every step instead of reading cached targets
     teacher: str | None = None  # online: the store's teacher directory (default: its zoo entry by name)
@@ -147,20 +151,39 @@ def make_loader(dataset: Replay, config: DistillConfig, rank: int,
                       collate_fn=_identity, num_workers=config.workers, persistent_workers=False)
 
 
-def resume(engine, config: DistillConfig, identity: dict[str, Any]) -> tuple[int, int]:
-    """Load the checkpoint under ``OUT/checkpoints`` if any; returns (epochs done, steps done)."""
+def check_resume(config: DistillConfig, identity: dict[str, Any]) -> bool:
+    """Whether to load the checkpoint under ``OUT/checkpoints``, decided before DeepSpeed starts.
+
+    DeepSpeed checkpoints are pickle files: loading one runs whatever code it holds. So one is loaded only when
+    asked (``--resume``) and only when ``checkpoints/run.json``, written by the run that saved it, records this
+    run's identity (store, student, size, ranks, losses, views); never a checkpoint found in a directory someone
+    gave you. Without ``--resume`` a directory that holds one is refused rather than silently restarted."""
     directory = Path(config.out) / CHECKPOINTS
-    if not (directory / "latest").exists():
-        if config.resume:
-            raise FileNotFoundError(f"--resume: no checkpoint under {str(directory)!r}")
-        return 0, 0
-    path, state = engine.load_checkpoint(str(directory))
+    found = (directory / "latest").exists()
+    if not config.resume:
+        if found:
+            raise InputError(f"{directory} holds a checkpoint: rerun with --resume to continue your own run "
+                             "(checkpoints are pickle files: load only your own), or choose another --out")
+        return False
+    if not found:
+        raise InputError(f"--resume: no checkpoint under {directory}")
+    try:
+        recorded = json.loads((directory / RUN_RECORD).read_text())
+    except (OSError, ValueError):
+        raise InputError(f"--resume: {directory / RUN_RECORD} is missing or unreadable, so {directory} was not "
+                         "written by a train.distill run of this --out; refusing to load its pickle files") from None
+    expected = json.loads(json.dumps(identity))
+    if recorded != expected:
+        raise InputError(f"--resume: the checkpoint in {directory} belongs to another run "
+                         f"({describe_mismatch(recorded, expected)}); use another --out")
+    return True
+
+
+def resume(engine, config: DistillConfig) -> tuple[int, int]:
+    """Load the checkpoint ``check_resume`` allowed; returns (epochs done, steps done)."""
+    path, state = engine.load_checkpoint(str(Path(config.out) / CHECKPOINTS))
     if path is None:
-        raise ValueError(f"checkpoint under {str(directory)!r} could not be loaded")
-    saved = {k: state.get(k) for k in identity}
-    if saved != identity:
-        raise ValueError(f"checkpoint in {str(directory)!r} belongs to another run ({saved} != {identity}); "
-                         "use another --out")
+        raise InputError(f"checkpoint under {Path(config.out) / CHECKPOINTS} could not be loaded")
     log.info("resumed from %s: epoch %d, step %d", path, state["epoch"], state["step"])
     return int(state["epoch"]), int(state["step"])
 
@@ -216,15 +239,19 @@ def distill(config: DistillConfig) -> dict[str, Any]:
         log.setLevel(logging.WARNING)  # one copy of the per-epoch log
     elif config.deepspeed is None:  # the built-in config, for the user to edit and pass back with --deepspeed
         deepspeed_glue.write_default_config(Path(config.out) / "deepspeed.json")
+    losses = {name: type(loss).name for name, loss in objective.losses.items()}
+    identity = {"store_id": replay.store.manifest.store_id, "student": config.student, "size": replay.size,
+                "world": world, "losses": losses, "views": replay.views, "online": config.online}
+    resuming = check_resume(config, identity)
+    if rank == 0:  # before the first checkpoint: what --resume checks before it loads one
+        (Path(config.out) / CHECKPOINTS).mkdir(exist_ok=True)
+        (Path(config.out) / CHECKPOINTS / RUN_RECORD).write_text(json.dumps(identity, indent=1, sort_keys=True))
     loader = make_loader(replay, config, rank, world)
     ds_config = deepspeed_glue.resolve_config(deepspeed_glue.load_config(config.deepspeed),
                                               batch_size=config.batch_size, lr=config.lr,
                                               total_steps=config.epochs * len(loader))
     engine = deepspeed_glue.initialize(objective, ds_config)
-    losses = {name: type(loss).name for name, loss in objective.losses.items()}
-    identity = {"store_id": replay.store.manifest.store_id, "student": config.student, "size": replay.size,
-                "world": world, "losses": losses, "views": replay.views, "online": config.online}
-    start_epoch, start_step = resume(engine, config, identity)
+    start_epoch, start_step = resume(engine, config) if resuming else (0, 0)
     if teacher is not None:
         teacher.to(engine.device)
     seen = _run_epochs(engine, replay, loader, config, start_epoch, identity, teacher)
@@ -302,7 +329,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[DistillConfig, bool]:
     parser.add_argument("--deepspeed", default=None, help="DeepSpeed JSON config (default: built in)")
     parser.add_argument("--workers", type=int, default=defaults.workers, help="DataLoader workers per rank")
     parser.add_argument("--seed", type=int, default=defaults.seed)
-    parser.add_argument("--resume", action="store_true", help="fail unless a checkpoint exists under --out")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue this run from its checkpoint under --out (DeepSpeed pickle files: only your "
+                             "own run's, recorded in checkpoints/run.json, are loaded)")
     parser.add_argument("--views", type=int, default=None, help="replay only the first K stored views (default: all)")
     parser.add_argument("--online", action="store_true",
                         help="uncached ceiling: the store's teacher runs on a fresh view of every sample every step")

@@ -20,13 +20,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file
 from torch import nn
 
 from reinforce.dense import DenseNet, upsample_logits
 from reinforce.layout import TASK_FIELDS, read_card, read_task_fields, timm_config, write_card, write_json
 from reinforce.teachers import normalize_views, tokens_to_map
-from reinforce.tensor_files import save_tensors
+from reinforce.tensor_files import load_tensors, save_tensors
 
 __all__ = ["TASKS", "SegmentationStudent", "Student", "StudentCard", "create_student", "load_classifier",
            "load_student", "read_student_card", "save_student"]
@@ -151,7 +150,7 @@ def read_student_card(directory: str | os.PathLike) -> StudentCard:
 def load_student(directory: str | os.PathLike) -> tuple[Student, StudentCard]:
     card = read_student_card(directory)
     model, _ = create_student(card.arch, class_names=card.class_names, input_size=card.input_size, task=card.task)
-    model.net.load_state_dict(load_file(str(Path(directory) / "model.safetensors")))
+    model.net.load_state_dict(load_tensors(Path(directory) / "model.safetensors"))
     return model, card
 
 

@@ -68,6 +68,7 @@ import yaml
 
 from reinforce.sources import open_source
 from stores.cli import cli_errors, debug_flag
+from stores.errors import InputError
 from stores.manifest import TeacherCard
 from train import card, report
 from train.protocol import comma_ints
@@ -89,6 +90,7 @@ STAGES = ("teacher", "build", "distill", "finetune")
 REQUIRED = ("data", "test", "grid", "transfer_sets", "teacher", "student", "finetune")
 RETIRED = {"seed": "seeds: [N, ...]", "val_fraction": "folds: K (cross-validation) or val_data: SPEC"}
 SELECTION = {"folds", "val_data", "seed", "val_fraction", "eval_every", "patience", "cooldown"}  # per protocol
+MAX_RECIPE_BYTES = 1 << 20
 DEFAULT_THREADS = 2  # what a 2-core machine runs best at; pinned so a bigger machine computes the same numbers
 IN_PROCESS = {"train.teacher", "train.finetune", "train.evaluate", "reinforce.build"}  # saves ~5 s of start each
 RESERVED = {  # flags the pipeline sets itself; a recipe section may not
@@ -129,9 +131,40 @@ class Cell:
         return f"s{self.shots}-{self.transfer}-{self.method}" + (f"-{self.teacher_mode}" if self.teacher_mode else "")
 
 
+def read_recipe(path: str | os.PathLike) -> dict[str, Any]:
+    """The recipe file as a mapping; ``InputError`` naming the file and line for anything else.
+
+    ``yaml.safe_load`` already refuses tags that construct objects (``!!python/object``); its errors, a recipe
+    that is not a mapping and one too large or too deeply nested for the parser are one line each, not a
+    traceback (a recipe may come from a colleague)."""
+    with open(path, "rb") as f:
+        text = f.read(MAX_RECIPE_BYTES + 1)
+    if len(text) > MAX_RECIPE_BYTES:
+        raise InputError(f"{path}: over {MAX_RECIPE_BYTES >> 10} KiB; a recipe is a short YAML file")
+    try:
+        recipe = yaml.safe_load(text)
+    except yaml.MarkedYAMLError as error:
+        mark = error.problem_mark or error.context_mark
+        where = f"{path}, line {mark.line + 1}, column {mark.column + 1}" if mark else str(path)
+        plain = " (a recipe is plain YAML: no tags)" if isinstance(error, yaml.constructor.ConstructorError) else ""
+        raise InputError(f"{where}: {error.problem or error.context}{plain}") from None
+    except yaml.YAMLError as error:  # unmarked: bad encoding, a control character
+        raise InputError(f"{path}: not a YAML file ({str(error).splitlines()[0]})") from None
+    except RecursionError:
+        raise InputError(f"{path}: nested too deeply for a recipe") from None
+    if not isinstance(recipe, dict):
+        raise InputError(f"{path}: a recipe is a mapping of sections (data:, grid:, teacher:, ...), not a "
+                         f"{type(recipe).__name__}; see {RECIPES / 'comparison.yaml'}")
+    wrong = [key for key in ("grid", "transfer_sets", "student", *STAGES, "labeled_only")
+             if recipe.get(key) is not None and not isinstance(recipe[key], dict)]
+    if wrong:
+        raise InputError(f"{path}: {', '.join(wrong)} must be a mapping of KEY: VALUE lines")
+    return recipe
+
+
 def load_recipe(path: str | os.PathLike) -> dict[str, Any]:
     """The YAML recipe, checked: known methods and modes, named transfer sets, no reserved flags."""
-    recipe = yaml.safe_load(Path(path).read_text())
+    recipe = read_recipe(path)
     missing = [k for k in REQUIRED if k not in recipe] + [f"grid.{k}" for k in ("shots", "transfer", "method")
                                                           if k not in recipe.get("grid", {})]
     if missing or "lr" not in recipe.get("finetune", {}):
@@ -318,6 +351,10 @@ class Runner:
             record = json.loads(marker.read_text())
             self.note(step.stage, step.out, "skipped", record["seconds"])
             return record
+        if step.stage == "distill" and (step.out / "checkpoints" / "latest").exists():
+            # this run's own distillation, stopped before it finished: continue it (train.distill loads a
+            # checkpoint only when told to, and only the run's own: checkpoints/run.json)
+            step = dataclasses.replace(step, argv=(*step.argv, "--resume"))
         print(f"\n== {step.stage} {step.out.name}\n$ {step.command_line()}", flush=True)
         started = time.perf_counter()
         code = _execute(step, self.threads)
