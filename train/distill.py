@@ -322,7 +322,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[DistillConfig, bool]:
                              "store's sampling temperature, embedding contrastive, patch cosine), or loss names one "
                              "per target: kl | sampled_ce | contrastive | cosine | pixel_kl")
     parser.add_argument("--epochs", type=int, default=defaults.epochs, help="total epochs (a rerun continues)")
-    parser.add_argument("--temperature", type=float, default=defaults.temperature, help="distillation T")
+    parser.add_argument("--temperature", type=float, default=defaults.temperature,
+                        help="distillation T (sampled targets: the store's sampling T instead)")
     parser.add_argument("--size", type=int, default=None, help="student input size (default: the store's)")
     parser.add_argument("--batch-size", type=int, default=defaults.batch_size, help="micro-batch per rank")
     parser.add_argument("--lr", type=float, default=defaults.lr, help="peak learning rate ('auto' in the config)")
