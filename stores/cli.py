@@ -21,6 +21,7 @@ import sys
 from collections.abc import Iterator
 
 from stores.store import StoreCorruptError
+from stores.untrusted import printable
 
 __all__ = ["USER_ERRORS", "cli_errors", "debug_flag"]
 
@@ -45,6 +46,6 @@ def cli_errors(prog: str, debug: bool = False) -> Iterator[None]:
     except USER_ERRORS as error:
         if debug or os.environ.get("VFM_REINFORCE_DEBUG", "") not in ("", "0"):
             raise
-        message = str(error).splitlines()[0] if str(error) else type(error).__name__
+        message = printable(str(error).strip()) if str(error) else type(error).__name__  # one inert line
         print(f"{prog}: error: {message}", file=sys.stderr)
         raise SystemExit(2) from None
