@@ -35,6 +35,15 @@ def debug_flag(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return parser
 
 
+def one_line(error: BaseException) -> str:
+    """The error's message as one inert line (control characters escaped: a store's text may be in it). An error
+    re-raised from a DataLoader worker carries the worker's traceback; its last line holds the message."""
+    text = str(error).strip()
+    if "\nOriginal Traceback" in text:
+        text = text.rsplit("\n", 1)[-1].partition(": ")[2]
+    return printable(text) if text else type(error).__name__
+
+
 @contextlib.contextmanager
 def cli_errors(prog: str, debug: bool = False) -> Iterator[None]:
     """Turn a user error into one ``PROG: error: ...`` line and ``SystemExit(2)``; re-raise it when debugging."""
@@ -46,6 +55,6 @@ def cli_errors(prog: str, debug: bool = False) -> Iterator[None]:
     except USER_ERRORS as error:
         if debug or os.environ.get("VFM_REINFORCE_DEBUG", "") not in ("", "0"):
             raise
-        message = printable(str(error).strip()) if str(error) else type(error).__name__  # one inert line
+        message = one_line(error)
         print(f"{prog}: error: {message}", file=sys.stderr)
         raise SystemExit(2) from None

@@ -126,7 +126,7 @@ def test_pickle_member_never_runs_in_distill(wds_store, tmp_path):
     store, marker = copy_store(wds_store, tmp_path), tmp_path / "payload-ran"
     forge(store, "pickle .pyd member", marker)
     run = run_cli("train.distill", "--store", str(store), "--student", "mobilenetv3_small_050", "--size", "32",
-                  "--epochs", "1", "--out", str(tmp_path / "never"))
+                  "--epochs", "1", "--batch-size", "8", "--out", str(tmp_path / "never"))
     one_error_line(run, str(store / "shards"), ".extra.pyd", "not a member this format defines")
     assert not marker.exists() and not (tmp_path / "never" / "model.safetensors").exists()
 
