@@ -280,7 +280,8 @@ class ReinforcedStore:
         self._chunks: OrderedDict[tuple[str, int], np.ndarray] = OrderedDict()
         self._cached_bytes = 0
         self._pid = -1
-        self._listed = frozenset(record.path for record in manifest.files)
+        self._sizes = {record.path: record.bytes for record in manifest.files}
+        self._indexes: dict[str, np.ndarray] = {}
         self._usable: np.ndarray | None = None
 
     @property
@@ -378,6 +379,18 @@ class ReinforcedStore:
         unit = chunk * self.manifest.layout["chunk_samples"] // self.manifest.layout["unit_samples"]
         return f"{ARRAYS_DIR}/{name}/{array.metadata.encode_chunk_key((unit,) + (0,) * (array.ndim - 1))}"
 
+    def _present(self, shard: str, chunks: int) -> np.ndarray:
+        """bool ``[chunks]``: the chunks shard file ``shard``'s index holds. The index ends the file: ``chunks``
+        (offset, nbytes) uint64 pairs, all ones for an absent chunk, then a crc32c (zarr's sharding codec)."""
+        if shard not in self._indexes:
+            size, length = self._sizes[shard], 16 * chunks + 4
+            if size < length:
+                raise StoreCorruptError(f"{self.location.where(shard)}: {size} bytes, shorter than its shard index")
+            tail = self.location.fs.cat_file(self.location.path(shard), start=size - length, end=size)
+            entries = np.frombuffer(tail[:-4], dtype="<u8").reshape(chunks, 2)
+            self._indexes[shard] = ~(entries == np.iinfo(np.uint64).max).all(-1)
+        return self._indexes[shard]
+
     def chunk(self, name: str, chunk: int) -> np.ndarray:
         """Decoded chunk ``chunk`` of array ``name`` (``[chunk_samples, K, ...]``), through the LRU cache; its
         shard must be a file the manifest lists (zarr would read a missing one as zeros) and its values pass the
@@ -390,9 +403,13 @@ class ReinforcedStore:
         array = self._array(name)  # metadata checked (StoreFormatError) before any chunk is read
         where = f"{self.location.where(ARRAYS_DIR + '/' + name)}: samples {chunk * size}..{(chunk + 1) * size - 1}"
         shard = self.shard_file(name, chunk)
-        if shard not in self._listed:
+        if shard not in self._sizes:
             raise StoreCorruptError(f"{where}: shard file {shard} is not in the manifest (it would read as zeros); "
                                     f"run `python -m stores verify {self.path}`")
+        per_shard = self.manifest.layout["unit_samples"] // size
+        if not self._present(shard, per_shard)[chunk % per_shard]:
+            raise StoreCorruptError(f"{where}: the index of shard file {shard} lists no such chunk (it would read "
+                                    f"as zeros); run `python -m stores verify {self.path}`")
         try:
             block = array[chunk * size: (chunk + 1) * size]
         except Exception as error:  # zarr raises codec-specific errors; name the file instead

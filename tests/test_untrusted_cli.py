@@ -76,6 +76,25 @@ def test_missing_shard_is_an_error_in_verify_and_on_read(zarr_store, tmp_path, c
     one_error_line(run, str(store / ARRAYS_DIR / "logits" / "values"), "would read as zeros")
 
 
+def test_chunk_missing_from_a_shard_index(zarr_store, tmp_path, capsys):
+    """The shard file is there but its index marks the chunk absent, crc32c recomputed: zarr itself would return
+    its fill value; verify and the reader refuse."""
+    import google_crc32c
+
+    store = copy_store(zarr_store, tmp_path)
+    path = store / SHARD
+    data = bytearray(path.read_bytes())
+    data[-20:-4] = b"\xff" * 16  # one chunk per shard here: its (offset, nbytes) as zarr marks an absent chunk
+    data[-4:] = np.uint32(google_crc32c.value(bytes(data[-20:-4]))).tobytes()
+    path.write_bytes(bytes(data))
+    reseal(store)
+    assert not zarr.open_array(zarr.storage.LocalStore(store / ARRAYS_DIR / "logits" / "values"))[8:16].any()
+    lines = verify_lines(store, capsys)
+    assert len(lines) == 1 and "logits/values: samples 8..15: the index of shard file" in lines[0], lines
+    with pytest.raises(StoreCorruptError, match="lists no such chunk"):
+        read_everything(store)
+
+
 def test_index_beyond_the_class_count(zarr_store, tmp_path, capsys):
     store = copy_store(zarr_store, tmp_path)
     index = zarr.open_array(zarr.storage.LocalStore(store / ARRAYS_DIR / "logits" / "index"), mode="r+")
