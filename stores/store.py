@@ -356,7 +356,7 @@ class ReinforcedStore:
         per_view, dtype = array_paths(self.manifest.content)[name]
         views, chunk = self.manifest.views, self.manifest.layout["chunk_samples"]
         if self._group is None:
-            check_zarr_metadata(self.location, self.manifest)
+            check_zarr_metadata(self.location, self.manifest, every=False)
             try:
                 self._group = zarr.open_group(self.location.zarr_store(ARRAYS_DIR, read_only=True), mode="r",
                                               use_consolidated=True)
@@ -508,11 +508,13 @@ def open_store(path: str | os.PathLike | Location, *, cache_bytes: int = 256 << 
     return ReinforcedStore(location, manifest, cache_bytes)
 
 
-def check_zarr_metadata(location: Location, manifest: StoreManifest) -> None:
-    """Every ``zarr.json`` the manifest lists parses within the size and depth bounds, before zarr (whose parser
-    recurses) reads any of them."""
+def check_zarr_metadata(location: Location, manifest: StoreManifest, *, every: bool = True) -> None:
+    """The ``zarr.json`` files parse within the size and depth bounds, before zarr (whose parser recurses) reads
+    any: ``every`` one the manifest lists (verify), or only the consolidated root, the one file a reader opens
+    (so training still reads nothing of the targets it does not distill)."""
+    root = f"{ARRAYS_DIR}/zarr.json"
     for record in manifest.files:
-        if record.path == "zarr.json" or record.path.endswith("/zarr.json"):
+        if record.path == root or (every and record.path.endswith("/zarr.json")):
             try:
                 load_json(location.read_bytes(record.path), max_bytes=MAX_METADATA_BYTES,
                           where=location.where(record.path))
