@@ -33,13 +33,15 @@ from typing import Any
 import numpy as np
 import torch
 import webdataset as wds
+from PIL import Image
 from torch.utils.data import Dataset
 
 from reinforce.augment import CropFlip, policy_from_record
-from reinforce.sources import Source, load_image_bytes, open_source
+from reinforce.sources import Source, declared_size, load_image_bytes, open_source
 from stores.manifest import WDS_FORMAT
-from stores.store import THETA, ReinforcedStore, as_tensor, open_store
-from stores.wds import image_bytes, read_shard, sample_arrays
+from stores.store import THETA, ReinforcedStore, StoreCorruptError, StoreFormatError, as_tensor, open_store
+from stores.untrusted import printable
+from stores.wds import ShardSample, read_shard
 
 __all__ = ["Replay", "ReplayDataset", "StreamReplay", "open_replay", "transfer_set"]
 
@@ -143,23 +145,36 @@ class StreamReplay(Replay):
         the epoch set last, so forked workers follow ``set_epoch``."""
         return wds.DataPipeline(self._samples, wds.batched(batch_size, collation_fn=self._collate, partial=False))
 
-    def _samples(self) -> Iterator[dict[str, Any]]:
+    def _samples(self) -> Iterator[ShardSample]:
         rank, _, worker, _ = wds.utils.pytorch_worker_info()
         rng = random.Random(f"{self.seed}:{self.epoch}:{rank}:{worker}")
-        shards = self.store.shards
-        stream = (sample for _ in itertools.count()
-                  for sample in read_shard(self.store.location, shards[rng.randrange(len(shards))], self.targets))
+        shards, manifest = self.store.shards, self.store.manifest
+        stream = (sample for _ in itertools.count() for sample in
+                  read_shard(self.store.location, shards[rng.randrange(len(shards))], manifest, self.targets))
         yield from wds.shuffle(self.shuffle_buffer, initial=min(100, self.shuffle_buffer), rng=rng)(stream)
 
-    def _collate(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
+    def _collate(self, samples: list[ShardSample]) -> dict[str, Any]:
         """Decoded samples -> the batch: each sample's view for this epoch, rendered."""
-        indices = np.array([s["header.json"]["index"] for s in samples], dtype=np.int64)
+        indices = np.array([s.index for s in samples], dtype=np.int64)
+        unusable = indices[~self.store.usable[indices]]  # read_shard checked the range
+        if len(unusable):
+            raise StoreCorruptError(f"store {self.store.path}: shards hold sample {unusable[0]}, which "
+                                    f"samples.parquet marks skipped; run `python -m stores verify {self.store.path}`")
         views = self.view_of[indices]
-        per_view = [sample_arrays(s, self.store.manifest.content, self.targets) for s in samples]
+        per_view = [s.stored() for s in samples]
         stored = {THETA: np.stack([p[THETA][v] for p, v in zip(per_view, views)]),
                   **{t: {a: np.stack([p[t][a][v] for p, v in zip(per_view, views)]) for a in per_view[0][t]}
                      for t in self.targets}}
-        return self.render(indices, views, (load_image_bytes(image_bytes(s)) for s in samples), stored)
+        return self.render(indices, views, (_image(self.store, s) for s in samples), stored)
+
+
+def _image(store: ReinforcedStore, sample: ShardSample) -> torch.Tensor:
+    """A shard sample's image decoded; bytes that are no image are a damaged store, named in one line."""
+    try:
+        return load_image_bytes(sample.image)
+    except (OSError, ValueError, Image.DecompressionBombError) as error:
+        raise StoreCorruptError(f"store {store.path}: sample {sample.index}'s image does not decode "
+                                f"({type(error).__name__}); run `python -m stores verify {store.path}`") from None
 
 
 def open_replay(store: str | os.PathLike | ReinforcedStore, *, targets: list[str] | tuple[str, ...] | None = None,
@@ -181,8 +196,7 @@ def open_replay(store: str | os.PathLike | ReinforcedStore, *, targets: list[str
     for name in chosen:
         store.codec(name)  # unknown target: ValueError naming what the store holds
     policy = policy_from_record(content.policy.to_dict())
-    samples = store.samples
-    ok = samples.filter(samples["status"] == "ok")["index"].to_numpy().astype(np.int64)
+    ok = np.flatnonzero(store.usable).astype(np.int64)  # the sample table checked, kept as numpy before any fork
     if len(ok) == 0:
         raise ValueError(f"store {str(store.path)!r} has no usable samples")
     size = size or content.teacher.input_size
@@ -196,7 +210,11 @@ def open_replay(store: str | os.PathLike | ReinforcedStore, *, targets: list[str
 
 def transfer_set(store: ReinforcedStore) -> Source:
     """The store's transfer set, reopened from its spec and checked unchanged (changed images break replay)."""
-    spec = store.manifest.content.transfer_set.spec
+    spec, recorded = store.manifest.content.transfer_set.spec, store.manifest.num_samples
+    declared = declared_size(spec)
+    if declared is not None and declared != recorded:  # checked before the spec materialises anything
+        raise StoreFormatError(f"{store.location.where('manifest.json')}: transfer set {printable(spec)!r} "
+                               f"declares {declared} samples, the store records {recorded}")
     source = open_source(spec)
     if source.fingerprint() != store.manifest.content.transfer_set.fingerprint:
         raise ValueError(f"transfer set {spec!r} no longer matches the store {str(store.path)!r} "

@@ -60,9 +60,19 @@ if TYPE_CHECKING:
     from reinforce.augment import AugParams, CropFlip
 
 __all__ = [
-    "DEFAULT_GENERIC_TRANSFER_SET", "IMAGE_SUFFIXES", "SPEC_FORMS", "Source", "fashion_mnist_dir", "few_images_split",
+    "DEFAULT_GENERIC_TRANSFER_SET",
+    "IMAGE_SUFFIXES",
+    "SPEC_FORMS",
+    "Source",
+    "declared_size",
+    "fashion_mnist_dir",
+    "few_images_split",
     "few_shot_split",
-    "list_sources", "load_image_bytes", "open_source", "register_source", "with_query",
+    "list_sources",
+    "load_image_bytes",
+    "open_source",
+    "register_source",
+    "with_query",
 ]
 
 DEFAULT_GENERIC_TRANSFER_SET = "photo-crops:20000@96"
@@ -186,8 +196,8 @@ def few_images_split(count: int, shots: int, seed: int = 0) -> tuple[np.ndarray,
 def open_source(spec: str) -> Source:
     """Open a source from its spec (see module docstring); errors name the spec and the fix."""
     base, _, query = spec.partition("?")
-    source = _open_base(base)
     options = dict(parse_qsl(query, strict_parsing=bool(query)))
+    source = _open_base(base if declared_size(spec) is None else _first_crops(base, declared_size(spec)))
     unknown = set(options) - {"shots", "seed", "part", "limit"}
     if unknown:
         raise ValueError(f"unknown source option(s) {sorted(unknown)} in {spec!r}; valid: shots, seed, part, limit")
@@ -205,6 +215,25 @@ def open_source(spec: str) -> Source:
     if "limit" in options:
         indices = indices[: int(options["limit"])]
     return source.subset(indices, spec) if query else source
+
+
+def declared_size(spec: str) -> int | None:
+    """How many samples ``spec`` yields when its text alone says so (``photo-crops:N``, with ``limit=``), else None
+    (sources backed by files, whose size the disk bounds). Read before anything is built: a spec from a stranger's
+    manifest is checked against the sample count the manifest records first."""
+    base, _, query = spec.partition("?")
+    match = _CROPS_SPEC.fullmatch(base.removeprefix("photo-crops:")) if base.startswith("photo-crops:") else None
+    if match is None:
+        return None
+    limit = dict(parse_qsl(query)).get("limit", "")
+    return min(int(match[1]), int(limit)) if limit.isdigit() else int(match[1])
+
+
+def _first_crops(base: str, count: int) -> str:
+    """``photo-crops:N...`` as ``photo-crops:COUNT...``: crop i does not depend on N, so a ``limit`` never
+    materialises the crops it drops."""
+    match = _CROPS_SPEC.fullmatch(base.removeprefix("photo-crops:"))
+    return f"photo-crops:{count}" + base.removeprefix(f"photo-crops:{match[1]}")
 
 
 def with_query(spec: str, **options: object) -> str:

@@ -15,43 +15,49 @@ from stores.codecs import create_codec
 from stores.compare import compare_stores
 from stores.manifest import STORE_ID_PROMISE
 from stores.store import SHARDS_DIR, open_store
+from stores.untrusted import printable
 from stores.verify import describe_store, verify_store
 from stores.wds import export_wds
 
 LS_COLUMNS = ("name", "store_id", "teacher", "transfer_set", "targets", "views", "samples", "bytes", "created_at")
 
 
+def _line(text: str) -> None:
+    """Print one line of what a store says, its control characters escaped (a store is someone else's text)."""
+    print(printable(text))
+
+
 def _inspect(path: str) -> int:
     info = describe_store(path)
     policy = ", ".join(f"{k}={v}" for k, v in info["policy"].items())
-    print(f"store        {info['path']}")
-    print(f"id           {info['store_id']}")
-    print(f"teacher      {info['teacher']} ({info['num_classes']} classes)")
-    print(f"transfer set {info['transfer_set']}")
-    print(f"samples      {info['samples_ok']} ok, {info['samples_skipped']} skipped")
-    print(f"views        {info['views']} per sample")
-    print(f"policy       {policy}  (θ: {info['theta_bytes_per_view']:.1f} B/view)")
+    _line(f"store        {info['path']}")
+    _line(f"id           {info['store_id']}")
+    _line(f"teacher      {info['teacher']} ({info['num_classes']} classes)")
+    _line(f"transfer set {info['transfer_set']}")
+    _line(f"samples      {info['samples_ok']} ok, {info['samples_skipped']} skipped")
+    _line(f"views        {info['views']} per sample")
+    _line(f"policy       {policy}  (θ: {info['theta_bytes_per_view']:.1f} B/view)")
     for name, target in info["targets"].items():
         codec = ", ".join(f"{k}={v}" for k, v in target["codec"].items())
         fidelity = "  ".join(f"{metric} mean {s['mean']:.4f} min {s['min']:.4f}"
                              for metric, s in target["fidelity"].items())
-        print(f"target       {name} [{target['kind']}] {codec}: {target['bytes_per_view']:.1f} B/view")
-        print(f"  fidelity   {fidelity or 'not recorded'}")
+        _line(f"target       {name} [{target['kind']}] {codec}: {target['bytes_per_view']:.1f} B/view")
+        _line(f"  fidelity   {fidelity or 'not recorded'}")
         dense = getattr(create_codec(**target["codec"]), "dense_bytes_per_view", None)
         if dense:  # per-pixel targets: what float16 logit maps would cost
-            print(f"  vs dense   fp16 logits {dense} B/view: {dense / target['bytes_per_view']:.1f}x the stored bytes")
-    print(f"layout       {json.dumps(info['layout'])}")
-    print(f"bytes        {info['total_bytes']} total, {info['data_bytes']} under {info['data_dir']}")
-    print(f"per view     {info['bytes_per_view']:.1f} B data, {info['total_bytes_per_view']:.1f} B with all files")
+            _line(f"  vs dense   fp16 logits {dense} B/view: {dense / target['bytes_per_view']:.1f}x the stored bytes")
+    _line(f"layout       {json.dumps(info['layout'])}")
+    _line(f"bytes        {info['total_bytes']} total, {info['data_bytes']} under {info['data_dir']}")
+    _line(f"per view     {info['bytes_per_view']:.1f} B data, {info['total_bytes_per_view']:.1f} B with all files")
     return 0
 
 
 def _verify(path: str) -> int:
     problems = verify_store(path)
-    if problems:
-        print(f"stores verify: {problems[0]}" + (f" (+{len(problems) - 1} more)" if len(problems) > 1 else ""),
-              file=sys.stderr)
-        return 1
+    if problems:  # a bad store is bad input: exit 2, as every command's errors
+        for problem in problems:
+            print(f"stores verify: {problem}", file=sys.stderr)
+        return 2
     info = describe_store(path)
     print(f"ok: {path} ({info['samples_ok'] + info['samples_skipped']} samples x {info['views']} views, "
           f"{info['total_bytes']} bytes, checksums and every chunk verified)")
@@ -79,7 +85,7 @@ def _ls(root: str, as_json: bool) -> int:
     if as_json:
         print(json.dumps(rows, indent=1))
         return 0
-    cells = [[_cell(row.get(column, row.get("error", ""))) if column != "name" else row["name"]
+    cells = [[_cell(row.get(column, row.get("error", ""))) if column != "name" else printable(row["name"])
               for column in LS_COLUMNS] for row in rows]
     widths = [max(len(column), *(len(row[i]) for row in cells)) for i, column in enumerate(LS_COLUMNS)]
     for line in [list(LS_COLUMNS), *cells]:
@@ -103,7 +109,7 @@ def _export_wds(path: str, out: str, maxsize: int, maxcount: int) -> int:
 
 
 def _cell(value) -> str:
-    return ",".join(value) if isinstance(value, dict) else str(value)
+    return printable(",".join(value) if isinstance(value, dict) else value)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -44,6 +44,7 @@ from stores.errors import InputError
 from stores.lock import StoreLockedError
 from stores.manifest import ManifestError
 from stores.store import StoreCorruptError, StoreFormatError
+from stores.untrusted import printable
 
 __all__ = ["INPUT_ERRORS", "cli_errors", "debug_flag", "is_user_error"]
 
@@ -91,7 +92,7 @@ def _message(error: BaseException) -> str:
     text = str(error)
     if _WORKER.match(text):
         text = text.rstrip().splitlines()[-1].split(": ", 1)[-1]
-    return text.splitlines()[0] if text.strip() else type(error).__name__
+    return printable(text.splitlines()[0]) if text.strip() else type(error).__name__
 
 
 @contextlib.contextmanager

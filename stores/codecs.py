@@ -75,6 +75,12 @@ class Codec:
         """Per-item round-trip quality of ``x`` (``[B]`` tensors by metric name)."""
         raise NotImplementedError
 
+    def check(self, name: str, values: np.ndarray) -> None:
+        """Raise ``ValueError`` if stored array ``name`` (``[..., *shape]``, as read) holds values a reader would
+        crash on or silently train on: here, NaN or infinity; codecs with class indices add their range."""
+        if values.dtype.kind == "f" and not np.isfinite(values).all():
+            raise ValueError(f"{name} holds NaN or infinite values")
+
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, **dataclasses.asdict(self)}
 
@@ -137,6 +143,23 @@ class TopKLogitsCodec(Codec):
             values = {"values": (k, np.dtype(np.uint8)), "scale": ((), np.dtype(np.float16)),
                       "lse": ((), np.dtype(np.float16))}
         return {**values, "index": (k, self.index_dtype)}
+
+    def check(self, name: str, values: np.ndarray) -> None:
+        """Besides finite values: every class index decodes into ``[0, num_classes)``, the k of a view distinct
+        (out of range, ``decode``'s scatter fails; repeated, it silently drops a class's probability)."""
+        super().check(name, values)
+        if name != "index" or values.size == 0:
+            return
+        index = values.astype(np.int64)
+        if self.index_coding == "delta":
+            if (index[..., 1:] < 1).any():
+                raise ValueError("index holds a delta-coded gap < 1 (classes not sorted and distinct)")
+            index = index.cumsum(-1)
+        elif (np.diff(np.sort(index, -1), axis=-1) < 1).any():
+            raise ValueError("index repeats a class within a view")
+        if index.min() < 0 or index.max() >= self.num_classes:
+            raise ValueError(f"index decodes to class {int(index.min() if index.min() < 0 else index.max())}, "
+                             f"outside [0, {self.num_classes})")
 
     def encode(self, x: torch.Tensor, keys: np.ndarray | None = None) -> dict[str, np.ndarray]:
         """``x [B, C]`` logits (any float dtype) -> payload of numpy arrays with leading dim B."""
@@ -236,6 +259,20 @@ class SampledLogitsCodec(Codec):
         n = (self.samples,)
         arrays = {"index": (n, np.dtype(np.uint16)), "count": (n, np.dtype(np.uint8))}
         return arrays | ({"log_weight": (n, np.dtype(np.float16))} if self.proposal_temperature else {})
+
+    def check(self, name: str, values: np.ndarray) -> None:
+        """Besides finite values: the ids decode into ``[0, num_classes)`` and a view's counts sum to ``samples``
+        (else ``decode`` fails, or its target is not a distribution)."""
+        super().check(name, values)
+        if values.size == 0:
+            return
+        if name == "index":
+            index = values.astype(np.int64).cumsum(-1)
+            if index.min() < 0 or index.max() >= self.num_classes:
+                raise ValueError(f"index decodes to class {int(index.min() if index.min() < 0 else index.max())}, "
+                                 f"outside [0, {self.num_classes})")
+        elif name == "count" and (values.astype(np.int64).sum(-1) != self.samples).any():
+            raise ValueError(f"count of a view does not sum to samples={self.samples}")
 
     def draw(self, x: torch.Tensor, keys: np.ndarray) -> torch.Tensor:
         """``samples`` class ids ``[B, samples]`` int64 per view, by inverse CDF on float64 Philox uniforms."""
@@ -440,6 +477,10 @@ class SegTopKLogitsCodec(Codec):
         grid = (self.height, self.width)
         arrays = {name: (grid + shape, dtype) for name, (shape, dtype) in self.pixel.arrays().items()}
         return {**arrays, "index": ((*grid, self.k), self.index_dtype)}
+
+    def check(self, name: str, values: np.ndarray) -> None:
+        """``topk_logits.check`` at every position (the k indices are the last axis here too)."""
+        self.pixel.check(name, values)
 
     def encode(self, x: torch.Tensor, keys: np.ndarray | None = None) -> dict[str, np.ndarray]:
         """``x [B, C, height, width]`` logits -> payload with leading dims ``[B, height, width]``."""

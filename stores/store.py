@@ -43,6 +43,7 @@ from stores.manifest import (
     content_id,
     read_format_version,
 )
+from stores.untrusted import UntrustedInputError, load_json, printable
 
 __all__ = ["ReinforcedStore", "StoreCorruptError", "StoreFormatError", "StoreWriter", "as_tensor", "open_store"]
 
@@ -186,6 +187,7 @@ class StoreWriter:
                 leaf, shape=(self.num_samples, self.views, *shape), dtype=dtype,
                 chunks=(self.layout["chunk_samples"], self.views, *shape),
                 shards=(self.layout["unit_samples"], self.views, *shape), fill_value=0, **_compression(name, dtype),
+                config={"write_empty_chunks": True},  # every chunk on disk: a missing one is damage, not zeros
             )
 
     def check_created(self) -> None:
@@ -285,6 +287,9 @@ class ReinforcedStore:
         self._chunks: OrderedDict[tuple[str, int], np.ndarray] = OrderedDict()
         self._cached_bytes = 0
         self._pid = -1
+        self._sizes = {record.path: record.bytes for record in manifest.files}
+        self._indexes: dict[str, np.ndarray] = {}
+        self._usable: np.ndarray | None = None
 
     @property
     def samples(self):
@@ -303,9 +308,22 @@ class ReinforcedStore:
         n = self.manifest.num_samples
         if len(table) != n or not table["index"].equals(pl.Series("index", np.arange(n, dtype=np.int64))):
             raise StoreFormatError(f"{where}: expected rows for samples 0..{n - 1} in order, got {len(table)} rows")
+        nulls = [name for name in ("key", "uri", "status", "height", "width") if table[name].null_count()]
+        if nulls:  # a null status is neither ok nor skipped: its sample would silently drop out of training
+            raise StoreFormatError(f"{where}: null values in column(s) {', '.join(nulls)}")
         if not table["status"].is_in(["ok", "skipped"]).all():
             raise StoreFormatError(f"{where}: status must be ok or skipped")
+        ok = table.filter(pl.col("status") == "ok")
+        if len(ok) and min(ok["height"].min(), ok["width"].min()) < 1:
+            raise StoreFormatError(f"{where}: a usable sample has no height or width")
         return table
+
+    @property
+    def usable(self) -> np.ndarray:
+        """bool ``[N]``: the samples whose status is ok (numpy, kept: read before DataLoader workers fork)."""
+        if self._usable is None:
+            self._usable = (self.samples["status"] == "ok").to_numpy()
+        return self._usable
 
     @property
     def targets(self) -> list[str]:
@@ -345,6 +363,7 @@ class ReinforcedStore:
         per_view, dtype = array_paths(self.manifest.content)[name]
         views, chunk = self.manifest.views, self.manifest.layout["chunk_samples"]
         if self._group is None:
+            check_zarr_metadata(self.location, self.manifest, every=False)
             try:
                 self._group = zarr.open_group(self.location.zarr_store(ARRAYS_DIR, read_only=True), mode="r",
                                               use_consolidated=True)
@@ -361,22 +380,54 @@ class ReinforcedStore:
             raise StoreFormatError(f"{where}: shape, dtype, chunks {found} differ from the manifest's {expected}")
         return array
 
-    def _chunk(self, name: str, chunk: int) -> np.ndarray:
-        """Decoded chunk ``chunk`` of array ``name`` (``[chunk_samples, K, ...]``), through the LRU cache."""
+    def shard_file(self, name: str, chunk: int) -> str:
+        """The store file (relative) of the zarr shard holding chunk ``chunk`` of array ``name``."""
+        array = self._array(name)
+        unit = chunk * self.manifest.layout["chunk_samples"] // self.manifest.layout["unit_samples"]
+        return f"{ARRAYS_DIR}/{name}/{array.metadata.encode_chunk_key((unit,) + (0,) * (array.ndim - 1))}"
+
+    def _present(self, shard: str, chunks: int) -> np.ndarray:
+        """bool ``[chunks]``: the chunks shard file ``shard``'s index holds. The index ends the file: ``chunks``
+        (offset, nbytes) uint64 pairs, all ones for an absent chunk, then a crc32c (zarr's sharding codec)."""
+        if shard not in self._indexes:
+            size, length = self._sizes[shard], 16 * chunks + 4
+            if size < length:
+                raise StoreCorruptError(f"{self.location.where(shard)}: {size} bytes, shorter than its shard index")
+            tail = self.location.fs.cat_file(self.location.path(shard), start=size - length, end=size)
+            entries = np.frombuffer(tail[:-4], dtype="<u8").reshape(chunks, 2)
+            self._indexes[shard] = ~(entries == np.iinfo(np.uint64).max).all(-1)
+        return self._indexes[shard]
+
+    def chunk(self, name: str, chunk: int) -> np.ndarray:
+        """Decoded chunk ``chunk`` of array ``name`` (``[chunk_samples, K, ...]``), through the LRU cache; its
+        shard must be a file the manifest lists (zarr would read a missing one as zeros) and its values pass the
+        codec's ``check``. Every read of a zarr store's arrays comes through here."""
         key = (name, chunk)
         if key in self._chunks and self._pid == os.getpid():
             self._chunks.move_to_end(key)
             return self._chunks[key]
         size = self.manifest.layout["chunk_samples"]
         array = self._array(name)  # metadata checked (StoreFormatError) before any chunk is read
+        where = f"{self.location.where(ARRAYS_DIR + '/' + name)}: samples {chunk * size}..{(chunk + 1) * size - 1}"
+        shard = self.shard_file(name, chunk)
+        if shard not in self._sizes:
+            raise StoreCorruptError(f"{where}: shard file {shard} is not in the manifest (it would read as zeros); "
+                                    f"run `python -m stores verify {self.path}`")
+        per_shard = self.manifest.layout["unit_samples"] // size
+        if not self._present(shard, per_shard)[chunk % per_shard]:
+            raise StoreCorruptError(f"{where}: the index of shard file {shard} lists no such chunk (it would read "
+                                    f"as zeros); run `python -m stores verify {self.path}`")
         try:
             block = array[chunk * size: (chunk + 1) * size]
         except Exception as error:  # zarr raises codec-specific errors; name the file instead
-            raise StoreCorruptError(
-                f"{self.location.where(ARRAYS_DIR + '/' + name)}: cannot decode samples "
-                f"{chunk * size}..{(chunk + 1) * size - 1} "
-                f"({error}); run `python -m stores verify {self.path}`"
-            ) from error
+            raise StoreCorruptError(f"{where} do not decode ({printable(error)}); "
+                                    f"run `python -m stores verify {self.path}`") from error
+        target, _, leaf = name.partition("/")
+        if leaf:  # skipped samples hold zeros, which no codec promises to decode: check the usable ones
+            try:
+                self.codec(target).check(leaf, block[self.usable[chunk * size: chunk * size + len(block)]])
+            except ValueError as error:
+                raise StoreCorruptError(f"{where}: {error}; run `python -m stores verify {self.path}`") from None
         self._chunks[key] = block
         self._cached_bytes += block.nbytes
         while self._cached_bytes > self.cache_bytes and len(self._chunks) > 1:
@@ -402,7 +453,7 @@ class ReinforcedStore:
         def gather(name: str, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
             out = np.empty((len(sample_indices), *shape), dtype=dtype)
             for chunk, rows in rows_of_chunk:
-                out[rows] = self._chunk(name, chunk)[offset[rows], view_indices[rows]]
+                out[rows] = self.chunk(name, chunk)[offset[rows], view_indices[rows]]
             return out
 
         content = self.manifest.content
@@ -414,8 +465,13 @@ class ReinforcedStore:
         return batch
 
     def read_range(self, start: int, stop: int) -> dict[str, np.ndarray]:
-        """Every array (``"theta"``, ``"<target>/<array>"``) for samples ``start..stop-1``, all views, as stored."""
-        return {name: self._array(name)[start:stop] for name in array_paths(self.manifest.content)}
+        """Every array (``"theta"``, ``"<target>/<array>"``) for samples ``start..stop-1``, all views, as stored
+        (read through ``chunk``, so with its checks)."""
+        size = self.manifest.layout["chunk_samples"]
+        first, last = start // size, max(start, stop - 1) // size
+        return {name: np.concatenate([self.chunk(name, c) for c in range(first, last + 1)])[start - first * size:
+                                                                                             stop - first * size]
+                for name in array_paths(self.manifest.content)}
 
     def decode(self, target: str, payload: dict[str, Any], device: str | torch.device | None = None) -> torch.Tensor:
         """One target's payload (numpy or torch arrays) -> float32 tensor on ``device``, by the store's codec."""
@@ -459,6 +515,20 @@ def open_store(path: str | os.PathLike | Location, *, cache_bytes: int = 256 << 
     return ReinforcedStore(location, manifest, cache_bytes)
 
 
+def check_zarr_metadata(location: Location, manifest: StoreManifest, *, every: bool = True) -> None:
+    """The ``zarr.json`` files parse within the size and depth bounds, before zarr (whose parser recurses) reads
+    any: ``every`` one the manifest lists (verify), or only the consolidated root, the one file a reader opens
+    (so training still reads nothing of the targets it does not distill)."""
+    root = f"{ARRAYS_DIR}/zarr.json"
+    for record in manifest.files:
+        if record.path == root or (every and record.path.endswith("/zarr.json")):
+            try:
+                load_json(location.read_bytes(record.path), max_bytes=MAX_METADATA_BYTES,
+                          where=location.where(record.path))
+            except UntrustedInputError as error:
+                raise StoreFormatError(str(error)) from None
+
+
 def read_manifest(location: Location) -> StoreManifest:
     """Parse and validate ``manifest.json``; another format version is refused in one line."""
     where = location.where(MANIFEST)
@@ -466,9 +536,9 @@ def read_manifest(location: Location) -> StoreManifest:
     if size > MAX_MANIFEST_BYTES:
         raise StoreFormatError(f"{where}: {size} bytes, more than a manifest may hold ({MAX_MANIFEST_BYTES})")
     try:
-        data = json.loads(location.read_text(MANIFEST))
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as error:
-        raise StoreFormatError(f"{where}: not valid JSON ({type(error).__name__})") from None
+        data = load_json(location.read_bytes(MANIFEST), max_bytes=MAX_MANIFEST_BYTES, where=where)
+    except UntrustedInputError as error:
+        raise StoreFormatError(str(error)) from None
     found = read_format_version(data)
     if found == 1:
         raise StoreFormatError(
@@ -482,7 +552,7 @@ def read_manifest(location: Location) -> StoreManifest:
         manifest = StoreManifest.from_dict(data)
         check_manifest(manifest)
     except (ManifestError, TypeError, ValueError, KeyError, AttributeError, OverflowError) as error:
-        raise StoreFormatError(f"{where}: {type(error).__name__}: {error}".replace("\n", " ")) from None
+        raise StoreFormatError(printable(f"{where}: {type(error).__name__}: {error}")) from None
     return manifest
 
 

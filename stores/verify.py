@@ -7,26 +7,31 @@ of every chunk.
 
 from __future__ import annotations
 
+import io
 import os
 from typing import Any
 
 import numpy as np
-import zarr
+from PIL import Image
 
 from stores.location import Location
 from stores.manifest import WDS_FORMAT, StoreManifest
 from stores.store import (
     ARRAYS_DIR,
     MANIFEST,
+    SAMPLES_FILE,
     SHARDS_DIR,
     THETA,
+    ReinforcedStore,
     StoreCorruptError,
     StoreFormatError,
     array_paths,
+    check_zarr_metadata,
     open_store,
     read_manifest,
 )
-from stores.wds import read_shard, sample_arrays
+from stores.untrusted import printable
+from stores.wds import ShardSample, read_shard, shard_path
 
 __all__ = ["describe_store", "verify_store"]
 
@@ -78,43 +83,73 @@ def describe_store(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def verify_store(path: str | os.PathLike | Location) -> list[str]:
-    """Every problem found in the store at ``path`` (a local path or a URL), each naming the broken file;
-    empty if sound."""
+    """Every problem found in the store at ``path`` (a local path or a URL), one printable line each naming the
+    broken file; empty if sound.
+
+    This is the training readers' contract, checked up front: whatever ``open_replay``, ``StreamReplay`` or
+    ``train.distill`` would fail on or silently get wrong fails here first (checksums; no file outside them;
+    the sample table's schema; every shard the layout implies present; every value decoded with its dtype,
+    shape and codec range; every tar member one the format defines)."""
     location = path if isinstance(path, Location) else Location(path)
     if not location.exists(MANIFEST):
-        return [f"{location.where(MANIFEST)}: missing (no store at {location.url})"]
+        return [printable(f"{location.where(MANIFEST)}: missing (no store at {location.url})")]
     try:
         manifest = read_manifest(location)
     except StoreFormatError as error:
-        return [str(error)]
+        return [printable(error)]
     problems = _check_files(location, manifest)
     if problems:  # decoding damaged files only repeats what the checksums already said
-        return problems
-    return _check_shards(location, manifest) if manifest.format == WDS_FORMAT else _check_arrays(location, manifest)
+        return [printable(p) for p in problems]
+    try:
+        store = open_store(location)
+        usable = store.usable
+        check = _check_shards if manifest.format == WDS_FORMAT else _check_arrays
+        problems = check(store, usable)
+    except (StoreFormatError, StoreCorruptError) as error:
+        problems = [str(error)]
+    return [printable(p) for p in problems]
 
 
-def _check_shards(location: Location, manifest: StoreManifest) -> list[str]:
-    """Every sample of every tar shard decodes, with θ and each array of the manifest's shape, once per sample."""
-    problems, seen = [], 0
-    shapes = {name: (manifest.views, *shape) for name, (shape, _) in array_paths(manifest.content).items()}
-    for rel in sorted(f.path for f in manifest.files if f.path.startswith(SHARDS_DIR + "/")):
+def _check_shards(store: ReinforcedStore, usable: np.ndarray) -> list[str]:
+    """Every shard the layout implies is listed, and holds exactly its unit's usable samples, each as the one
+    decoder every reader uses (``stores.wds.read_shard``) accepts it."""
+    location, manifest = store.location, store.manifest
+    problems, seen = [], []
+    listed = set(store.shards)
+    units = -(-manifest.num_samples // manifest.layout["unit_samples"])
+    problems += [f"{location.where(shard_path(u))}: missing from the manifest" for u in range(units)
+                 if shard_path(u) not in listed]
+    for rel in sorted(listed):
         try:
-            for sample in read_shard(location, rel):
-                seen += 1
-                arrays = sample_arrays(sample, manifest.content, list(manifest.content.targets))
-                found = {THETA: arrays[THETA].shape, **{f"{t}/{a}": v.shape for t in manifest.content.targets
-                                                        for a, v in arrays[t].items()}}
-                if found != shapes:
-                    problems.append(f"{location.where(rel)}: sample {sample['__key__']} has shapes {found}, "
-                                    f"manifest says {shapes}")
-        except (StoreCorruptError, KeyError) as error:
-            problems.append(f"{location.where(rel)}: {error}")
-    if not problems and seen != manifest.summary["ok"]:
-        problems.append(f"{location.where(SHARDS_DIR)}: {seen} samples, manifest says {manifest.summary['ok']} ok")
+            for sample in read_shard(location, rel, manifest):
+                seen.append(sample.index)
+                problem = _image_problem(sample)
+                if problem:
+                    problems.append(f"{location.where(rel)}: sample {sample.index}: {problem}")
+        except StoreCorruptError as error:
+            problems.append(str(error))
+    if not problems and seen != np.flatnonzero(usable).tolist():
+        extra = sorted(set(seen) - set(np.flatnonzero(usable).tolist()))
+        problems.append(f"{location.where(SHARDS_DIR)}: {len(seen)} samples, {int(usable.sum())} ok in "
+                        f"{SAMPLES_FILE}" + (f"; samples {extra[:5]} are not ok there" if extra else ""))
     return problems
 
 
+def _image_problem(sample: ShardSample) -> str | None:
+    """Why the sample's image would fail training's decode, or differs from the header's size; None if fine."""
+    try:
+        with Image.open(io.BytesIO(sample.image)) as image:  # PIL refuses decompression bombs (MAX_IMAGE_PIXELS)
+            image.load()
+            size = image.size
+    except (OSError, ValueError, Image.DecompressionBombError, SyntaxError) as error:
+        return f"image.{sample.extension} does not decode ({type(error).__name__})"
+    if size != (sample.width, sample.height):
+        return f"image is {size[0]}x{size[1]}, header says {sample.width}x{sample.height}"
+    return None
+
+
 def _check_files(location: Location, manifest: StoreManifest) -> list[str]:
+    """Sizes and sha256 of every listed file, and no file the manifest does not cover."""
     problems = []
     sizes = location.file_sizes()
     for record in manifest.files:
@@ -125,29 +160,29 @@ def _check_files(location: Location, manifest: StoreManifest) -> list[str]:
             problems.append(f"{where}: {sizes[record.path]} bytes, manifest says {record.bytes}")
         elif location.sha256(record.path) != record.sha256:
             problems.append(f"{where}: sha256 differs from the manifest")
+    listed = {record.path for record in manifest.files} | {MANIFEST}
+    problems += [f"{location.where(rel)}: not in the manifest (no checksum covers it)" for rel in sorted(sizes)
+                 if rel not in listed]
     return problems
 
 
-def _check_arrays(location: Location, manifest: StoreManifest) -> list[str]:
-    """Shapes against the manifest, then a decode of every chunk, one store unit at a time."""
+def _check_arrays(store: ReinforcedStore, usable: np.ndarray) -> list[str]:
+    """Every shard the layout implies listed, then every chunk read as training reads it (``store.chunk``:
+    metadata against the manifest, decode, codec ranges of the usable samples)."""
     problems = []
-    group = zarr.open_group(location.zarr_store(ARRAYS_DIR, read_only=True), mode="r", use_consolidated=True)
-    unit = manifest.layout["unit_samples"]
-    for name, (per_view_shape, dtype) in array_paths(manifest.content).items():
-        where = location.where(f"{ARRAYS_DIR}/{name}")
-        try:
-            array = group[name]
-        except KeyError:
-            problems.append(f"{where}: array missing")
+    manifest = store.manifest
+    check_zarr_metadata(store.location, manifest)
+    chunks = -(-manifest.num_samples // manifest.layout["chunk_samples"])
+    listed = {record.path for record in manifest.files}
+    for name in array_paths(manifest.content):
+        shards = sorted({store.shard_file(name, c) for c in range(chunks)} - listed)
+        if shards:
+            problems.append(f"{store.location.where(shards[0])}: missing from the manifest, with {len(shards) - 1} "
+                            "more shards of this array (it would read as zeros)")
             continue
-        expected = (manifest.num_samples, manifest.views, *per_view_shape)
-        if tuple(array.shape) != expected or array.dtype != dtype:
-            problems.append(f"{where}: shape {tuple(array.shape)} {array.dtype}, manifest says {expected} {dtype}")
-            continue
-        for start in range(0, manifest.num_samples, unit):
+        for c in range(chunks):
             try:
-                array[start: start + unit]
-            except Exception as error:  # codec-specific errors (crc, blosc): report the shard instead
-                problems.append(f"{where}: samples {start}..{min(start + unit, manifest.num_samples) - 1} "
-                                f"do not decode ({type(error).__name__}: {error})")
+                store.chunk(name, c)
+            except StoreCorruptError as error:
+                problems.append(str(error))
     return problems

@@ -12,6 +12,8 @@ Shard u holds the usable (status ok) samples of unit u, each as the tar members
                                parsing a tar member costs as much as decoding a small image
 
 Members are plain ``.npy``/``.json``/image files, so plain ``webdataset`` reads them with ``WDS_SECURE=1``.
+This library reads them with its own decoder (``read_shard``): only these members, checked against the
+manifest, never webdataset's pickle or gunzip handlers, whatever ``WDS_SECURE`` says.
 ``WdsWriter`` follows ``StoreWriter``'s create / write_unit / finalize protocol (a unit is one shard: resumable,
 rank-split); ``export_wds`` copies a zarr store. Like the rest of ``stores``, nothing here knows images or
 augmentation: image bytes come from a ``load_bytes(index) -> (bytes, extension)`` callable.
@@ -22,26 +24,36 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import os
+import re
 import tarfile
 from collections.abc import Callable, Collection, Iterator
 from typing import Any
 
 import numpy as np
 import webdataset as wds
-from webdataset.autodecode import Decoder
-from webdataset.tariterators import group_by_keys, tar_file_expander
 
+from stores.codecs import create_codec
 from stores.location import Location
 from stores.manifest import WDS_FORMAT, StoreContent, StoreManifest
 from stores.store import MANIFEST, SHARDS_DIR, THETA, ReinforcedStore, StoreCorruptError, StoreWriter, array_paths
+from stores.untrusted import UntrustedInputError, load_json, printable
 
-__all__ = ["WdsWriter", "export_wds", "read_shard", "sample_arrays"]
+__all__ = ["ShardSample", "WdsWriter", "export_wds", "read_shard"]
 
 LoadBytes = Callable[[int], tuple[bytes, str]]
 HEADER_FIELDS = ("index", "key", "uri", "height", "width")
-_DECODE = Decoder([])  # webdataset's basic handlers: .npy without pickle, .json; image bytes stay bytes
+MAX_HEADER_BYTES = 64 << 10
+MAX_IMAGE_BYTES = 256 << 20
+NPY_HEADER_BYTES = 4096  # a .npy header is 64..~200 bytes; more is not an array of ours
+MAX_DIM = 1 << 20  # image height and width
+_SHARD_NAME = re.compile(rf"{SHARDS_DIR}/shard-(\d{{6}})\.tar")
+_MEMBER_NAME = re.compile(r"(?P<key>\d{9})\.(?P<part>header\.json|image\.[a-z0-9]{1,8}|[A-Za-z0-9_]{1,64}\.npy)")
+_TAR_TYPES = {tarfile.SYMTYPE: "symbolic link", tarfile.LNKTYPE: "hard link", tarfile.DIRTYPE: "directory",
+              tarfile.CHRTYPE: "device", tarfile.BLKTYPE: "device", tarfile.FIFOTYPE: "FIFO",
+              tarfile.GNUTYPE_SPARSE: "sparse file", tarfile.CONTTYPE: "contiguous file"}
 
 
 def shard_path(unit: int) -> str:
@@ -72,37 +84,160 @@ def sample_members(row: dict[str, Any], image: tuple[bytes, str], arrays: dict[s
             f"image.{extension}": data, **members}
 
 
-def sample_arrays(sample: dict[str, Any], content: StoreContent,
-                  targets: tuple[str, ...] | list[str]) -> dict[str, Any]:
-    """A decoded sample's ``{"theta": [K, P], target: {array: [K, ...]}}`` for ``targets`` (the inverse of
-    ``sample_members``), in ``ReinforcedStore.read``'s nesting."""
-    return {THETA: sample[_member(THETA)],
-            **{t: {a: sample[_member(t)][a] for a in content.targets[t].arrays} for t in targets}}
+@dataclasses.dataclass(frozen=True)
+class ShardSample:
+    """One sample of a shard as ``read_shard`` decoded and checked it (types, shapes and ranges as the manifest
+    says). ``targets``: ``{target: structured [K]}`` for the targets asked for."""
+
+    index: int
+    key: str
+    uri: str
+    height: int
+    width: int
+    image: bytes
+    extension: str
+    theta: np.ndarray  # uint8 [K, P]
+    targets: dict[str, np.ndarray]
+
+    def stored(self) -> dict[str, Any]:
+        """``{"theta": [K, P], target: {array: [K, ...]}}``, in ``ReinforcedStore.read``'s nesting."""
+        return {THETA: self.theta, **{t: {a: record[a] for a in record.dtype.names} for t, record in
+                                      self.targets.items()}}
 
 
-def image_bytes(sample: dict[str, Any]) -> bytes:
-    """The one ``image.EXT`` member of a sample."""
-    return next(value for key, value in sample.items() if key.startswith("image."))
+def read_shard(location: Location, rel: str, manifest: StoreManifest,
+               targets: Collection[str] | None = None) -> Iterator[ShardSample]:
+    """The samples of shard ``rel``, decoded by the format's own rules and nothing else: a shard is input from
+    someone else, so webdataset's decoders (pickle, ``torch.load``, unbounded gunzip) never see it.
 
-
-def read_shard(location: Location, rel: str, targets: Collection[str] | None = None) -> Iterator[dict[str, Any]]:
-    """The decoded samples of one shard (``.npy`` -> arrays, ``header.json`` -> dict, image bytes kept),
-    through webdataset's tar reader; a truncated or corrupt tar raises ``StoreCorruptError`` naming it.
-
-    ``targets`` limits the ``.npy`` members decoded to θ and those targets': a reader of one target does not
-    parse the others (default: all)."""
+    Only the members the format defines are accepted (``KEY.header.json``, ``KEY.image.EXT``, ``KEY.theta.npy``
+    and one ``KEY.TARGET.npy`` per target of the manifest), each a regular file within its size bound; ``.npy``
+    members load without pickle and must have exactly the manifest's dtype and shape; header fields are typed
+    and the sample index lies in the shard's unit, ascending; every target's values pass its codec's ``check``.
+    Anything else raises one ``StoreCorruptError`` line naming the shard and member. ``targets`` limits the
+    ``.npy`` members decoded to θ and those targets' (default: all; the others are still size-checked)."""
     where = location.where(rel)
-    wanted = None if targets is None else {_member(name) for name in (THETA, *targets)}
+    match = _SHARD_NAME.fullmatch(rel)
+    if match is None:
+        raise StoreCorruptError(f"{printable(where)}: not a shard this format writes ({SHARDS_DIR}/shard-NNNNNN.tar)")
+    reader = _ShardReader(where, manifest, int(match[1]), targets)
     try:
-        with location.open(rel) as stream:
-            for sample in group_by_keys(tar_file_expander([{"url": where, "stream": stream}])):
-                if wanted is not None:
-                    sample = {k: v for k, v in sample.items() if not k.endswith(".npy") or k in wanted}
-                yield _DECODE(sample)
+        with location.open(rel) as stream, tarfile.open(fileobj=stream, mode="r|") as tar:  # "r|": no gunzip
+            yield from reader.samples(tar)
     except (tarfile.TarError, OSError, EOFError, ValueError) as error:
         raise StoreCorruptError(f"{where}: truncated or corrupt tar shard ({type(error).__name__}: "
-                                f"{str(error.args[0]).partition(' @ ')[0] if error.args else error}); "
-                                f"run `python -m stores verify {location.url}`") from None
+                                f"{printable(error)}); run `python -m stores verify {location.url}`") from None
+
+
+class _ShardReader:
+    """The per-shard state of ``read_shard``: expected dtypes, the unit's index span, the sample being read."""
+
+    def __init__(self, where: str, manifest: StoreManifest, unit: int, targets: Collection[str] | None):
+        content = manifest.content
+        self.where, self.num_samples = where, manifest.num_samples
+        span = manifest.layout["unit_samples"]
+        self.span = range(unit * span, min((unit + 1) * span, manifest.num_samples))
+        self.dtypes = {THETA: (np.dtype(np.uint8), (manifest.views, content.policy.record_bytes))}
+        for name, target in content.targets.items():
+            record = np.dtype([(a, np.dtype(spec.dtype), spec.shape) for a, spec in target.arrays.items()])
+            self.dtypes[name] = (record, (manifest.views,))
+        self.decoded = set(self.dtypes) if targets is None else {THETA, *targets}
+        self.codecs = {name: create_codec(**content.targets[name].codec) for name in self.decoded if name != THETA}
+        self.last = -1
+
+    def fail(self, member: str, problem: str) -> StoreCorruptError:
+        return StoreCorruptError(f"{printable(self.where)}: member {printable(member)}: {problem}")
+
+    def samples(self, tar: tarfile.TarFile) -> Iterator[ShardSample]:
+        key, members = None, {}
+        for info in tar:
+            name = info.name
+            if info.type not in (tarfile.REGTYPE, tarfile.AREGTYPE):
+                raise self.fail(name, f"a {_TAR_TYPES.get(info.type, 'special')} member, not a regular file")
+            parsed = _MEMBER_NAME.fullmatch(name)
+            if parsed is None:
+                raise self.fail(name, "not a member this format defines (KEY.header.json, KEY.image.EXT, "
+                                      "KEY.theta.npy, KEY.TARGET.npy)")
+            if parsed["key"] != key:
+                if key is not None:
+                    yield self.sample(key, members)
+                key, members = parsed["key"], {}
+            part = parsed["part"]
+            slot = "image" if part.startswith("image.") else part
+            if slot in members:
+                raise self.fail(name, "a second member of this kind for one sample")
+            members[slot] = (name, self.payload(tar, info, part))
+        if key is not None:
+            yield self.sample(key, members)
+
+    def payload(self, tar: tarfile.TarFile, info: tarfile.TarInfo, part: str) -> bytes | None:
+        """The member's bytes after its declared size is checked (None: a target not decoded, left unread)."""
+        name = part.removesuffix(".npy")
+        if part == "header.json":
+            limit = MAX_HEADER_BYTES
+        elif part.startswith("image."):
+            limit = MAX_IMAGE_BYTES
+        elif name not in self.dtypes:
+            raise self.fail(info.name, f"target {name!r} is not in the manifest")
+        else:
+            dtype, shape = self.dtypes[name]
+            limit = NPY_HEADER_BYTES + dtype.itemsize * int(np.prod(shape))
+        if info.size > limit:
+            raise self.fail(info.name, f"{info.size} bytes, more than this member may hold ({limit})")
+        if part.endswith(".npy") and name not in self.decoded:
+            return None
+        data = tar.extractfile(info).read()
+        if len(data) != info.size:
+            raise self.fail(info.name, "cut short")
+        return data
+
+    def sample(self, key: str, members: dict[str, tuple[str, bytes | None]]) -> ShardSample:
+        """One sample's members -> a checked ``ShardSample``."""
+        missing = sorted({"header.json", "image", *(f"{n}.npy" for n in self.dtypes)} - set(members))
+        if missing:
+            raise self.fail(f"{key}.*", f"sample has no {', '.join(missing)} member")
+        header = self.header(key, *members["header.json"])
+        arrays = {name: self.array(*members[f"{name}.npy"], name) for name in self.decoded}
+        for name, codec in self.codecs.items():
+            for field in arrays[name].dtype.names:
+                try:
+                    codec.check(field, arrays[name][field])
+                except ValueError as error:
+                    raise self.fail(members[f"{name}.npy"][0], f"{name}/{error}") from None
+        image_name, image = members["image"]
+        return ShardSample(**header, image=image, extension=image_name.rpartition(".")[2], theta=arrays.pop(THETA),
+                           targets=arrays)
+
+    def header(self, key: str, member: str, data: bytes) -> dict[str, Any]:
+        try:
+            header = load_json(data, max_bytes=MAX_HEADER_BYTES, max_depth=1, where=member)
+        except UntrustedInputError as error:
+            raise self.fail(member, str(error).partition(": ")[2]) from None
+        if not isinstance(header, dict) or sorted(header) != sorted(HEADER_FIELDS):
+            raise self.fail(member, f"header must be an object with exactly {', '.join(HEADER_FIELDS)}")
+        for field, kind in (("index", int), ("key", str), ("uri", str), ("height", int), ("width", int)):
+            value = header[field]
+            if isinstance(value, bool) or not isinstance(value, kind):
+                raise self.fail(member, f"header {field} must be {kind.__name__}, got {printable(repr(value))[:40]}")
+        index = header["index"]
+        if index not in self.span or index != int(key) or index <= self.last:
+            raise self.fail(member, f"sample index {index} is not the member's key, ascending within this shard's "
+                                    f"samples {self.span.start}..{self.span.stop - 1}")
+        if not (1 <= header["height"] <= MAX_DIM and 1 <= header["width"] <= MAX_DIM):
+            raise self.fail(member, f"header height, width {header['height']}, {header['width']} out of range")
+        self.last = index
+        return header
+
+    def array(self, member: str, data: bytes, name: str) -> np.ndarray:
+        dtype, shape = self.dtypes[name]
+        try:
+            array = np.load(io.BytesIO(data), allow_pickle=False)
+        except (ValueError, OSError, EOFError) as error:  # object arrays need pickle: refused here
+            raise self.fail(member, f"not a plain .npy array ({printable(error)})") from None
+        if not isinstance(array, np.ndarray) or array.dtype != dtype or array.shape != shape:
+            found = (array.dtype, array.shape) if isinstance(array, np.ndarray) else type(array).__name__
+            raise self.fail(member, f"{found} where the manifest says {dtype} {shape}")
+        return array
 
 
 class WdsWriter(StoreWriter):

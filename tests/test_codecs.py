@@ -79,6 +79,16 @@ def test_every_registered_codec_keeps_its_contract(outputs, name):
     assert codec.bytes_per_view == sum(a[0].nbytes for a in payload.values())
     decoded = codec.decode({array: torch.from_numpy(a) for array, a in payload.items()})
     assert decoded.dtype == torch.float32 and decoded.shape[0] == len(x)
+    for array, values in payload.items():  # what it writes passes what readers check; NaN never does
+        codec.check(array, values)
+        if values.dtype.kind == "f":
+            with pytest.raises(ValueError, match="NaN or infinite"):
+                codec.check(array, np.full_like(values, np.nan))
+    if "index" in payload:  # a class index the codec cannot hold is refused, not scattered out of range
+        wrong = payload["index"].astype(np.int64)
+        wrong[..., 0] = args["num_classes"]
+        with pytest.raises(ValueError, match=rf"outside \[0, {args['num_classes']}\)"):
+            codec.check("index", wrong)
 
 
 def test_codec_errors_name_what_is_valid():

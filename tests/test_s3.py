@@ -125,7 +125,7 @@ def test_killed_build_on_s3_publishes_nothing_then_resumes(s3, lite0_teacher):
     assert not Location(url).exists(), "a killed build left objects under the final URL"
     assert json.loads(run("stores", "ls", "s3://stores/killed", "--json", env=env).stdout) == []
     missing = run("stores", "verify", url, env=env, check=False)
-    assert missing.returncode == 1 and url in missing.stderr and len(missing.stderr.strip().splitlines()) == 1
+    assert missing.returncode == 2 and url in missing.stderr and len(missing.stderr.strip().splitlines()) == 1
     run("reinforce.build", *build_args(lite0_teacher[2], url), env=env)
     assert "checksums and every chunk verified" in run("stores", "verify", url, env=env).stdout
 
@@ -138,7 +138,7 @@ def test_deleted_shard_and_missing_store_are_named(s3, lite0_teacher, tmp_path):
     shard = "targets.zarr/logits/values/c/1/0/0"
     Location(url).remove(shard)
     verify = run("stores", "verify", url, env=env, check=False)
-    assert verify.returncode == 1 and f"{url}/{shard}: missing" in verify.stderr
+    assert verify.returncode == 2 and f"{url}/{shard}: missing" in verify.stderr
     distill = run("train.distill", "--store", url, "--student", "mobilenetv3_small_050", "--out", str(tmp_path / "s"),
                   env=env, check=False)
     assert distill.returncode == 2 and f"{url}/{shard}" in distill.stderr
@@ -146,7 +146,7 @@ def test_deleted_shard_and_missing_store_are_named(s3, lite0_teacher, tmp_path):
     nowhere = run("train.distill", "--store", "s3://stores/nowhere", "--student", "mobilenetv3_small_050",
                   "--out", str(tmp_path / "n"), env=env, check=False)
     assert nowhere.returncode == 2 and "no reinforced store at 's3://stores/nowhere'" in nowhere.stderr
-    assert stores_main(["verify", "s3://stores/nowhere"]) == 1
+    assert stores_main(["verify", "s3://stores/nowhere"]) == 2
 
 
 def test_one_writer_per_store_on_s3(s3):

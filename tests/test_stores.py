@@ -74,7 +74,7 @@ def test_v1_store_is_refused_in_one_line(tmp_path, capsys):
     result = subprocess.run([sys.executable, "-m", "stores", "inspect", str(store)], capture_output=True, text=True)
     assert result.returncode == 2 and result.stdout == ""  # an error, one line (stores.cli)
     assert result.stderr.splitlines() == [f"stores inspect: error: {message}"]
-    assert stores_main(["verify", str(store)]) == 1
+    assert stores_main(["verify", str(store)]) == 2
     assert capsys.readouterr().err.splitlines() == [f"stores verify: {message}"]
 
 
@@ -107,7 +107,7 @@ def test_file_path_leaving_the_store_is_refused(tiny_store, path, capsys):
     edit_manifest(tiny_store, point_outside)
     with pytest.raises(StoreFormatError, match=re.escape(f"path '{path}' leaves the store")):
         open_store(tiny_store)
-    assert stores_main(["verify", str(tiny_store)]) == 1
+    assert stores_main(["verify", str(tiny_store)]) == 2
     assert f"'{path}' leaves the store" in capsys.readouterr().err
 
 
