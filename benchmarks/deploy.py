@@ -5,12 +5,17 @@ side in one run: the exported student under onnxruntime (fp32, and int8 unless `
 against the teacher (the embedded Lite0 at the default recipe's 64 px, with a 10-way head) in torch and
 under onnxruntime, every model fed real Fashion-MNIST eval views at its own input size, with the same number
 of threads. Each round times every variant in turn (interleaved, after a warm-up): batch-1 latency is the
-median of ``--calls`` single-image calls, throughput the median of ``--calls`` batches; the medians over
-rounds are printed with the teacher-torch / student ratios. Weights do not change speed, so without
-``--student`` a fresh student of the default architecture is exported; nothing is trained.
+median of ``--calls`` single-image calls, throughput the median of ``--calls // 4`` batches. Every ratio is
+taken within a round (both sides timed back to back) and printed as min-median-max over the rounds; the
+like-for-like ratio (student and teacher both exported, onnxruntime fp32) comes first, then the student vs
+the teacher in torch. The output starts with what the machine was doing: CPU count, usable CPUs, the thread
+setting, the load average before and after, the date; quote a ratio with that state. Weights do not change
+speed, so without ``--student`` a fresh student of the demo's architecture (``mobilenetv3_small_050`` at
+32 px) is exported; nothing is trained. About 15 s on 2 cores at the example's sizes.
 
-Example:
+How to run (from the repository root, after ``make data``):
     python benchmarks/deploy.py --threads 2 --rounds 5 --calls 50 --batch-size 32
+    python benchmarks/deploy.py --student runs/student --threads 2     # a trained student directory
 """
 
 from __future__ import annotations
