@@ -28,7 +28,7 @@ THUMBNAIL = 40  # canonical grayscale thumbnail side (px), stored uint8: crops o
 COARSE, FINE = 16, 32  # compared sides: candidate search, then the crop-aware check
 CANDIDATES = 10  # task images checked per query in the fine stage
 CROP_FRACTIONS = (0.0, 1 / 28, 2 / 28)  # cut from each side of a task image: 81 crops
-NEAR_COPY_THRESHOLD = 0.985  # default correlation threshold; chosen on validation plants (benchmarks/decontam.py)
+NEAR_COPY_THRESHOLD = 0.9925  # default correlation threshold; chosen on validation plants (benchmarks/decontam.py)
 BLOCK = 32  # queries per fine-stage tile: BLOCK x CANDIDATES x 81 x FINE² floats
 
 
@@ -69,9 +69,10 @@ def _plain(thumbs: torch.Tensor, side: int) -> torch.Tensor:
     return _normalise(small.reshape(len(thumbs), -1))
 
 
-def _crops(thumbs: torch.Tensor) -> torch.Tensor:
-    """float32 ``[N, 81, FINE²]`` normalised rows of every crop of ``CROP_FRACTIONS`` per side, resized to FINE."""
-    cuts = torch.tensor(list(itertools.product(CROP_FRACTIONS, repeat=4))) * THUMBNAIL  # left, top, right, bottom
+def _crops(thumbs: torch.Tensor, fractions: tuple[float, ...] = CROP_FRACTIONS) -> torch.Tensor:
+    """float32 ``[N, V, FINE²]`` normalised rows of every crop cutting one of ``fractions`` from each side (V =
+    len(fractions)⁴), resized to FINE by one resampler, so the uncropped view of a copy matches its original's."""
+    cuts = torch.tensor(list(itertools.product(fractions, repeat=4))) * THUMBNAIL  # left, top, right, bottom
     boxes = torch.stack([cuts[:, 0], cuts[:, 1], THUMBNAIL - cuts[:, 2], THUMBNAIL - cuts[:, 3]], dim=1)
     rois = torch.cat([torch.arange(len(thumbs)).repeat_interleave(len(boxes))[:, None].float(),
                       boxes.repeat(len(thumbs), 1)], dim=1)
@@ -94,7 +95,7 @@ def nearest_copies(queries: torch.Tensor, query_ok: np.ndarray, task: torch.Tens
         block = queries[start: start + BLOCK]
         candidates = (_plain(block, COARSE) @ coarse.T).topk(k, dim=1).indices  # [B, k]
         crops = _crops(task[candidates.reshape(-1)]).reshape(len(block), k, -1, FINE * FINE)
-        scores = torch.einsum("bp,bkvp->bkv", _plain(block, FINE), crops).amax(dim=2)  # [B, k]
+        scores = torch.einsum("bp,bkvp->bkv", _crops(block, (0.0,))[:, 0], crops).amax(dim=2)  # [B, k]
         best = scores.argmax(dim=1)
         corr[start: start + len(block)] = scores.gather(1, best[:, None])[:, 0].numpy()
         rows[start: start + len(block)] = valid[candidates.gather(1, best[:, None])[:, 0].numpy()]
