@@ -353,6 +353,7 @@ def test_resized_jpeg_copies_of_test_images_never_reach_the_retrieved_set(capsys
     assert not flags[distinct] and all(flags[u] for u in planted)
     assert retrieve_main([*common, *everything, "--no-near-copy", "--out", str(tmp_path / "emb.parquet")]) == 0
     by_embedding = dict(pl.read_parquet(tmp_path / "emb.parquet").select(["uri", "leak"]).iter_rows())
+    assert not all(by_embedding[u] for u in planted)  # the case the pixel check exists for: embedding alone misses
     capsys.readouterr()
     with capsys.disabled():
         print(f"\nresized JPEG plants caught: pixels + embedding {sum(flags[u] for u in planted)}/{len(planted)}, "
