@@ -13,7 +13,9 @@ no encoder over the gallery; an encoder whose stores disagree in width is refuse
 Similarity is the mean of the encoders' cosine similarities (B.2). Retrieved source images more similar than 0.99
 to each other are duplicates (one kept per union-find group, B.3); those more similar than 0.95 to any ``--exclude``
 task image under any encoder are possible leaks (B.4: removed unless ``--keep-leaks``, and listed in
-``OUT.report.json`` with their 5 nearest task images for a visual check). Removed items are replaced by searching
+``OUT.report.json`` with their 5 nearest task images for a visual check), as are those whose grayscale thumbnail
+correlates above ``--near-copy-threshold`` with a task image (``reinforce.nearcopy``: resized, re-encoded copies an
+encoder misses; ``--no-near-copy`` skips it). Removed items are replaced by searching
 again, so the manifest holds exactly ``--size`` crops (``--with-queries`` appends the query images, as the paper
 does); ``reinforce.build --transfer-set OUT`` builds on the crops. ``--index flat`` is faiss's exact search, run as
 ``--index torch`` (exact blockwise matmul + top-k, fp16 with fp32 scores) where the encoders run on CUDA, since
