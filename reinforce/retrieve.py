@@ -13,7 +13,9 @@ no encoder over the gallery; an encoder whose stores disagree in width is refuse
 Similarity is the mean of the encoders' cosine similarities (B.2). Retrieved source images more similar than 0.99
 to each other are duplicates (one kept per union-find group, B.3); those more similar than 0.95 to any ``--exclude``
 task image under any encoder are possible leaks (B.4: removed unless ``--keep-leaks``, and listed in
-``OUT.report.json`` with their 5 nearest task images for a visual check). Removed items are replaced by searching
+``OUT.report.json`` with their 5 nearest task images for a visual check), as are those whose grayscale thumbnail
+correlates above ``--near-copy-threshold`` with a task image (``reinforce.nearcopy``: resized, re-encoded copies an
+encoder misses; ``--no-near-copy`` skips it). Removed items are replaced by searching
 again, so the manifest holds exactly ``--size`` crops (``--with-queries`` appends the query images, as the paper
 does); ``reinforce.build --transfer-set OUT`` builds on the crops. ``--index flat`` is faiss's exact search, run as
 ``--index torch`` (exact blockwise matmul + top-k, fp16 with fp32 scores) where the encoders run on CUDA, since
@@ -55,6 +57,7 @@ from reinforce._search import (
 )
 from reinforce.augment import CropFlip, create_policy
 from reinforce.build import BuildConfig, build, make_codecs, store_content
+from reinforce.nearcopy import NEAR_COPY_THRESHOLD, nearest_copies, thumbnails
 from reinforce.sources import Source, open_source
 from reinforce.teachers import TeacherModel, create_teacher, embedded_imagenet_teacher
 from stores.cli import cli_errors, debug_flag
@@ -94,6 +97,8 @@ class RetrieveConfig:
     nprobe: int = 16
     duplicate_threshold: float = 0.99
     leak_threshold: float = 0.95
+    near_copy: bool = True  # also flag a leak by pixels: thumbnail correlation with a task image (reinforce.nearcopy)
+    near_copy_threshold: float = NEAR_COPY_THRESHOLD
     keep_leaks: bool = False
     with_queries: bool = False  # append the query images (their centre crops) to the manifest, as the paper does
     cache: str | None = None  # embedding stores; default OUT's folder/retrieval-cache
@@ -220,6 +225,8 @@ class Cleaning:
     parent: np.ndarray  # int64 [images]: union-find over duplicate pairs, rooted at the smallest index
     # image -> its NEAREST_TASK nearest task images as (similarity, task row), best first
     nearest_task: dict[int, list[tuple[float, int]]] = dataclasses.field(default_factory=dict)
+    # image -> its best thumbnail correlation with a task image and that task row (reinforce.nearcopy)
+    near_copy: dict[int, tuple[float, int]] = dataclasses.field(default_factory=dict)
     duplicates: set[int] = dataclasses.field(default_factory=set)
     leaks: set[int] = dataclasses.field(default_factory=set)
 
@@ -234,14 +241,19 @@ class Cleaning:
 
 
 def clean(cleaning: Cleaning, chosen: np.ndarray, images: Embedded, task: MaxSimilarity | None,
-          config: RetrieveConfig) -> np.ndarray:
-    """Flag leaks among the ``chosen`` source images (max per-encoder similarity to a task image, B.4) and group
-    their duplicates (mean similarity, B.3); returns the images to remove now."""
+          task_thumbs: tuple[torch.Tensor, np.ndarray] | None, config: RetrieveConfig) -> np.ndarray:
+    """Flag leaks among the ``chosen`` source images (max per-encoder similarity to a task image, B.4, or a
+    thumbnail correlation above ``near_copy_threshold``) and group their duplicates (mean similarity, B.3); returns
+    the images to remove now."""
     fresh = [i for i in chosen.tolist() if i not in cleaning.nearest_task]
     if task is not None and fresh:
         sims, rows = task.nearest([v[fresh, 0] for v in images.per_encoder], NEAREST_TASK)
         cleaning.nearest_task.update(zip(fresh, (list(zip(s, r)) for s, r in zip(sims.tolist(), rows.tolist()))))
-    leaks = {i for i in chosen.tolist() if cleaning.nearest_task.get(i, [(-1.0, -1)])[0][0] > config.leak_threshold}
+    if task_thumbs is not None and fresh:
+        corr, rows = nearest_copies(*thumbnails(images.source, np.array(fresh)), *task_thumbs)
+        cleaning.near_copy.update(zip(fresh, zip(corr.tolist(), rows.tolist())))
+    leaks = {i for i in chosen.tolist() if cleaning.nearest_task.get(i, [(-1.0, -1)])[0][0] > config.leak_threshold
+             or (config.near_copy and cleaning.near_copy.get(i, (-1.0, -1))[0] > config.near_copy_threshold)}
     cleaning.leaks |= leaks
     kept = np.array(sorted(set(chosen.tolist()) - (set() if config.keep_leaks else leaks)), np.int64)
     for a, b in kept[similar_pairs(images.vectors[kept, 0], config.duplicate_threshold)].tolist():
@@ -274,10 +286,11 @@ def retrieve(config: RetrieveConfig) -> Retrieval:
     index = make_index(items, search_kind(config.index), nprobe=config.nprobe, seed=config.seed)
     allowed = np.linalg.norm(items, axis=1) > 0  # a gallery image that failed to decode has zero vectors
     cleaning = Cleaning(np.arange(len(gallery.source)))
+    task_thumbs = _task_thumbnails(tasks) if tasks and config.near_copy else None
     rng = np.random.default_rng(config.seed)
     while True:
         chosen = select(config.strategy, index, items, queries.vectors[:, 0], allowed, config.size, rng)
-        removed = clean(cleaning, np.unique(chosen.items // views), images, task, config)
+        removed = clean(cleaning, np.unique(chosen.items // views), images, task, task_thumbs, config)
         if not len(removed):
             break
         allowed.reshape(-1, views)[removed] = False
@@ -285,6 +298,12 @@ def retrieve(config: RetrieveConfig) -> Retrieval:
     _write_manifest(config.out, chosen, views, gallery, cleaning, queries if config.with_queries else None)
     Path(config.out).with_suffix(".report.json").write_text(json.dumps(report, indent=1))
     return Retrieval(config.out, report)
+
+
+def _task_thumbnails(tasks: list[Embedded]) -> tuple[torch.Tensor, np.ndarray]:
+    """Near-copy thumbnails of every task image, in ``MaxSimilarity``'s row order, and which decoded."""
+    parts = [thumbnails(t.source) for t in tasks]
+    return torch.cat([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
 
 
 def search_kind(index: str) -> str:
@@ -329,6 +348,7 @@ def _report(config: RetrieveConfig, chosen: Selection, cleaning: Cleaning, galle
     task_rows = [(t.source.spec, str(t.source.uris[i])) for t in tasks for i in range(len(t.source))]
     leaks = [{"gallery_index": i, "gallery_uri": str(gallery.source.uris[i]), "similarity": nearest[0][0],
               "task_spec": task_rows[nearest[0][1]][0], "task_uri": task_rows[nearest[0][1]][1],
+              **_near_copy_record(cleaning.near_copy.get(i), task_rows),
               "nearest_task_images": [{"similarity": sim, "task_spec": task_rows[row][0], "task_uri": task_rows[row][1]}
                                       for sim, row in nearest]}
              for i, nearest in sorted(cleaning.nearest_task.items()) if i in cleaning.leaks]
@@ -340,6 +360,14 @@ def _report(config: RetrieveConfig, chosen: Selection, cleaning: Cleaning, galle
             "images": len(np.unique(chosen.items // (config.crops if config.level == "crop" else 1))),
             "duplicates_removed": len(duplicates), "duplicates": duplicates,
             "leaks_found": len(leaks), "leaks_removed": 0 if config.keep_leaks else len(leaks), "leaks": leaks}
+
+
+def _near_copy_record(found: tuple[float, int] | None, task_rows: list[tuple[str, str]]) -> dict[str, Any]:
+    """A leak's pixel-level evidence: its best thumbnail correlation with a task image, and which one."""
+    if found is None or found[1] < 0:
+        return {}
+    spec, uri = task_rows[found[1]]
+    return {"near_copy": {"correlation": found[0], "task_spec": spec, "task_uri": uri}}
 
 
 def _write_manifest(out: str, chosen: Selection, views: int, gallery: Embedded, cleaning: Cleaning,
@@ -404,6 +432,12 @@ def parse_args(argv: list[str] | None = None) -> tuple[RetrieveConfig, bool]:
     parser.add_argument("--nprobe", type=int, default=defaults.nprobe, help="IVF lists searched per query (ivfpq)")
     parser.add_argument("--duplicate-threshold", type=float, default=defaults.duplicate_threshold)
     parser.add_argument("--leak-threshold", type=float, default=defaults.leak_threshold)
+    parser.add_argument("--near-copy-threshold", type=float, default=defaults.near_copy_threshold,
+                        help="pixel-level leak check: a gallery image whose canonical grayscale thumbnail correlates "
+                             "above this with a (slightly cropped) --exclude image is a leak too (reinforce.nearcopy; "
+                             "chosen on validation plants, docs/retrieval.md)")
+    parser.add_argument("--no-near-copy", dest="near_copy", action="store_false",
+                        help="judge leaks by embedding similarity only")
     parser.add_argument("--cache", default=None, help="embedding stores (default: OUT's folder/retrieval-cache)")
     parser.add_argument("--encoder-size", type=int, default=defaults.encoder_size, help="input size of 'embedded'")
     parser.add_argument("--batch-size", type=int, default=defaults.batch_size, help="encoder batch, in crops")

@@ -315,3 +315,47 @@ def test_retrieved_manifest_builds_and_replays_the_retrieved_crops(gallery, retr
         decoded = store.decode("embedding", stored["embedding"])[0]
         torch.testing.assert_close(decoded, embedding.half().float(), rtol=0, atol=2e-2)
     assert changed > len(batch["index"]) / 2, "the crops' RandAugment ops were not rendered"
+
+
+def save_small_jpeg(image: torch.Tensor, path: Path) -> str:
+    """The issue's leak: a 28 px image resized to 40 px and saved as JPEG at quality 85."""
+    Image.fromarray(image[0].numpy()).resize((40, 40), Image.Resampling.BICUBIC).save(path, quality=85)
+    return str(path)
+
+
+def test_resized_jpeg_copies_of_test_images_never_reach_the_retrieved_set(capsys, vfm_home, tmp_path):
+    """Through the CLI, image level: 10 test images planted as 40 px JPEGs (q85) in a real gallery are all removed as
+    leaks, each with its original as pixel evidence; a distinct train image of the same class, treated alike, stays.
+    Also runs the embedding-only check (--no-near-copy) on the same gallery and prints what it catches."""
+    test, train = open_source(TASK), open_source("fashion-mnist:train?limit=2000")
+    planted = {save_small_jpeg(test.load(i), tmp_path / f"test{i}.jpg"): str(test.uris[i]) for i in range(10)}
+    same_class = int(np.flatnonzero(train.labels == test.labels[0])[0])
+    distinct = save_small_jpeg(train.load(same_class), tmp_path / "distinct.jpg")
+    uris = [*open_source(IN_DOMAIN).uris[:60].tolist(), *open_source("skimage:photos").uris.tolist(), distinct,
+            *planted]
+    spec = str(tmp_path / "gallery.parquet")
+    pl.DataFrame({"uri": uris}).write_parquet(spec)
+    common = ["--queries", QUERIES, "--gallery", spec, "--level", "image", "--exclude", TASK, "--workers", "0",
+              "--strategy", "random", "--cache", str(tmp_path / "cache")]
+    size = len(uris) - len(planted) - 3  # room for a few flagged look-alikes without running out of gallery
+    assert retrieve_main([*common, "--size", str(size), "--out", str(tmp_path / "clean.parquet")]) == 0
+    frame = pl.read_parquet(tmp_path / "clean.parquet")
+    report = json.loads((tmp_path / "clean.report.json").read_text())
+    assert not set(frame["uri"].to_list()) & set(planted)
+    leaks = {leak["gallery_uri"]: leak for leak in report["leaks"]}
+    assert set(planted) <= set(leaks) and report["leaks_removed"] == len(leaks)
+    for uri, original in planted.items():
+        assert leaks[uri]["near_copy"]["task_uri"] == original
+    assert distinct not in leaks
+    everything = ["--size", str(len(uris)), "--keep-leaks"]
+    assert retrieve_main([*common, *everything, "--out", str(tmp_path / "all.parquet")]) == 0
+    flags = dict(pl.read_parquet(tmp_path / "all.parquet").select(["uri", "leak"]).iter_rows())
+    assert not flags[distinct] and all(flags[u] for u in planted)
+    assert retrieve_main([*common, *everything, "--no-near-copy", "--out", str(tmp_path / "emb.parquet")]) == 0
+    by_embedding = dict(pl.read_parquet(tmp_path / "emb.parquet").select(["uri", "leak"]).iter_rows())
+    assert not all(by_embedding[u] for u in planted)  # the case the pixel check exists for: embedding alone misses
+    capsys.readouterr()
+    with capsys.disabled():
+        print(f"\nresized JPEG plants caught: pixels + embedding {sum(flags[u] for u in planted)}/{len(planted)}, "
+              f"embedding only {sum(by_embedding[u] for u in planted)}/{len(planted)}; distinct look-alike flagged "
+              f"{flags[distinct]}")
