@@ -43,7 +43,7 @@ from reinforce.progress import progress_bar
 from reinforce.sources import Source, open_source
 from reinforce.teachers import TeacherCard, TeacherModel, create_teacher
 from stores.catalog import find_store
-from stores.cli import cli_errors, debug_flag
+from stores.cli_errors import cli_errors, debug_flag
 from stores.codecs import (
     Codec,
     EmbeddingCodec,

@@ -57,7 +57,7 @@ from reinforce.augment import CropFlip, create_policy
 from reinforce.build import BuildConfig, build, make_codecs, store_content
 from reinforce.sources import Source, open_source
 from reinforce.teachers import TeacherModel, create_teacher, embedded_imagenet_teacher
-from stores.cli import cli_errors, debug_flag
+from stores.cli_errors import cli_errors, debug_flag
 from stores.manifest import TeacherCard, content_id
 from stores.store import THETA, open_store
 

@@ -10,7 +10,7 @@ import json
 import sys
 
 from stores.catalog import list_stores, publish_store
-from stores.cli import cli_errors, debug_flag
+from stores.cli_errors import cli_errors, debug_flag
 from stores.codecs import create_codec
 from stores.compare import compare_stores
 from stores.manifest import STORE_ID_PROMISE

@@ -21,7 +21,7 @@ from typing import Any
 
 from reinforce.layout import read_card, read_lineage, read_task_fields
 from reinforce.teachers import read_teacher_card
-from stores.cli import cli_errors, debug_flag
+from stores.cli_errors import cli_errors, debug_flag
 from stores.store import open_store
 
 __all__ = ["main", "render_card"]

@@ -20,7 +20,7 @@ from pathlib import Path
 from reinforce.layout import LAYOUT_VERSION
 from reinforce.teachers import TeacherCard, TeacherModel, create_backbone, save_teacher
 from reinforce.tensor_files import load_tensors
-from stores.cli import cli_errors, debug_flag
+from stores.cli_errors import cli_errors, debug_flag
 from train.models import StudentCard, create_student, save_student
 
 __all__ = ["convert", "main"]

@@ -47,7 +47,7 @@ from torch.utils.data import BatchSampler, DataLoader, DistributedSampler
 from reinforce.progress import progress_bar
 from reinforce.replay import Replay, ReplayDataset, StreamReplay, open_replay
 from reinforce.teachers import TeacherModel, create_teacher
-from stores.cli import cli_errors, debug_flag
+from stores.cli_errors import cli_errors, debug_flag
 from stores.errors import InputError
 from stores.store import describe_mismatch
 from train import deepspeed_glue

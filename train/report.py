@@ -31,7 +31,7 @@ from typing import Any
 import polars as pl
 
 from reinforce.teachers import TeacherCard, read_teacher_card
-from stores.cli import cli_errors, debug_flag
+from stores.cli_errors import cli_errors, debug_flag
 from stores.location import Location
 from stores.store import read_manifest
 from train.calibration import plot_reliability, pool_bins

@@ -49,7 +49,7 @@ from reinforce.teachers import (
     save_teacher,
     teacher_zoo,
 )
-from stores.cli import cli_errors, debug_flag
+from stores.cli_errors import cli_errors, debug_flag
 from train.data import LabeledViews, SegmentationViews, labeled_classes, open_labeled
 from train.optim import TrainSchedule, fit
 from train.protocol import Protocol, comma_floats, select
