@@ -41,7 +41,7 @@ from torch.utils.data import DataLoader, Dataset
 from reinforce.augment import CropFlip, create_policy, policy_from_record
 from reinforce.progress import progress_bar
 from reinforce.sources import Source, open_source
-from reinforce.teachers import TeacherCard, TeacherModel, create_teacher
+from reinforce.teachers import TeacherModel, create_teacher
 from stores.catalog import find_store
 from stores.cli_errors import cli_errors, debug_flag
 from stores.codecs import (
@@ -61,6 +61,7 @@ from stores.manifest import (
     PolicyRecord,
     StoreContent,
     TargetRecord,
+    TeacherCard,
     TransferSetRecord,
     content_id,
 )

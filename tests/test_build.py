@@ -26,9 +26,10 @@ from torch.utils.data import BatchSampler, DataLoader, SequentialSampler
 from reinforce.build import BuildConfig, build
 from reinforce.build import main as build_main
 from reinforce.replay import open_replay
-from reinforce.teachers import TeacherCard, TeacherModel, create_backbone, save_teacher
+from reinforce.teachers import TeacherModel, create_backbone, save_teacher
 from stores import StoreCorruptError, open_store
 from stores.__main__ import main as stores_main
+from stores.manifest import TeacherCard
 from stores.store import ARRAYS_DIR, StoreWriter, array_paths
 
 FMNIST = "fashion-mnist:test?limit=24"

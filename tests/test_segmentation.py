@@ -257,7 +257,7 @@ def test_dense_backbones_give_one_eighth_maps(arch):
     1/8. Random weights: only shapes and key names are checked here (the real Lite0 runs in the tests above)."""
     import timm
 
-    from reinforce.dense import DenseBackbone
+    from reinforce.teachers.dense import DenseBackbone
 
     backbone = DenseBackbone(arch).eval()
     with torch.inference_mode():

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from reinforce.augment import eval_view
-from reinforce.layout import write_json
+from reinforce.model_dirs import write_json
 from reinforce.sources import open_source
 from reinforce.teachers import resolve_teacher
 from stores.cli_errors import cli_errors, debug_flag

@@ -1,6 +1,6 @@
 """Students and model directories: a timm network behind the same uint8-in interface as teachers.
 
-A student directory is in timm's own layout (``reinforce.layout``): ``config.json`` and
+A student directory is in timm's own layout (``reinforce.model_dirs``): ``config.json`` and
 ``model.safetensors`` with the plain timm network's keys, which ``timm.create_model("local-dir:DIR",
 pretrained=True)`` loads, plus ``student.json``: the history of the ``StudentCard``, whose other fields
 are read from ``config.json``. Every model here takes uint8 views ``[B, 3, S, S]`` and normalises them
@@ -22,9 +22,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from reinforce.dense import DenseNet, upsample_logits
-from reinforce.layout import TASK_FIELDS, read_card, read_task_fields, timm_config, write_card, write_json
+from reinforce.model_dirs import TASK_FIELDS, read_card, read_task_fields, timm_config, write_card, write_json
 from reinforce.teachers import normalize_views, tokens_to_map
+from reinforce.teachers.dense import DenseNet, upsample_logits
 from reinforce.tensor_files import load_tensors, save_tensors
 
 __all__ = ["TASKS", "SegmentationStudent", "Student", "StudentCard", "create_student", "load_classifier",

@@ -24,7 +24,8 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.models.segmentation.deeplabv3 import DeepLabHead
 
-from reinforce.teachers import TeacherModel, register_backbone_library, tokens_to_map
+from reinforce.teachers.backbones import register_backbone_library, tokens_to_map
+from reinforce.teachers.model import TeacherModel
 
 __all__ = ["DENSE_LIBRARY", "OUTPUT_STRIDE", "DenseBackbone", "DenseNet", "SegmentationTeacher", "upsample_logits"]
 
