@@ -264,4 +264,4 @@ def test_dense_backbones_give_one_eighth_maps(arch):
         maps = backbone(torch.zeros(2, 3, 64, 64))
     assert maps.shape == (2, backbone.num_features, 8, 8)
     classifier = timm.create_model(arch, pretrained=False).state_dict()
-    assert set(backbone.state_dict()) <= set(classifier)
+    assert set(backbone.library_state_dict()) <= set(classifier)

@@ -49,7 +49,11 @@ def convert(directory: str | os.PathLike) -> str:
     if card.weights_sha256 and digest != card.weights_sha256:
         raise ValueError(f"{weights} has sha256 {digest[:12]}…, {card_path.name} records {card.weights_sha256[:12]}…")
     model = TeacherModel(create_backbone(card.library, card.backbone), card.num_classes, card.mean, card.std)
-    model.load_state_dict(state)
+    # layout 1 held the wrapper's keys: ``backbone.`` + the library's own, ``head.`` + the linear head's
+    model.backbone.load_library_state_dict({k.removeprefix("backbone."): v for k, v in state.items()
+                                            if k.startswith("backbone.")})
+    if model.head is not None:
+        model.head.load_state_dict({k.removeprefix("head."): v for k, v in state.items() if k.startswith("head.")})
     save_teacher(model, card, directory)
     return kind
 

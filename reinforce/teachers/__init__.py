@@ -31,7 +31,6 @@ from reinforce.teachers.backbones import (
 )
 from reinforce.teachers.checkpoints import (
     CHECKPOINT_LAYOUTS,
-    backbone_state,
     embedded_weights,
     load_backbone_weights,
     load_hub_weights,
@@ -49,7 +48,7 @@ from reinforce.teachers.zoo import (
 )
 
 __all__ = [
-    "CHECKPOINT_LAYOUTS", "TARGET_KINDS", "TeacherModel", "backbone_state", "create_backbone", "create_teacher",
+    "CHECKPOINT_LAYOUTS", "TARGET_KINDS", "TeacherModel", "create_backbone", "create_teacher",
     "dense", "embedded_imagenet_teacher", "embedded_weights", "list_backbone_libraries", "load_backbone_weights",
     "load_hub_weights", "native_size", "normalize_views", "open_clip_backbone", "pretrained_teacher",
     "read_checkpoint", "read_teacher_card", "register_backbone_library", "resolve_teacher", "save_teacher",

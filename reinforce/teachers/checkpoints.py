@@ -11,7 +11,7 @@ from torch import nn
 
 from reinforce.tensor_files import load_tensors, save_tensors
 
-__all__ = ["CHECKPOINT_LAYOUTS", "backbone_state", "embedded_weights", "load_backbone_weights", "load_hub_weights",
+__all__ = ["CHECKPOINT_LAYOUTS", "embedded_weights", "load_backbone_weights", "load_hub_weights",
            "read_checkpoint"]
 
 
@@ -45,26 +45,6 @@ def read_checkpoint(weights_file: str | os.PathLike) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def backbone_state(backbone: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """``state`` in any of ``CHECKPOINT_LAYOUTS`` under the backbone's own key names (plus any extra keys).
-
-    An open_clip full model keeps its ``visual.`` tensors, prefix stripped (the text tower is not the
-    teacher's); a timm backbone whose keys are not all there goes through its model family's own
-    ``checkpoint_filter_fn`` (official DINOv2, OpenAI CLIP into a timm ViT, ...).
-    """
-    own = backbone.state_dict().keys()
-    if own <= state.keys():
-        return state
-    if hasattr(backbone, "output_tokens") and any(k.startswith("visual.") for k in state):  # open_clip tower
-        return {k.removeprefix("visual."): v for k, v in state.items() if k.startswith("visual.")}
-    import importlib
-
-    convert = getattr(importlib.import_module(type(backbone).__module__), "checkpoint_filter_fn", None)
-    if convert is None or not type(backbone).__module__.startswith("timm."):
-        return state
-    return convert(dict(state), backbone)  # timm's filters may pop from the dict they are given
-
-
 def load_backbone_weights(backbone: nn.Module, weights_file: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Load a local checkpoint in any of ``CHECKPOINT_LAYOUTS`` into ``backbone``.
 
@@ -72,8 +52,8 @@ def load_backbone_weights(backbone: nn.Module, weights_file: str | os.PathLike) 
     so a caller can use them as an initial head.
     """
     raw = read_checkpoint(weights_file)
-    state = backbone_state(backbone, raw)
-    own = backbone.state_dict()
+    state = backbone.checkpoint_state(raw)  # the adapter reads its library's layouts (open_clip full model, DINOv2)
+    own = backbone.library_state_dict()
     missing = [k for k in own if k not in state]
     if missing:
         raise ValueError(f"{weights_file} matches none of the checkpoint layouts accepted "
@@ -84,7 +64,7 @@ def load_backbone_weights(backbone: nn.Module, weights_file: str | os.PathLike) 
         raise ValueError(f"{weights_file}: {len(wrong)} tensors have other shapes than the backbone's, e.g. "
                          f"{wrong[0]} {tuple(state[wrong[0]].shape)} vs {tuple(own[wrong[0]].shape)} "
                          "(weights of another architecture?)")
-    backbone.load_state_dict({k: state[k] for k in own})
+    backbone.load_library_state_dict({k: state[k] for k in own})
     return {k: v for k, v in state.items() if k not in own}
 
 
@@ -110,7 +90,7 @@ def load_hub_weights(backbone: nn.Module, library: str, name: str, tag: str | No
     except (OSError, RuntimeError) as error:  # no network: huggingface_hub's LocalEntryNotFoundError, open_clip's
         raise ConnectionError(f"cannot download {library} {name}{'.' + tag if tag else ''} weights (offline?): "
                               "download them elsewhere and pass --weights FILE") from error
-    backbone.load_state_dict(state)
+    backbone.load_library_state_dict(state)
     return f"{library}:{model}"
 
 

@@ -6,8 +6,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from reinforce.teachers.backbones import tokens_to_map
-
 __all__ = ["TARGET_KINDS", "TeacherModel", "normalize_views"]
 
 
@@ -23,6 +21,7 @@ class TeacherModel(nn.Module):
     """
 
     def __init__(self, backbone: nn.Module, num_classes: int, mean, std):
+        """``backbone``: a backbone library's adapter (``reinforce.teachers.create_backbone``)."""
         super().__init__()
         self.backbone = backbone
         self.head = nn.Linear(backbone.num_features, num_classes) if num_classes else None
@@ -38,18 +37,10 @@ class TeacherModel(nn.Module):
         return normalize_views(views, self.mean, self.std)
 
     def embed(self, views: torch.Tensor, with_map: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Pooled features ``[B, D]`` and, if asked, the last feature map ``[B, C, h, w]``, from one forward."""
-        x = self.normalize(views)
-        if hasattr(self.backbone, "output_tokens"):  # open_clip tower built with output_tokens=True
-            pooled, tokens = self.backbone(x)
-            return pooled, tokens_to_map(tokens) if with_map else None
-        features = self.backbone.forward_features(x)
-        pooled = self.backbone.forward_head(features)  # num_classes=0: the pre-logits features
-        if not with_map:
-            return pooled, None
-        if features.dim() == 3:  # ViT tokens: drop class/register tokens, lay patches on their grid
-            features = tokens_to_map(features[:, getattr(self.backbone, "num_prefix_tokens", 0):])
-        return pooled, features
+        """Pooled features ``[B, D]`` and, if asked, the last feature map ``[B, C, h, w]``, from one forward (the
+        backbone adapter's ``forward_targets``)."""
+        outputs = self.backbone.forward_targets(self.normalize(views), patch=with_map)
+        return outputs["embedding"], outputs.get("patch")
 
     def features(self, views: torch.Tensor) -> torch.Tensor:
         return self.embed(views)[0]

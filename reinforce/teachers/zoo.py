@@ -56,8 +56,8 @@ def _layout_tensors(model: TeacherModel, library: str) -> dict[str, dict[str, to
     if library == "timm":
         classifier = model.backbone.pretrained_cfg["classifier"]
         head = {f"{classifier}.{name}": tensor for name, tensor in head.items()}
-        return {"model.safetensors": {**model.backbone.state_dict(), **head}}
-    return {"model.safetensors": model.backbone.state_dict(), **({"head.safetensors": head} if head else {})}
+        return {"model.safetensors": {**model.backbone.library_state_dict(), **head}}
+    return {"model.safetensors": model.backbone.library_state_dict(), **({"head.safetensors": head} if head else {})}
 
 
 def _weight_files(card: TeacherCard) -> tuple[str, ...]:
@@ -118,7 +118,7 @@ def create_teacher(name_or_path: str, device: str | torch.device = "cpu") -> tup
         head = {k.removeprefix(prefix): state.pop(k) for k in list(state) if k.startswith(prefix)}
     else:
         head = load_tensors(directory / "head.safetensors") if card.num_classes else {}
-    model.backbone.load_state_dict(state)
+    model.backbone.load_library_state_dict(state)
     if model.head is not None:
         model.head.load_state_dict(head)
     return model.to(device, memory_format=torch.channels_last).eval(), card
