@@ -24,6 +24,7 @@ data:
 	    { $$(command -v sudo) apt-get update -q && $$(command -v sudo) apt-get install -y -q dataset-fashion-mnist; }; }
 
 test: install data
+	$(VENV)/bin/lint-imports
 	$(PY) -m pytest -q
 
 demo: install data
@@ -31,6 +32,7 @@ demo: install data
 
 lint: install
 	$(PY) -m ruff check .
+	$(VENV)/bin/lint-imports
 
 # ratios measured side by side in one run each (a few minutes each on a 2-core machine); never part of `make test`
 bench: install data

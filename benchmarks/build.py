@@ -26,9 +26,9 @@ import torch
 from reinforce.augment import CropFlip, create_policy
 from reinforce.build import BuildConfig, build
 from reinforce.sources import open_source
-from reinforce.teachers import TeacherCard, TeacherModel, embedded_imagenet_teacher
+from reinforce.teachers import TeacherModel, embedded_imagenet_teacher
 from stores.codecs import Codec, EmbeddingCodec, PatchCodec, TopKLogitsCodec
-from stores.manifest import ArraySpec, TargetRecord
+from stores.manifest import ArraySpec, TargetRecord, TeacherCard
 from stores.store import ARRAYS_DIR, THETA, ReinforcedStore, StoreWriter, open_store
 from stores.verify import describe_store
 

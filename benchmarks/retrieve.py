@@ -21,7 +21,7 @@ import faiss
 import numpy as np
 import torch
 
-from reinforce._search import TorchFlatIndex, make_index, unit_rows
+from reinforce.retrieve.search import TorchFlatIndex, make_index, unit_rows
 
 KINDS = ("flat", "ivfpq", "torch")
 

@@ -22,7 +22,7 @@ from pathlib import Path
 import polars as pl
 import yaml
 
-from reinforce.retrieve import main as retrieve_main
+from reinforce.retrieve.__main__ import main as retrieve_main
 from reinforce.sources import open_source
 from train.pipeline import RECIPES, load_recipe
 from train.pipeline import main as pipeline_main

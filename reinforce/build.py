@@ -41,9 +41,10 @@ from torch.utils.data import DataLoader, Dataset
 from reinforce.augment import CropFlip, create_policy, policy_from_record
 from reinforce.progress import progress_bar
 from reinforce.sources import Source, open_source
-from reinforce.teachers import TeacherCard, TeacherModel, create_teacher
+from reinforce.teachers import TeacherModel, create_teacher
 from stores.catalog import find_store
-from stores.cli import cli_errors, debug_flag
+from stores.cli_errors import cli_errors, debug_flag
+from stores.cli_logging import log_to_stderr
 from stores.codecs import (
     Codec,
     EmbeddingCodec,
@@ -61,6 +62,7 @@ from stores.manifest import (
     PolicyRecord,
     StoreContent,
     TargetRecord,
+    TeacherCard,
     TransferSetRecord,
     content_id,
 )
@@ -499,7 +501,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[BuildConfig, bool]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    log_to_stderr()
     config, debug = parse_args(argv)
     with cli_errors("reinforce.build", debug):
         manifest = build(config)

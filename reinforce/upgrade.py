@@ -23,7 +23,7 @@ import numpy as np
 import zarr
 
 from reinforce.augment import AugParams, create_policy
-from stores.cli import cli_errors, debug_flag
+from stores.cli_errors import cli_errors, debug_flag
 from stores.codecs import TopKLogitsCodec
 from stores.lineage import library_version
 from stores.manifest import ArraySpec, PolicyRecord, StoreContent, TargetRecord, TeacherCard, TransferSetRecord

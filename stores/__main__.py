@@ -1,6 +1,7 @@
-"""``python -m stores inspect|verify STORE``, ``ls ROOT``, ``publish STORE URL``, ``export-wds STORE --out DIR``:
-summarise a reinforced store, check it thoroughly, list the stores published under a folder or URL (a catalog),
-copy one there, or copy a zarr store into webdataset shards that carry the images (``stores.wds``).
+"""``python -m stores inspect|verify STORE``, ``ls ROOT``, ``publish STORE URL``: summarise a reinforced store,
+check it thoroughly, list the stores published under a folder or URL (a catalog), or copy one there. A zarr store
+becomes webdataset shards that carry the images with ``python -m reinforce.export_wds`` (the images are the
+transfer set's, which ``stores`` knows nothing of).
 STORE and ROOT are local paths or fsspec URLs (``s3://bucket/stores``)."""
 
 from __future__ import annotations
@@ -10,14 +11,13 @@ import json
 import sys
 
 from stores.catalog import list_stores, publish_store
-from stores.cli import cli_errors, debug_flag
+from stores.cli_errors import cli_errors, debug_flag
 from stores.codecs import create_codec
 from stores.compare import compare_stores
 from stores.manifest import STORE_ID_PROMISE
-from stores.store import SHARDS_DIR, open_store
+from stores.store import open_store
 from stores.untrusted import printable
 from stores.verify import describe_store, verify_store
-from stores.wds import export_wds
 
 LS_COLUMNS = ("name", "store_id", "teacher", "transfer_set", "targets", "views", "samples", "bytes", "created_at")
 
@@ -95,19 +95,6 @@ def _ls(root: str, as_json: bool) -> int:
     return 0
 
 
-def _export_wds(path: str, out: str, maxsize: int, maxcount: int) -> int:
-    """The images come from the store's transfer set, so this command alone reaches into ``reinforce`` (lazily:
-    ``stores`` itself knows nothing of images)."""
-    from reinforce.replay import transfer_set
-
-    store = open_store(path)
-    manifest = export_wds(store, out, transfer_set(store).encoded, maxsize=maxsize, maxcount=maxcount)
-    shards = sum(f.path.startswith(SHARDS_DIR + "/") for f in manifest.files)
-    print(f"exported {path} -> {out} (id {manifest.store_id}): {manifest.summary['ok']} samples in {shards} "
-          f"shards of {manifest.layout['unit_samples']}")
-    return 0
-
-
 def _cell(value) -> str:
     return printable(",".join(value) if isinstance(value, dict) else value)
 
@@ -126,17 +113,10 @@ def main(argv: list[str] | None = None) -> int:
     publish = commands.add_parser("publish", help="copy a store to another folder or URL (manifest last)")
     publish.add_argument("store")
     publish.add_argument("destination")
-    export = commands.add_parser("export-wds", help="copy a zarr store into webdataset shards (images, θ, targets)")
-    export.add_argument("store")
-    export.add_argument("--out", required=True, help="the new store: a directory or an fsspec URL")
-    export.add_argument("--maxsize", type=int, default=256 << 20, help="about this many bytes per shard")
-    export.add_argument("--maxcount", type=int, default=100_000, help="at most this many samples per shard")
     args = debug_flag(parser).parse_args(argv)
     with cli_errors(f"stores {args.command}", args.debug):
         if args.command == "ls":
             return _ls(args.root, args.json)
-        if args.command == "export-wds":
-            return _export_wds(args.store, args.out, args.maxsize, args.maxcount)
         if args.command == "publish":
             print(f"published {args.store} -> {publish_store(args.store, args.destination)}")
             return 0

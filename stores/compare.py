@@ -48,7 +48,8 @@ def compare_stores(a: ReinforcedStore, b: ReinforcedStore, block: int = 4096) ->
                              "configurations: nothing to compare under one id)")
         return result
     if a.manifest.format != "zarr" or b.manifest.format != "zarr":
-        raise StoreFormatError("comparing stores reads them at random: export-wds stores compare as their zarr source")
+        raise StoreFormatError("comparing stores reads them at random: a webdataset store compares as the zarr "
+                               "store it was exported from")
     if not a.samples.equals(b.samples):
         result.errors.append("sample tables differ (keys, sizes or skipped samples)")
     arrays = array_paths(a.manifest.content)

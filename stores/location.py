@@ -12,7 +12,6 @@ S3-compatible servers are chosen the way botocore chooses them (``AWS_ENDPOINT_U
 from __future__ import annotations
 
 import hashlib
-import logging
 import os
 import posixpath
 from pathlib import Path
@@ -23,10 +22,6 @@ import fsspec
 from stores.errors import InputError
 
 __all__ = ["Location"]
-
-# botocore logs credential and endpoint discovery at INFO in every process; the CLIs log at INFO
-for _name in ("botocore", "aiobotocore"):
-    logging.getLogger(_name).setLevel(logging.WARNING)
 
 
 class Location:

@@ -43,7 +43,7 @@ def random_weights():
     from reinforce.tensor_files import save_tensors
 
     def write(library: str, name: str, path) -> str:
-        return str(save_tensors(create_backbone(library, name).state_dict(), path))
+        return str(save_tensors(create_backbone(library, name).library_state_dict(), path))
     return write
 
 

@@ -26,9 +26,10 @@ from torch.utils.data import BatchSampler, DataLoader, SequentialSampler
 from reinforce.build import BuildConfig, build
 from reinforce.build import main as build_main
 from reinforce.replay import open_replay
-from reinforce.teachers import TeacherCard, TeacherModel, create_backbone, save_teacher
+from reinforce.teachers import TeacherModel, create_backbone, save_teacher
 from stores import StoreCorruptError, open_store
 from stores.__main__ import main as stores_main
+from stores.manifest import TeacherCard
 from stores.store import ARRAYS_DIR, StoreWriter, array_paths
 
 FMNIST = "fashion-mnist:test?limit=24"
@@ -57,8 +58,9 @@ def build_capturing(teacher, transfer_set: str, out: Path, workers: int) -> torc
     model, card, _ = teacher
     inputs: list[torch.Tensor] = []
     head_rows: list[int] = []
-    hooks = [  # TeacherModel calls backbone.forward_features, so hook its first layer (Lite0: conv_stem)
-        model.backbone.conv_stem.register_forward_pre_hook(lambda _, args: inputs.append(args[0].detach().clone())),
+    stem = model.backbone.model.conv_stem  # the adapter runs timm's forward_features: hook its first layer
+    hooks = [
+        stem.register_forward_pre_hook(lambda _, args: inputs.append(args[0].detach().clone())),
         model.head.register_forward_pre_hook(lambda _, args: head_rows.append(len(args[0]))),
     ]
     try:
@@ -243,7 +245,7 @@ def test_sigkill_resume_matches_uninterrupted(lite0_teacher, tmp_path):
             shard.parent.mkdir(parents=True, exist_ok=True)
             shard.write_bytes(b"\x00" * 100)
     forwards: list[int] = []  # rows of every real teacher forward of the rerun (the meta shape pass excluded)
-    hook = model.backbone.conv_stem.register_forward_pre_hook(
+    hook = model.backbone.model.conv_stem.register_forward_pre_hook(
         lambda _, args: None if args[0].is_meta else forwards.append(len(args[0])))
     try:
         build(small_config(card, spec, out, batch_size=32), teacher=(model, card))

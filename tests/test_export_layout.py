@@ -198,7 +198,9 @@ def test_layout_1_directories_refuse_in_one_line_and_convert(tmp_path, monkeypat
     (old_student / "student.json").write_text(json.dumps(card.to_dict()))  # layout 1: every field, net. keys
     model, teacher_card, _ = lite0_teacher
     old_teacher.mkdir()
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(old_teacher / "model.safetensors"))
+    layout_1 = {**{f"backbone.{k}": v for k, v in model.backbone.library_state_dict().items()},  # the wrapper's keys
+                **{f"head.{k}": v for k, v in model.head.state_dict().items()}}
+    save_file({k: v.contiguous() for k, v in layout_1.items()}, str(old_teacher / "model.safetensors"))
     digest = hashlib.sha256((old_teacher / "model.safetensors").read_bytes()).hexdigest()  # checked on conversion
     (old_teacher / "teacher.json").write_text(json.dumps({**teacher_card.to_dict(), "weights_sha256": digest}))
     for directory in (old_student, old_teacher):

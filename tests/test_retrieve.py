@@ -15,12 +15,12 @@ import pytest
 import torch
 from PIL import Image
 
-from reinforce._search import TorchFlatIndex, combine, make_index, neighbours, query_balanced
 from reinforce.augment import policy_from_record
 from reinforce.build import main as build_main
 from reinforce.replay import open_replay
 from reinforce.retrieve import RetrieveConfig, check_widths, embed
-from reinforce.retrieve import main as retrieve_main
+from reinforce.retrieve.__main__ import main as retrieve_main
+from reinforce.retrieve.search import TorchFlatIndex, combine, make_index, neighbours, query_balanced
 from reinforce.sources import open_source
 from stores import open_store
 

@@ -148,7 +148,7 @@ def count_forwards(model) -> tuple[list[int], object]:
     def hook(_, args):
         if not args[0].is_meta:
             rows.append(len(args[0]))
-    return rows, model.backbone.conv_stem.register_forward_pre_hook(hook)
+    return rows, model.backbone.model.conv_stem.register_forward_pre_hook(hook)
 
 
 def test_identical_rebuild_returns_the_published_store(lite0_teacher, tmp_path, capsys):

@@ -11,8 +11,9 @@ import torch
 from PIL import Image
 
 from reinforce.augment import create_policy
-from reinforce.segmentation import FOREGROUND_THRESHOLD, IGNORE_INDEX, SEG_CLASSES
-from reinforce.sources import _fashion_mnist_path, _read_idx, open_source
+from reinforce.sources import open_source
+from reinforce.sources.fashion_mnist import fashion_mnist_path, read_idx
+from reinforce.sources.segmentation import FOREGROUND_THRESHOLD, IGNORE_INDEX, SEG_CLASSES
 from stores.codecs import SegTopKLogitsCodec, create_codec
 
 MOSAICS = "fashion-mnist-seg:test@64,grid=2?limit=24"
@@ -25,7 +26,7 @@ def mosaics():
 
 def test_mosaic_classes_are_the_items_classes(mosaics):
     """Every foreground pixel carries a real item's class + 1; background is dark; canvases are reproducible."""
-    labels = _read_idx(str(_fashion_mnist_path("test", "labels")))
+    labels = read_idx(str(fashion_mnist_path("test", "labels")))
     assert mosaics.class_names == SEG_CLASSES and len(SEG_CLASSES) == 11 and mosaics.labels is None
     seen = set()
     for i in range(len(mosaics)):
@@ -256,11 +257,11 @@ def test_dense_backbones_give_one_eighth_maps(arch):
     1/8. Random weights: only shapes and key names are checked here (the real Lite0 runs in the tests above)."""
     import timm
 
-    from reinforce.dense import DenseBackbone
+    from reinforce.teachers.dense import DenseBackbone
 
     backbone = DenseBackbone(arch).eval()
     with torch.inference_mode():
         maps = backbone(torch.zeros(2, 3, 64, 64))
     assert maps.shape == (2, backbone.num_features, 8, 8)
     classifier = timm.create_model(arch, pretrained=False).state_dict()
-    assert set(backbone.state_dict()) <= set(classifier)
+    assert set(backbone.library_state_dict()) <= set(classifier)

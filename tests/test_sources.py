@@ -18,8 +18,18 @@ import torch
 from PIL import Image
 from skimage import data as skdata
 
-from reinforce import segmentation, sources
-from reinforce.sources import few_shot_split, list_sources, open_source, register_source
+from reinforce import sources
+from reinforce.sources import (
+    fashion_mnist,
+    few_shot_split,
+    files,
+    list_sources,
+    open_source,
+    register_source,
+    registry,
+    segmentation,
+)
+from reinforce.sources import photos as package_photos
 
 PHOTOS = {"coffee": skdata.coffee, "chelsea": skdata.chelsea, "rocket": skdata.rocket}
 
@@ -73,12 +83,12 @@ def test_few_shot_split_rejects_too_few_images():
 
 def test_missing_fashion_mnist_says_how_to_get_it(monkeypatch, tmp_path):
     monkeypatch.setenv("FASHION_MNIST_DIR", str(tmp_path))  # read when opened, not at import
-    assert sources.fashion_mnist_dir() == tmp_path
+    assert fashion_mnist.fashion_mnist_dir() == tmp_path
     with pytest.raises(FileNotFoundError, match="apt-get install dataset-fashion-mnist") as error:
         open_source("fashion-mnist:train")
     assert str(tmp_path) in str(error.value)
     monkeypatch.delenv("FASHION_MNIST_DIR")
-    assert sources.fashion_mnist_dir() == sources.DEFAULT_FASHION_MNIST_DIR
+    assert fashion_mnist.fashion_mnist_dir() == fashion_mnist.DEFAULT_FASHION_MNIST_DIR
 
 
 def test_folder_imagefolder_manifest_and_tar_agree(photo_tree, tmp_path):
@@ -163,8 +173,8 @@ def example_spec(prefix: str, photo_tree: Path, retrieval_manifest: Path, seg_tr
 
 def clear_caches() -> None:
     """Forget every decoded image, so the next load decodes from the packages again."""
-    for fn in (sources._photo, sources._photos_digest, sources._digits, sources._read_idx,
-               sources._matplotlib_photo_paths, segmentation._mosaic, segmentation._item_order):
+    for fn in (package_photos._photo, package_photos._photos_digest, package_photos._digits, fashion_mnist.read_idx,
+               package_photos._matplotlib_photo_paths, segmentation._mosaic, segmentation._item_order):
         fn.cache_clear()
 
 
@@ -188,14 +198,14 @@ def test_every_registered_source_opens_deterministically(prefix, photo_tree, ret
 
 def test_package_photo_sources_hold_the_expected_photographs():
     photos = open_source("skimage:photos")
-    assert photos.keys.tolist() == list(sources.SKIMAGE_PHOTOS) and len(photos) == 19
+    assert photos.keys.tolist() == list(package_photos.SKIMAGE_PHOTOS) and len(photos) == 19
     coffee = photos.load(photos.keys.tolist().index("coffee"))
     assert torch.equal(coffee, torch.from_numpy(skdata.coffee()).permute(2, 0, 1))
     camera = photos.load(photos.keys.tolist().index("camera"))  # grayscale → 3 equal channels
     assert torch.equal(camera[0], torch.from_numpy(skdata.camera())) and torch.equal(camera[0], camera[2])
     assert open_source("sklearn:images").keys.tolist() == ["china", "flower"]
     if importlib.util.find_spec("matplotlib") is not None:  # its sample photograph joins the crop pool
-        assert sources._package_photo_names()[-1] == "matplotlib/grace_hopper"
+        assert package_photos._package_photo_names()[-1] == "matplotlib/grace_hopper"
     digits = open_source("sklearn:digits")
     assert len(digits) == 1797 and digits.class_names == tuple("0123456789")
     assert sorted(set(digits.labels.tolist())) == list(range(10))
@@ -214,10 +224,10 @@ def test_photo_crops_are_distinct_sized_replayable_and_prefix_stable():
     assert open_source("photo-crops:64,seed=1").uris.tolist() != crops.uris.tolist()
     assert open_source("photo-crops:64").fingerprint() == crops.fingerprint()
     # the URI alone re-renders the crop: exact pixels at scale 1, PIL bicubic otherwise
-    assert torch.equal(sources._load_file("photo-crops:skimage/astronaut#10,20,50,50@50"),
+    assert torch.equal(files.load_file("photo-crops:skimage/astronaut#10,20,50,50@50"),
                        torch.from_numpy(skdata.astronaut()[20:70, 10:60]).permute(2, 0, 1))
     expected = Image.fromarray(skdata.rocket()).resize((40, 40), Image.Resampling.BICUBIC, box=(5, 6, 105, 106))
-    assert torch.equal(sources._load_file("photo-crops:skimage/rocket#5,6,100,100@40"),
+    assert torch.equal(files.load_file("photo-crops:skimage/rocket#5,6,100,100@40"),
                        torch.from_numpy(np.asarray(expected).copy()).permute(2, 0, 1))
 
 
@@ -250,8 +260,8 @@ def test_registry_errors_name_the_registered_sources(monkeypatch, photo_tree):
         open_source("skimage:photos:extra")
     with pytest.raises(ValueError, match="already registered"):
         register_source("folder")(lambda rest: None)
-    monkeypatch.setattr(sources, "_SOURCES", dict(sources._SOURCES))
-    register_source("test-folder")(sources._folder)
+    monkeypatch.setattr(registry, "_SOURCES", dict(registry._SOURCES))
+    register_source("test-folder")(files._folder)
     assert "test-folder" in list_sources("test-*")
     custom = open_source(f"test-folder:{photo_tree}?limit=2")
     assert custom.spec == f"test-folder:{photo_tree}?limit=2" and len(custom) == 2

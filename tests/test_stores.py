@@ -72,7 +72,7 @@ def test_v1_store_is_refused_in_one_line(tmp_path, capsys):
     message = str(error.value)
     assert "\n" not in message and "format-version-1" in message and "python -m reinforce.upgrade" in message
     result = subprocess.run([sys.executable, "-m", "stores", "inspect", str(store)], capture_output=True, text=True)
-    assert result.returncode == 2 and result.stdout == ""  # an error, one line (stores.cli)
+    assert result.returncode == 2 and result.stdout == ""  # an error, one line (stores.cli_errors)
     assert result.stderr.splitlines() == [f"stores inspect: error: {message}"]
     assert stores_main(["verify", str(store)]) == 2
     assert capsys.readouterr().err.splitlines() == [f"stores verify: {message}"]

@@ -32,10 +32,8 @@ def test_forward_targets_one_pass(library, name, size, dim, channels, grid):
     torch.manual_seed(0)
     model = TeacherModel(create_backbone(library, name), 10, (0.5,) * 3, (0.5,) * 3).eval()
     calls = []
-    model.backbone.register_forward_pre_hook(lambda *_: calls.append(1))
-    if library == "timm":  # timm backbones run forward_features, not forward: count the stem instead
-        stem = next(model.backbone.children())
-        stem.register_forward_pre_hook(lambda *_: calls.append(1))
+    stem = next(model.backbone.model.children())  # the library network's first layer runs once per forward
+    stem.register_forward_pre_hook(lambda *_: calls.append(1))
     views = _views(size)
     with torch.inference_mode():
         out = model.forward_targets(views, ("logits", "embedding", "patch"))
@@ -57,7 +55,7 @@ def test_headless_teacher_gives_features_only():
 def _official_dinov2(backbone) -> dict[str, torch.Tensor]:
     """timm's ``vit_small_patch14_dinov2`` tensors under the official torch.hub ``dinov2_vits14`` names: the same
     keys plus the masked-image-modelling ``mask_token`` (timm's ``checkpoint_filter_fn`` drops it)."""
-    state = backbone.state_dict()
+    state = backbone.library_state_dict()
     return {**state, "mask_token": torch.randn(1, state["cls_token"].shape[-1])}
 
 
@@ -66,14 +64,14 @@ def _open_clip_full(tower) -> dict[str, torch.Tensor]:
     import open_clip
 
     full = open_clip.create_model("ViT-S-32", pretrained=None).state_dict()
-    return {**full, **{f"visual.{k}": v for k, v in tower.state_dict().items()}}
+    return {**full, **{f"visual.{k}": v for k, v in tower.library_state_dict().items()}}
 
 
 LAYOUTS = {  # file name -> (library, backbone, writer(tensors, path), tensors in that layout from the backbone)
-    "timm.safetensors": ("timm", "vit_small_patch14_dinov2", "safetensors", lambda b: b.state_dict()),
+    "timm.safetensors": ("timm", "vit_small_patch14_dinov2", "safetensors", lambda b: b.library_state_dict()),
     "dinov2_vits14_pretrain.pth": ("timm", "vit_small_patch14_dinov2", "torch", _official_dinov2),
     "dinov2_official.safetensors": ("timm", "vit_small_patch14_dinov2", "safetensors", _official_dinov2),
-    "visual.safetensors": ("open_clip", "ViT-S-32", "safetensors", lambda b: b.state_dict()),
+    "visual.safetensors": ("open_clip", "ViT-S-32", "safetensors", lambda b: b.library_state_dict()),
     "open_clip_model.safetensors": ("open_clip", "ViT-S-32", "safetensors", _open_clip_full),
     "open_clip_pytorch_model.bin": ("open_clip", "ViT-S-32", "torch", _open_clip_full),
     # open_clip's training loop: {"epoch", "name", "state_dict": DDP's module.-prefixed full model, "optimizer"}
@@ -101,7 +99,7 @@ def test_checkpoint_layouts_load_tensor_for_tensor(file_name, tmp_path, monkeypa
                   "--name", "vfm"])
     loaded, card = create_teacher("vfm")
     assert card.adaptation["weights"] == file_name
-    expected, got = source.state_dict(), loaded.backbone.state_dict()
+    expected, got = source.library_state_dict(), loaded.backbone.library_state_dict()
     assert got.keys() == expected.keys()
     for key in expected:
         assert torch.equal(got[key], expected[key]), key
@@ -116,7 +114,7 @@ def test_unknown_checkpoint_layouts_fail_in_one_line(tmp_path, monkeypatch, caps
     monkeypatch.setenv("VFM_REINFORCE_HOME", str(tmp_path / "home"))
     torch.save({"encoder.layer0.weight": torch.zeros(3), "encoder.layer1.weight": torch.zeros(3)}, "other.pt")
     torch.save({"created": datetime.date(2024, 1, 1)}, "pickled.pt")  # not tensors: weights_only refuses it
-    resnet = create_backbone("timm", "resnet18").state_dict()
+    resnet = create_backbone("timm", "resnet18").library_state_dict()
     torch.save({k: torch.zeros(*v.shape[:-1], v.shape[-1] + 1) if v.dim() else v for k, v in resnet.items()},
                "wrong_shapes.pt")
     for file_name, expected in [

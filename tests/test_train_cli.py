@@ -14,7 +14,8 @@ import torch
 from safetensors.torch import load_file
 
 from reinforce.sources import open_source
-from reinforce.teachers import TeacherCard, create_teacher, read_teacher_card
+from reinforce.teachers import create_teacher, read_teacher_card
+from stores.manifest import TeacherCard
 from train import evaluate, finetune, teacher
 from train.data import evaluate_model, open_labeled
 from train.models import StudentCard, create_student, load_student, read_student_card, save_student

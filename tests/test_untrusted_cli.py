@@ -20,6 +20,7 @@ from forge import SAMPLES, build_store, copy_store, edit_manifest, edit_samples,
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from reinforce.export_wds import main as export_main
 from reinforce.replay import open_replay
 from stores import StoreCorruptError, StoreFormatError, open_store
 from stores.__main__ import main as stores_main
@@ -141,7 +142,7 @@ def test_huge_transfer_set_spec_is_refused_before_anything_is_made(zarr_store, t
     edit_manifest(store, lambda m: m["content"]["transfer_set"].update(spec="photo-crops:100000000"))
     started = time.perf_counter()
     with pytest.raises(SystemExit) as exit_:
-        stores_main(["export-wds", str(store), "--out", str(tmp_path / "never")])
+        export_main([str(store), "--out", str(tmp_path / "never")])
     error = capsys.readouterr().err.strip()
     assert exit_.value.code == 2 and "declares 100000000 samples, the store records 24" in error, error
     with pytest.raises(StoreFormatError, match="declares 100000000 samples"):

@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from reinforce.build import main as build_main
-from stores.cli import _message, is_user_error
+from stores.cli_errors import _message, is_user_error
 from stores.location import Location
 from stores.lock import LOCK
 from stores.store import StoreCorruptError, open_store
@@ -256,11 +256,11 @@ def _raised(function) -> BaseException:
 def test_which_errors_are_the_users(tmp_path):
     """The net's rule on real errors: input errors by type, the OS's refusals, our own checks; not a ValueError
     from inside numpy. A DataLoader worker's error is judged by the worker's traceback and shown by its message."""
-    from reinforce.sources import _load_file
+    from reinforce.sources.files import load_file
 
     garbage = tmp_path / "garbage.png"
     garbage.write_bytes(b"not an image")
-    assert is_user_error(_raised(lambda: _load_file(str(garbage))))  # InputError naming the file
+    assert is_user_error(_raised(lambda: load_file(str(garbage))))  # InputError naming the file
     assert is_user_error(_raised(garbage.with_name("missing").read_bytes))  # in pathlib, but errno is set
     assert is_user_error(_raised(lambda: Location("nosuchprotocol://bucket/store")))
     assert is_user_error(_raised(lambda: importlib.import_module("no_such_optional_package")))

@@ -1,7 +1,7 @@
-"""Webdataset stores (``stores.wds``) on the real Lite0 teacher and real Fashion-MNIST images: ``python -m stores
-export-wds`` shards read by plain webdataset under ``WDS_SECURE=1`` hold the zarr store's θ and targets; the streamed
-replay renders the zarr replay's views; ``reinforce.build --format wds`` writes the same samples; a truncated shard
-is named in one line; two torchrun ranks distilling from shards run the same number of steps."""
+"""Webdataset stores (``stores.wds``) on the real Lite0 teacher and real Fashion-MNIST images: ``python -m
+reinforce.export_wds`` shards read by plain webdataset under ``WDS_SECURE=1`` hold the zarr store's θ and targets; the
+streamed replay renders the zarr replay's views; ``reinforce.build --format wds`` writes the same samples; a
+truncated shard is named in one line; two torchrun ranks distilling from shards run the same number of steps."""
 
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ from test_build import small_config
 
 from reinforce.build import build
 from reinforce.build import main as build_main
+from reinforce.export_wds import main as export_main
 from reinforce.replay import ReplayDataset, StreamReplay, open_replay
 from reinforce.sources import open_source
 from stores import StoreCorruptError, open_store
@@ -46,7 +47,7 @@ def zarr_store(lite0_teacher, tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def wds_store(zarr_store) -> Path:
     out = zarr_store.with_name("exported")
-    assert stores_main(["export-wds", str(zarr_store), "--out", str(out), "--maxsize", str(MAXSIZE)]) == 0
+    assert export_main([str(zarr_store), "--out", str(out), "--maxsize", str(MAXSIZE)]) == 0
     return out
 
 
@@ -109,7 +110,7 @@ def test_export_holds_the_zarr_stores_theta_and_targets(wds_store, zarr_store, c
     assert find_store(root, store_id, "zarr").url == str(zarr_store)
     capsys.readouterr()
     with pytest.raises(SystemExit) as exit_:  # published: never rewritten
-        stores_main(["export-wds", str(zarr_store), "--out", str(wds_store)])
+        export_main([str(zarr_store), "--out", str(wds_store)])
     assert exit_.value.code == 2
     assert capsys.readouterr().err.strip().endswith("already holds a published store; choose another --out")
 

@@ -66,12 +66,10 @@ def pool_bins(bins: list[dict[str, list]]) -> dict[str, list]:
 def plot_reliability(curves: dict[str, dict[str, list]], path: Path, title: str) -> None:
     """A reliability diagram: accuracy against mean confidence per non-empty bin, one line per curve, the diagonal
     (calibrated) dotted; marker area follows the bin's share of images."""
-    import matplotlib
+    from matplotlib.figure import Figure  # no pyplot: no backend to choose, no global figure state
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5, 4.8))
+    fig = Figure(figsize=(5, 4.8))
+    ax = fig.subplots()
     ax.plot([0, 1], [0, 1], color="gray", linestyle=":", label="calibrated")
     for label, bins in curves.items():
         seen = [i for i, n in enumerate(bins["count"]) if n]
@@ -85,4 +83,3 @@ def plot_reliability(curves: dict[str, dict[str, list]], path: Path, title: str)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)

@@ -2,7 +2,7 @@
 
 Nothing is restated by hand: the model summary comes from ``config.json`` (architecture, input size,
 classes), the lineage and history from the card json beside it (``student.json``/``teacher.json``,
-``reinforce.layout``) or the store's ``manifest.json``, the metrics from an evaluation json
+``reinforce.model_dirs``) or the store's ``manifest.json``, the metrics from an evaluation json
 (``--eval``, else ``DIR/eval.json`` or ``DIR/test.json``), the recipe and command line from the
 pipeline's marker (``.pipeline-done.json``), and the export check from ``export.json``.
 
@@ -19,9 +19,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from reinforce.layout import read_card, read_lineage, read_task_fields
+from reinforce.model_dirs import read_card, read_lineage, read_task_fields
 from reinforce.teachers import read_teacher_card
-from stores.cli import cli_errors, debug_flag
+from stores.cli_errors import cli_errors, debug_flag
 from stores.store import open_store
 
 __all__ = ["main", "render_card"]

@@ -3,7 +3,7 @@
 Layout 1 kept every field in ``student.json`` / ``teacher.json`` and the weights under the wrapper's
 prefixes (``net.``; ``backbone.`` / ``head.``): exactly the state of ``Student`` / ``TeacherModel``. So
 a directory converts by loading that state into those modules and saving it with today's writers
-(``reinforce.layout``); a teacher's sha256 is checked first and recomputed for the new files.
+(``reinforce.model_dirs``); a teacher's sha256 is checked first and recomputed for the new files.
 
 Example:
     python -m train.convert runs/student teachers/ft_lite0
@@ -17,10 +17,11 @@ import json
 import os
 from pathlib import Path
 
-from reinforce.layout import LAYOUT_VERSION
-from reinforce.teachers import TeacherCard, TeacherModel, create_backbone, save_teacher
+from reinforce.model_dirs import LAYOUT_VERSION
+from reinforce.teachers import TeacherModel, create_backbone, save_teacher
 from reinforce.tensor_files import load_tensors
-from stores.cli import cli_errors, debug_flag
+from stores.cli_errors import cli_errors, debug_flag
+from stores.manifest import TeacherCard
 from train.models import StudentCard, create_student, save_student
 
 __all__ = ["convert", "main"]
@@ -48,7 +49,11 @@ def convert(directory: str | os.PathLike) -> str:
     if card.weights_sha256 and digest != card.weights_sha256:
         raise ValueError(f"{weights} has sha256 {digest[:12]}…, {card_path.name} records {card.weights_sha256[:12]}…")
     model = TeacherModel(create_backbone(card.library, card.backbone), card.num_classes, card.mean, card.std)
-    model.load_state_dict(state)
+    # layout 1 held the wrapper's keys: ``backbone.`` + the library's own, ``head.`` + the linear head's
+    model.backbone.load_library_state_dict({k.removeprefix("backbone."): v for k, v in state.items()
+                                            if k.startswith("backbone.")})
+    if model.head is not None:
+        model.head.load_state_dict({k.removeprefix("head."): v for k, v in state.items() if k.startswith("head.")})
     save_teacher(model, card, directory)
     return kind
 

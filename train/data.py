@@ -20,8 +20,8 @@ from torch.utils.data import DataLoader, Dataset
 from torchmetrics.classification import MulticlassAccuracy, MulticlassJaccardIndex
 
 from reinforce.augment import RandAugCropFlip, eval_mask, eval_view
-from reinforce.segmentation import IGNORE_INDEX
 from reinforce.sources import IMAGE_SUFFIXES, SPEC_FORMS, Source, open_source, with_query
+from reinforce.sources.segmentation import IGNORE_INDEX
 
 __all__ = ["IN_MEMORY_LIMIT", "LabeledViews", "PooledMetrics", "SegmentationViews", "accuracy", "evaluate_model",
            "headline_metric", "labeled_classes", "labeled_spec", "open_labeled", "predict", "predict_logits"]

@@ -47,7 +47,8 @@ from torch.utils.data import BatchSampler, DataLoader, DistributedSampler
 from reinforce.progress import progress_bar
 from reinforce.replay import Replay, ReplayDataset, StreamReplay, open_replay
 from reinforce.teachers import TeacherModel, create_teacher
-from stores.cli import cli_errors, debug_flag
+from stores.cli_errors import cli_errors, debug_flag
+from stores.cli_logging import log_to_stderr
 from stores.errors import InputError
 from stores.store import describe_mismatch
 from train import deepspeed_glue
@@ -347,7 +348,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[DistillConfig, bool]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    log_to_stderr()
     config, debug = parse_args(argv)
     with cli_errors("train.distill", debug):
         if config.epochs < 1 or config.temperature <= 0:

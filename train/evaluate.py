@@ -22,9 +22,9 @@ from typing import Any
 
 import numpy as np
 
-from reinforce.dense import SegmentationTeacher
 from reinforce.sources import open_source
-from stores.cli import cli_errors, debug_flag
+from reinforce.teachers.dense import SegmentationTeacher
+from stores.cli_errors import cli_errors, debug_flag
 from train.calibration import calibration
 from train.data import accuracy, evaluate_model, open_labeled, predict_logits
 from train.models import SegmentationStudent, load_classifier

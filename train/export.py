@@ -30,10 +30,10 @@ import torch
 from torch import nn
 
 from reinforce.augment import eval_view
-from reinforce.layout import write_json
+from reinforce.model_dirs import write_json
 from reinforce.sources import open_source
 from reinforce.teachers import resolve_teacher
-from stores.cli import cli_errors, debug_flag
+from stores.cli_errors import cli_errors, debug_flag
 from stores.lineage import dependency_versions
 from train.models import load_classifier
 

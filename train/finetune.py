@@ -28,7 +28,7 @@ import time
 
 import torch
 
-from stores.cli import cli_errors, debug_flag
+from stores.cli_errors import cli_errors, debug_flag
 from train.data import LabeledViews, SegmentationViews, open_labeled
 from train.models import Student, StudentCard, create_student, load_student, save_student
 from train.optim import BestOnValidation, TrainSchedule, fit, split_labeled

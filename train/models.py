@@ -1,6 +1,6 @@
 """Students and model directories: a timm network behind the same uint8-in interface as teachers.
 
-A student directory is in timm's own layout (``reinforce.layout``): ``config.json`` and
+A student directory is in timm's own layout (``reinforce.model_dirs``): ``config.json`` and
 ``model.safetensors`` with the plain timm network's keys, which ``timm.create_model("local-dir:DIR",
 pretrained=True)`` loads, plus ``student.json``: the history of the ``StudentCard``, whose other fields
 are read from ``config.json``. Every model here takes uint8 views ``[B, 3, S, S]`` and normalises them
@@ -22,9 +22,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from reinforce.dense import DenseNet, upsample_logits
-from reinforce.layout import TASK_FIELDS, read_card, read_task_fields, timm_config, write_card, write_json
+from reinforce.model_dirs import TASK_FIELDS, read_card, read_task_fields, timm_config, write_card, write_json
 from reinforce.teachers import normalize_views, tokens_to_map
+from reinforce.teachers.dense import DenseNet, upsample_logits
 from reinforce.tensor_files import load_tensors, save_tensors
 
 __all__ = ["TASKS", "SegmentationStudent", "Student", "StudentCard", "create_student", "load_classifier",
@@ -129,7 +129,7 @@ def save_student(model: Student, card: StudentCard, directory: str | os.PathLike
     segmentation student: the ``DenseNet``'s keys; ``student.json`` says its task)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    save_tensors(model.net.state_dict(), directory / "model.safetensors")
+    save_tensors(_net_state(model.net), directory / "model.safetensors")
     task = {k: getattr(card, k) for k in TASK_FIELDS}
     write_json(directory / "config.json", timm_config(card.arch, model.net, **task))
     dense = {"task": card.task} if card.task != "classification" else {}
@@ -150,8 +150,17 @@ def read_student_card(directory: str | os.PathLike) -> StudentCard:
 def load_student(directory: str | os.PathLike) -> tuple[Student, StudentCard]:
     card = read_student_card(directory)
     model, _ = create_student(card.arch, class_names=card.class_names, input_size=card.input_size, task=card.task)
-    model.net.load_state_dict(load_tensors(Path(directory) / "model.safetensors"))
+    state = load_tensors(Path(directory) / "model.safetensors")
+    if isinstance(model.net, DenseNet):
+        model.net.load_library_state_dict(state)
+    else:
+        model.net.load_state_dict(state)
     return model, card
+
+
+def _net_state(net: nn.Module) -> dict[str, torch.Tensor]:
+    """The keys a student directory holds: timm's own (a ``DenseNet``: ``backbone.`` + timm's, ``head.``)."""
+    return net.library_state_dict() if isinstance(net, DenseNet) else net.state_dict()
 
 
 def load_classifier(name_or_dir: str, device: str | torch.device = "cpu") -> tuple[nn.Module, Any]:

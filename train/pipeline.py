@@ -67,7 +67,7 @@ import torch
 import yaml
 
 from reinforce.sources import open_source
-from stores.cli import cli_errors, debug_flag
+from stores.cli_errors import cli_errors, debug_flag
 from stores.errors import InputError
 from stores.manifest import TeacherCard
 from train import card, report

@@ -30,9 +30,10 @@ from typing import Any
 
 import polars as pl
 
-from reinforce.teachers import TeacherCard, read_teacher_card
-from stores.cli import cli_errors, debug_flag
+from reinforce.teachers import read_teacher_card
+from stores.cli_errors import cli_errors, debug_flag
 from stores.location import Location
+from stores.manifest import TeacherCard
 from stores.store import read_manifest
 from train.calibration import plot_reliability, pool_bins
 from train.models import read_student_card

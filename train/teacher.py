@@ -35,11 +35,9 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from reinforce.dense import DENSE_LIBRARY, SegmentationTeacher
 from reinforce.progress import progress_bar
 from reinforce.sources import Source
 from reinforce.teachers import (
-    TeacherCard,
     TeacherModel,
     create_backbone,
     embedded_weights,
@@ -49,7 +47,9 @@ from reinforce.teachers import (
     save_teacher,
     teacher_zoo,
 )
-from stores.cli import cli_errors, debug_flag
+from reinforce.teachers.dense import DENSE_LIBRARY, SegmentationTeacher
+from stores.cli_errors import cli_errors, debug_flag
+from stores.manifest import TeacherCard
 from train.data import LabeledViews, SegmentationViews, labeled_classes, open_labeled
 from train.optim import TrainSchedule, fit
 from train.protocol import Protocol, comma_floats, select

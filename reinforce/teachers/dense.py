@@ -24,7 +24,9 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.models.segmentation.deeplabv3 import DeepLabHead
 
-from reinforce.teachers import TeacherModel, register_backbone_library, tokens_to_map
+from reinforce.teachers.backbones import register_backbone_library, tokens_to_map
+from reinforce.teachers.model import TeacherModel
+from reinforce.teachers.timm_backbone import is_vit
 
 __all__ = ["DENSE_LIBRARY", "OUTPUT_STRIDE", "DenseBackbone", "DenseNet", "SegmentationTeacher", "upsample_logits"]
 
@@ -41,18 +43,15 @@ class DenseBackbone(nn.Module):
 
         if not timm.is_model(name):
             raise ValueError(f"timm has no model named {name!r}")
-        try:
+        self.tokens = is_vit(name)  # ViTs have no strided stages to dilate: their patch tokens, resized
+        if self.tokens:
+            self.net = timm.create_model(name, pretrained=False, num_classes=0, dynamic_img_size=True)
+            self.num_features = self.net.num_features
+        else:
             self.net = timm.create_model(name, pretrained=False, features_only=True, output_stride=OUTPUT_STRIDE,
                                          out_indices=(-1,))
-            self.tokens, self.num_features = False, self.net.feature_info.channels()[-1]
-        except TypeError:  # ViTs reject output_stride: no strided stages to dilate
-            self.net = timm.create_model(name, pretrained=False, num_classes=0, dynamic_img_size=True)
-            self.tokens, self.num_features = True, self.net.num_features
+            self.num_features = self.net.feature_info.channels()[-1]
         self.pretrained_cfg = self.net.pretrained_cfg
-
-        # state dicts use the timm network's own key names (no ``net.``), so timm checkpoints load as they are
-        self._register_state_dict_hook(_drop_net_prefix)
-        self.register_load_state_dict_pre_hook(_add_net_prefix)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.tokens:
@@ -61,15 +60,17 @@ class DenseBackbone(nn.Module):
         size = [math.ceil(s / OUTPUT_STRIDE) for s in x.shape[-2:]]
         return F.interpolate(tokens_to_map(tokens), size=size, mode="bilinear", align_corners=False)
 
+    def library_state_dict(self) -> dict[str, torch.Tensor]:
+        """The timm network's own key names (no ``net.``), so timm checkpoints load as they are and zoo entries and
+        student directories hold timm's keys."""
+        return self.net.state_dict()
 
-def _drop_net_prefix(module: nn.Module, state: dict, prefix: str, metadata: dict) -> None:
-    for key in [k for k in state if k.startswith(prefix + "net.")]:
-        state[prefix + key[len(prefix) + 4:]] = state.pop(key)
+    def load_library_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.net.load_state_dict(state)
 
-
-def _add_net_prefix(module: nn.Module, state: dict, prefix: str, *_) -> None:
-    for key in [k for k in state if k.startswith(prefix) and not k.startswith(prefix + "net.")]:
-        state[prefix + "net." + key[len(prefix):]] = state.pop(key)
+    def checkpoint_state(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """A checkpoint is read under timm's key names as it is (a classifier's extra keys are left to the caller)."""
+        return state
 
 
 def upsample_logits(logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -88,6 +89,22 @@ class DenseNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.backbone(x))
+
+    def library_state_dict(self) -> dict[str, torch.Tensor]:
+        """``backbone.`` + the timm network's own keys, ``head.`` + the DeepLab head's: a student directory's keys."""
+        return {**{f"backbone.{k}": v for k, v in self.backbone.library_state_dict().items()},
+                **{f"head.{k}": v for k, v in self.head.state_dict().items()}}
+
+    def load_library_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Inverse of ``library_state_dict``: every key must be there, none left over."""
+        parts = {"backbone.": {}, "head.": {}}
+        for key, tensor in state.items():
+            prefix = next((p for p in parts if key.startswith(p)), None)
+            if prefix is None:
+                raise KeyError(f"unexpected key {key!r} in a DenseNet state (keys start with backbone. or head.)")
+            parts[prefix][key.removeprefix(prefix)] = tensor
+        self.backbone.load_library_state_dict(parts["backbone."])
+        self.head.load_state_dict(parts["head."])
 
 
 class SegmentationTeacher(TeacherModel):

@@ -31,17 +31,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from reinforce.sources import (
-    FASHION_MNIST_CLASSES,
-    IMAGE_SUFFIXES,
-    Source,
-    _fashion_mnist_path,
-    _files_content_id,
-    _load_file,
-    _read_idx,
-    open_source,
-    register_source,
-)
+from reinforce.sources.fashion_mnist import FASHION_MNIST_CLASSES, fashion_mnist_path, open_fashion_mnist, read_idx
+from reinforce.sources.files import files_content_id, load_file, own_file_bytes
+from reinforce.sources.registry import IMAGE_SUFFIXES, Source, register_source
 
 __all__ = [
     "BACKGROUND",
@@ -68,7 +60,7 @@ def _fashion_mnist_seg(rest: str) -> Source:
                          f"fashion-mnist-seg:train|test[@CANVAS][,grid=G] with CANVAS >= G * {ITEM}, "
                          "e.g. fashion-mnist-seg:train@64,grid=2")
     split = match[1]
-    items = open_source(f"fashion-mnist:{split}")  # the real images, with its own missing-data error
+    items = open_fashion_mnist(split)  # the real images, with its own missing-data error
     count = len(items) // grid**2
     name = f"fashion-mnist-seg:{split}@{canvas},grid={grid}"
     keys = np.array([f"{split}/{i:05d}" for i in range(count)])
@@ -89,8 +81,8 @@ def _mosaic(uri: str) -> tuple[torch.Tensor, torch.Tensor]:
     name, _, index = uri.rpartition("#")
     split, canvas, grid = _MOSAIC_SPEC.fullmatch(name.removeprefix("fashion-mnist-seg:")).groups()
     canvas, grid, index = int(canvas), int(grid), int(index)
-    images = _read_idx(str(_fashion_mnist_path(split, "images")))
-    labels = _read_idx(str(_fashion_mnist_path(split, "labels")))
+    images = read_idx(str(fashion_mnist_path(split, "images")))
+    labels = read_idx(str(fashion_mnist_path(split, "labels")))
     order = _item_order(split, len(labels))[index * grid**2: (index + 1) * grid**2]
     cell = canvas // grid
     offsets = np.random.default_rng([1, index]).integers(0, cell - ITEM + 1, size=(grid**2, 2))
@@ -128,8 +120,8 @@ def _segfolder(root: str) -> Source:
 
 
 def mask_manifest(path: str, keys: list[str], images: list[Path], masks: list[Path]) -> Source:
-    """A manifest's image/mask pairs (``reinforce.sources`` opens FILE.parquet|csv and hands a ``mask`` column
-    here); the class names come from ``classes.txt`` beside it, as in a segfolder."""
+    """A manifest's image/mask pairs (``reinforce.sources.manifests`` opens FILE.parquet|csv and hands a ``mask``
+    column here); the class names come from ``classes.txt`` beside it, as in a segfolder."""
     classes = Path(path).parent / "classes.txt"
     return _paired(path, keys, images, masks, _read_classes(classes, f"mask manifest {path!r}"))
 
@@ -147,8 +139,8 @@ def _paired(spec: str, keys: list[str], images: list[Path], masks: list[Path], c
         _check_mask(image, mask, len(class_names))
     uris = [str(p) for p in images]
     mask_loader = functools.partial(_load_listed_mask, dict(zip(uris, map(str, masks))))  # picklable for workers
-    return Source(spec, np.array(keys), np.array(uris), None, class_names, _load_file,
-                  _files_content_id(list(images) + list(masks)), mask_loader=mask_loader)
+    return Source(spec, np.array(keys), np.array(uris), None, class_names, load_file,
+                  files_content_id(list(images) + list(masks)), mask_loader=mask_loader, file_bytes=own_file_bytes)
 
 
 def _check_mask(image: Path, mask: Path, num_classes: int) -> None:
