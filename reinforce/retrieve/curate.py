@@ -16,6 +16,7 @@ import torch
 
 from reinforce.augment import CropFlip, create_policy
 from reinforce.build import BuildConfig, build, make_codecs, store_content
+from reinforce.retrieve.nearcopy import NEAR_COPY_THRESHOLD, nearest_copies, thumbnails
 from reinforce.retrieve.search import (
     INDEX_KINDS,
     STRATEGIES,
@@ -29,7 +30,6 @@ from reinforce.retrieve.search import (
     similar_pairs,
     unit_rows,
 )
-from reinforce.nearcopy import NEAR_COPY_THRESHOLD, nearest_copies, thumbnails
 from reinforce.sources import Source, open_source
 from reinforce.teachers import TeacherModel, create_teacher, embedded_imagenet_teacher
 from stores.manifest import TeacherCard, content_id
@@ -68,7 +68,7 @@ class RetrieveConfig:
     nprobe: int = 16
     duplicate_threshold: float = 0.99
     leak_threshold: float = 0.95
-    near_copy: bool = True  # also flag a leak by pixels: thumbnail correlation with a task image (reinforce.nearcopy)
+    near_copy: bool = True  # also flag a leak by pixels: thumbnail correlation with a task image (reinforce.retrieve.nearcopy)
     near_copy_threshold: float = NEAR_COPY_THRESHOLD
     keep_leaks: bool = False
     with_queries: bool = False  # append the query images (their centre crops) to the manifest, as the paper does
@@ -196,7 +196,7 @@ class Cleaning:
     parent: np.ndarray  # int64 [images]: union-find over duplicate pairs, rooted at the smallest index
     # image -> its NEAREST_TASK nearest task images as (similarity, task row), best first
     nearest_task: dict[int, list[tuple[float, int]]] = dataclasses.field(default_factory=dict)
-    # image -> its best thumbnail correlation with a task image and that task row (reinforce.nearcopy)
+    # image -> its best thumbnail correlation with a task image and that task row (reinforce.retrieve.nearcopy)
     near_copy: dict[int, tuple[float, int]] = dataclasses.field(default_factory=dict)
     duplicates: set[int] = dataclasses.field(default_factory=set)
     leaks: set[int] = dataclasses.field(default_factory=set)
