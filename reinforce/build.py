@@ -43,7 +43,7 @@ from reinforce.progress import progress_bar
 from reinforce.sources import Source, open_source
 from reinforce.teachers import TeacherCard, TeacherModel, create_teacher
 from stores.catalog import find_store
-from stores.cli import cli_errors, debug_flag
+from stores.cli import HelpFormatter, cli_errors, debug_flag
 from stores.codecs import (
     Codec,
     EmbeddingCodec,
@@ -433,7 +433,7 @@ def _policy_arg(text: str) -> tuple[str, Any]:
 def parse_args(argv: list[str] | None = None) -> tuple[BuildConfig, bool]:
     """The build's config and whether ``--debug`` was given."""
     parser = argparse.ArgumentParser(prog="python -m reinforce.build", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     formatter_class=HelpFormatter)
     defaults = BuildConfig(teacher="", transfer_set="", out="")
     parser.add_argument("--teacher", default="",
                         help="zoo entry: a path or a name under $VFM_REINFORCE_HOME/teachers or ./teachers "

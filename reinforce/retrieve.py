@@ -57,7 +57,7 @@ from reinforce.augment import CropFlip, create_policy
 from reinforce.build import BuildConfig, build, make_codecs, store_content
 from reinforce.sources import Source, open_source
 from reinforce.teachers import TeacherModel, create_teacher, embedded_imagenet_teacher
-from stores.cli import cli_errors, debug_flag
+from stores.cli import HelpFormatter, cli_errors, debug_flag
 from stores.manifest import TeacherCard, content_id
 from stores.store import THETA, open_store
 
@@ -377,7 +377,7 @@ def _write_manifest(out: str, chosen: Selection, views: int, gallery: Embedded, 
 def parse_args(argv: list[str] | None = None) -> tuple[RetrieveConfig, bool]:
     """The retrieval's config and whether ``--debug`` was given."""
     parser = argparse.ArgumentParser(prog="python -m reinforce.retrieve", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     formatter_class=HelpFormatter)
     defaults = RetrieveConfig(queries="", gallery="", out="")
     parser.add_argument("--queries", required=True, help="source spec of the labeled task images (the query set)")
     parser.add_argument("--gallery", required=True, help="source spec of the gallery (see reinforce.sources)")

@@ -233,6 +233,35 @@ def test_teacher_size_defaults_to_the_backbones_pretrained_size(tmp_path, random
     assert card.input_size == 224  # timm pretrained_cfg input_size
 
 
+def test_random_init_student_takes_the_architectures_pretrained_size():
+    """``--student`` without ``--size`` trains at the architecture's pretrained size, as a teacher does."""
+    card = tune("--student", "mobilenetv3_small_050", "--data", "fashion-mnist:train", "--shots", "1",
+                "--steps", "1", "--batch-size", "2", "--folds", "0", "--out", "native")
+    assert card.input_size == 224 and card.history[-1]["size"] == 224  # timm pretrained_cfg input_size
+
+
+@pytest.mark.parametrize(("module", "shown"), [
+    ("train.finetune", [r"--batch-size BATCH_SIZE\s+\(default: 32\)", r"--patience PATIENCE +\(default: 0\)",
+                        r"--steps STEPS .*\(default: 300\)", r"--lr LR .*\(default: 0.001\)"]),
+    ("train.distill", [r"--epochs EPOCHS .*\(default: \d+\)"]),
+    ("reinforce.build", [r"--views VIEWS .*\(default: \d+\)"]),
+    ("train.pipeline", [r"--run-dir RUN_DIR .*\(default: runs/pipeline\)"]),
+    ("stores", []),
+])
+def test_help_shows_each_flags_default(module, shown, capsys, monkeypatch):
+    """Every CLI's ``--help`` says what an omitted flag means (flags without help text too)."""
+    import importlib
+    import re
+
+    monkeypatch.setenv("COLUMNS", "300")  # one line per flag
+    with pytest.raises(SystemExit) as exit_info:
+        importlib.import_module(module if module != "stores" else "stores.__main__").main(["--help"])
+    text = capsys.readouterr().out
+    assert exit_info.value.code == 0 and text.startswith("usage:")
+    for pattern in shown:
+        assert re.search(pattern, text), (pattern, text)
+
+
 @pytest.mark.parametrize("strong", [False, True])
 def test_build_warns_when_the_teacher_is_not_ahead_of_labels_only(strong, caplog):
     """The labels-only student is cross-validated on the teacher's folds by default; a teacher not ahead of it is

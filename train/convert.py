@@ -20,7 +20,7 @@ from pathlib import Path
 from reinforce.layout import LAYOUT_VERSION
 from reinforce.teachers import TeacherCard, TeacherModel, create_backbone, save_teacher
 from reinforce.tensor_files import load_tensors
-from stores.cli import cli_errors, debug_flag
+from stores.cli import HelpFormatter, cli_errors, debug_flag
 from train.models import StudentCard, create_student, save_student
 
 __all__ = ["convert", "main"]
@@ -54,7 +54,8 @@ def convert(directory: str | os.PathLike) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="train.convert", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="train.convert", description=__doc__.split("\n\n")[0],
+                                     formatter_class=HelpFormatter)
     parser.add_argument("directories", nargs="+", metavar="DIR", help="student or teacher directory (layout 1)")
     args = debug_flag(parser).parse_args(argv)
     with cli_errors(parser.prog, args.debug):

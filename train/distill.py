@@ -47,7 +47,7 @@ from torch.utils.data import BatchSampler, DataLoader, DistributedSampler
 from reinforce.progress import progress_bar
 from reinforce.replay import Replay, ReplayDataset, StreamReplay, open_replay
 from reinforce.teachers import TeacherModel, create_teacher
-from stores.cli import cli_errors, debug_flag
+from stores.cli import HelpFormatter, cli_errors, debug_flag
 from stores.errors import InputError
 from stores.store import describe_mismatch
 from train import deepspeed_glue
@@ -310,7 +310,7 @@ def _targets(text: str | None) -> tuple[tuple[str, ...] | None, dict[str, float]
 def parse_args(argv: list[str] | None = None) -> tuple[DistillConfig, bool]:
     """The run's config and whether ``--debug`` was given."""
     parser = argparse.ArgumentParser(prog="python -m train.distill", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     formatter_class=HelpFormatter)
     defaults = DistillConfig(store="", student="", out="")
     parser.add_argument("--store", required=True, help="reinforced store directory (reinforce.build --out)")
     parser.add_argument("--student", required=True, help="timm architecture, e.g. mobilenetv3_small_050")

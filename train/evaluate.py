@@ -24,7 +24,7 @@ import numpy as np
 
 from reinforce.dense import SegmentationTeacher
 from reinforce.sources import open_source
-from stores.cli import cli_errors, debug_flag
+from stores.cli import HelpFormatter, cli_errors, debug_flag
 from train.calibration import calibration
 from train.data import accuracy, evaluate_model, open_labeled, predict_logits
 from train.models import SegmentationStudent, load_classifier
@@ -56,7 +56,8 @@ def evaluate(model_name: str, data: str, batch_size: int = 256, predictions: str
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(prog="train.evaluate", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="train.evaluate", description=__doc__.split("\n\n")[0],
+                                     formatter_class=HelpFormatter)
     parser.add_argument("--model", required=True, help="student directory or teacher zoo name/path")
     parser.add_argument("--data", required=True, help="labeled source spec, e.g. fashion-mnist:test")
     parser.add_argument("--out", help="also write the JSON here")

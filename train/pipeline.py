@@ -67,7 +67,7 @@ import torch
 import yaml
 
 from reinforce.sources import open_source
-from stores.cli import cli_errors, debug_flag
+from stores.cli import HelpFormatter, cli_errors, debug_flag
 from stores.errors import InputError
 from stores.manifest import TeacherCard
 from train import card, report
@@ -529,7 +529,8 @@ def print_plan(recipe: dict[str, Any], run_dir: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m train.pipeline", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m train.pipeline", description=__doc__.split("\n\n")[0],
+                                     formatter_class=HelpFormatter)
     parser.add_argument("recipe", nargs="?", default=str(DEFAULT_RECIPE), help="recipe YAML (default: embedded)")
     parser.add_argument("--run-dir", default="runs/pipeline", help="where teachers, stores, models and results go")
     parser.add_argument("--publish", help="also copy results.md and the plots into this directory (e.g. docs)")

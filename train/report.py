@@ -31,7 +31,7 @@ from typing import Any
 import polars as pl
 
 from reinforce.teachers import TeacherCard, read_teacher_card
-from stores.cli import cli_errors, debug_flag
+from stores.cli import HelpFormatter, cli_errors, debug_flag
 from stores.location import Location
 from stores.store import read_manifest
 from train.calibration import plot_reliability, pool_bins
@@ -466,7 +466,8 @@ def write_report(rows: list[dict[str, Any]], run_dir: Path, title: str = "result
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m train.report", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m train.report", description=__doc__.split("\n\n")[0],
+                                     formatter_class=HelpFormatter)
     parser.add_argument("run_dirs", nargs="+", metavar="RUN",
                         help="train.pipeline run directories holding results.parquet (e.g. one per seed)")
     parser.add_argument("--out", help="where results.md and the plots go (default: the first RUN); several runs "

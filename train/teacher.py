@@ -49,7 +49,7 @@ from reinforce.teachers import (
     save_teacher,
     teacher_zoo,
 )
-from stores.cli import cli_errors, debug_flag
+from stores.cli import HelpFormatter, cli_errors, debug_flag
 from train.data import LabeledViews, SegmentationViews, labeled_classes, open_labeled
 from train.optim import TrainSchedule, fit
 from train.protocol import Protocol, comma_floats, select
@@ -296,7 +296,7 @@ def _fit_probe(model: TeacherModel, source: Source, setting: TeacherSetting, con
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="train.teacher", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     formatter_class=HelpFormatter)
     parser.add_argument("--backbone", required=True, help="timm or open_clip model name")
     parser.add_argument("--library", default="timm", choices=("timm", "open_clip"))
     weights = parser.add_mutually_exclusive_group()
