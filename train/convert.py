@@ -53,7 +53,7 @@ def convert(directory: str | os.PathLike) -> str:
     return kind
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="train.convert", description=__doc__.split("\n\n")[0],
                                      formatter_class=HelpFormatter)
     parser.add_argument("directories", nargs="+", metavar="DIR", help="student or teacher directory (layout 1)")
@@ -61,7 +61,8 @@ def main(argv: list[str] | None = None) -> None:
     with cli_errors(parser.prog, args.debug):
         for directory in args.directories:
             print(f"train.convert: {directory}: {convert(directory)} directory now in timm's layout")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -307,8 +307,8 @@ def _targets(text: str | None) -> tuple[tuple[str, ...] | None, dict[str, float]
     return tuple(names), weights
 
 
-def parse_args(argv: list[str] | None = None) -> tuple[DistillConfig, bool]:
-    """The run's config and whether ``--debug`` was given."""
+def build_parser() -> argparse.ArgumentParser:
+    """``train.distill``'s command line (``train.pipeline`` checks a recipe's section with it)."""
     parser = argparse.ArgumentParser(prog="python -m train.distill", description=__doc__.split("\n\n")[0],
                                      formatter_class=HelpFormatter)
     defaults = DistillConfig(store="", student="", out="")
@@ -338,7 +338,13 @@ def parse_args(argv: list[str] | None = None) -> tuple[DistillConfig, bool]:
                         help="uncached ceiling: the store's teacher runs on a fresh view of every sample every step")
     parser.add_argument("--teacher", default=None, help="--online: the store's teacher (default: its zoo entry)")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # DeepSpeed
-    args = vars(debug_flag(parser).parse_args(argv))
+    return debug_flag(parser)
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[DistillConfig, bool]:
+    """The run's config and whether ``--debug`` was given."""
+    parser = build_parser()
+    args = vars(parser.parse_args(argv))
     args.pop("local_rank")  # the DeepSpeed launcher passes it and sets LOCAL_RANK, which init_distributed reads
     args["targets"], args["weights"] = _targets(args["targets"])
     args["losses"] = tuple(name.strip() for name in args.pop("loss").split(","))

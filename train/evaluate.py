@@ -55,7 +55,7 @@ def evaluate(model_name: str, data: str, batch_size: int = 256, predictions: str
     return {**metrics, "num_images": len(source), "model": model_name, "data": data}
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="train.evaluate", description=__doc__.split("\n\n")[0],
                                      formatter_class=HelpFormatter)
     parser.add_argument("--model", required=True, help="student directory or teacher zoo name/path")
@@ -71,8 +71,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(text + "\n")
-    return result
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

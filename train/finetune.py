@@ -153,7 +153,8 @@ def _initial_student(config: FinetuneConfig, class_names: tuple[str, ...],
     return model, card
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """``train.finetune``'s command line (``train.pipeline`` checks a recipe's section with it)."""
     parser = argparse.ArgumentParser(prog="train.finetune", description=__doc__.split("\n\n")[0],
                                      formatter_class=HelpFormatter)
     start = parser.add_mutually_exclusive_group(required=True)
@@ -176,7 +177,12 @@ def main(argv: list[str] | None = None) -> int:
                  "workers"):
         default = getattr(defaults, flag)
         parser.add_argument(f"--{flag.replace('_', '-')}", type=type(default), default=default)
-    args = vars(debug_flag(parser).parse_args(argv))
+    return debug_flag(parser)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = vars(parser.parse_args(argv))
     with cli_errors(parser.prog, args.pop("debug")):
         card = finetune(FinetuneConfig(**args))
     last = card.history[-1]
