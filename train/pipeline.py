@@ -2,8 +2,9 @@
 
 A recipe (``train/recipes/*.yaml``) names grid axes — ``shots`` (labels per class), ``transfer``
 (named transfer sets), ``method`` and ``teacher_mode`` — and, per stage, the flags of that stage's
-command line. Every cell of the product is run; a cell is a chain of derived artifacts, each
-keyed by its inputs (the hash of its command line, upstream artifacts included), made once under
+command line, loaded as a ``train.recipe.Recipe`` whose every section is parsed by its stage's own parser
+before anything runs (methods: ``train.methods``). Every cell of the product is run; a cell is a chain of
+derived artifacts, each keyed by its inputs (the hash of its command line, upstream artifacts included), made once under
 RUN_DIR and shared by every cell that needs it::
 
     teacher(shots, mode)    train.teacher --mode lp|ft|auto --val-fraction F    task-oriented cells
