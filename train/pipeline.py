@@ -268,13 +268,12 @@ def _execute(step: Step, threads: int) -> int:
                **dict.fromkeys(("OMP_NUM_THREADS", "MKL_NUM_THREADS"), str(threads))}
         return subprocess.run([sys.executable, "-m", step.module, *step.argv], env=env).returncode
     try:
-        result = importlib.import_module(step.module).main(list(step.argv))
+        return importlib.import_module(step.module).main(list(step.argv))  # every CLI's main returns its status
     except SystemExit as error:  # argparse and cli_errors exit 2 with a one-line message
         return error.code if isinstance(error.code, int) else 1
     except Exception:  # what a subprocess would show: the traceback, then exit status 1
         traceback.print_exc()
         return 1
-    return result if isinstance(result, int) and not isinstance(result, bool) else 0
 
 
 def read_json(path: Path) -> dict[str, Any]:

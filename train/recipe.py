@@ -85,6 +85,12 @@ class Recipe:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str | os.PathLike = "recipe") -> Recipe:
+        """``data`` (a recipe's YAML mapping) typed: every section known, the required ones present, lists where
+        lists belong; ``InputError`` naming ``source`` otherwise. ``load_recipe`` also checks the values."""
+        return _typed(source, data)
+
     @property
     def task(self) -> str:
         """``segmentation`` when the labeled data are image/mask pairs (any source with masks), else
@@ -136,7 +142,7 @@ def load_recipe(path: str | os.PathLike) -> Recipe:
     retired = [f"{key} (now {RETIRED[key]})" for key in RETIRED if key in raw]
     if retired:
         raise InputError(f"{path}: {', '.join(retired)}")
-    recipe = _typed(path, raw)
+    recipe = Recipe.from_dict(raw, path)
     grid = recipe.grid
     unknown = set(grid.method) - set(METHODS)
     if unknown:
@@ -166,7 +172,7 @@ def load_recipe(path: str | os.PathLike) -> Recipe:
 
 
 def _typed(path: str | os.PathLike, raw: dict[str, Any]) -> Recipe:
-    """``raw`` as a ``Recipe``: every section known, the required ones present, lists where lists belong."""
+    """``Recipe.from_dict``."""
     fields = {f.name: f for f in dataclasses.fields(Recipe)}
     unknown = [key for key in raw if key not in fields]
     if unknown:
