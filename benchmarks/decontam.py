@@ -1,5 +1,5 @@
 """Recall and false positives of retrieval de-contamination on planted near-copies of Fashion-MNIST test images:
-the pixel-level thumbnail-correlation check (``reinforce.retrieve.nearcopy``) beside the embedding-only check (cosine > 0.95,
+the pixel-level thumbnail-correlation check (``nearcopy``) beside the embedding-only check (cosine > 0.95,
 embedded Lite0).
 
 Why: the threshold of the pixel check must be chosen on plants other than those reported. Two disjoint sets of test

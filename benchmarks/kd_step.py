@@ -29,8 +29,8 @@ from reinforce.replay import ReplayDataset, open_replay
 from reinforce.teachers import TeacherModel, embedded_imagenet_teacher
 from train import deepspeed_glue
 from train.distill import DistillConfig, build_objective, make_loader, train_epoch
+from train.flops import forward_flops
 from train.models import create_student
-from train.report import forward_flops
 
 
 def make_run(replay: ReplayDataset, config: DistillConfig, epochs: int):

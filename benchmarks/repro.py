@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 
 from train import pipeline
+from train.recipe import DEFAULT_RECIPE
 
 
 def rows(run_dir: Path) -> dict[tuple, dict]:
@@ -28,7 +29,7 @@ def rows(run_dir: Path) -> dict[tuple, dict]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("recipe", nargs="?", default=str(pipeline.DEFAULT_RECIPE))
+    parser.add_argument("recipe", nargs="?", default=str(DEFAULT_RECIPE))
     parser.add_argument("--run-dir", default="runs/repro", help="THREADS-thread runs go to RUN_DIR/tTHREADS")
     parser.add_argument("--threads", default="1,2", help="thread counts to compare")
     args = parser.parse_args(argv)

@@ -15,7 +15,6 @@ Example:
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 from pathlib import Path
 
@@ -24,8 +23,8 @@ import yaml
 
 from reinforce.retrieve.__main__ import main as retrieve_main
 from reinforce.sources import open_source
-from train.pipeline import RECIPES, load_recipe
 from train.pipeline import main as pipeline_main
+from train.recipe import RECIPES, read_recipe
 
 GALLERY_PARTS = ("fashion-mnist:train?shots=25&seed=0&part=unlabeled&limit=2000", "photo-crops:4000@64",
                  "sklearn:digits")
@@ -47,9 +46,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     run = Path(args.run_dir)
     run.mkdir(parents=True, exist_ok=True)
-    recipe = copy.deepcopy(load_recipe(RECIPES / "comparison.yaml"))
+    recipe = read_recipe(RECIPES / "comparison.yaml")  # edited, then checked by the pipeline
     gallery = write_gallery(run / "gallery.parquet")
-    queries = f"{recipe['data']}?shots={args.shots}&seed={recipe['seed']}&part=labeled"
+    queries = f"{recipe['data']}?shots={args.shots}&seed={recipe['seeds'][0]}&part=labeled"
     sets = {}
     for strategy in ("query-balanced", "random"):
         out = run / f"{strategy}.parquet"

@@ -44,7 +44,8 @@ import torch
 from stores.codecs import bias_z2_per_dof, create_codec
 from stores.store import open_store
 from stores.verify import describe_store
-from train.calibration import plot_reliability, pool_bins
+from train.calibration import pool_bins
+from train.plots import plot_reliability
 
 FMNIST = "fashion-mnist:train"
 TEACHER = ["--backbone", "tf_efficientnet_lite0", "--library", "timm", "--weights", "embedded", "--size", "64",

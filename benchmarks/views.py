@@ -20,25 +20,22 @@ Example:
 from __future__ import annotations
 
 import argparse
-import copy
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
 
 from stores.verify import describe_store
-from train import report
-from train.pipeline import DEFAULT_RECIPE, Cell, Planner, Runner, load_recipe
+from train.pipeline import Cell, Planner, Runner, read_json
+from train.recipe import DEFAULT_RECIPE, Recipe, load_recipe
 
 
-def variant(recipe: dict[str, Any], build: dict[str, Any], distill: dict[str, Any]) -> dict[str, Any]:
+def variant(recipe: Recipe, build: dict[str, Any], distill: dict[str, Any]) -> Recipe:
     """The recipe with some build and distill flags changed."""
-    changed = copy.deepcopy(recipe)
-    changed["build"] = {**(changed.get("build") or {}), **build}
-    changed["distill"] = {**(changed.get("distill") or {}), **distill}
-    return changed
+    return dataclasses.replace(recipe, build={**recipe.build, **build}, distill={**recipe.distill, **distill})
 
 
-def run_variant(recipe: dict[str, Any], run_dir: Path, runner: Runner, cell: Cell, online: bool = False) -> dict:
+def run_variant(recipe: Recipe, run_dir: Path, runner: Runner, cell: Cell, online: bool = False) -> dict:
     """Teacher, store, distilled student, finetunes and test score of ``cell`` under ``recipe``."""
     planner = Planner(recipe, run_dir)
     teacher = planner.teacher(cell.shots, cell.teacher_mode)
@@ -53,12 +50,12 @@ def run_variant(recipe: dict[str, Any], run_dir: Path, runner: Runner, cell: Cel
     runner.ensure(evaluation)
     runner.ensure(distilled_evaluation)
     described = describe_store(store.out)
-    stage = report.read_json(distilled.out / "student.json")["history"][-1]
+    stage = read_json(distilled.out / "student.json")["history"][-1]
     views = stage.get("views", described["views"])
-    return {"views": views, "topk": recipe["build"].get("topk", 5), "online": online,
-            "top1": report.read_json(evaluation.out / "test.json")["top1"],
-            "distilled_top1": report.read_json(distilled_evaluation.out / "test.json")["top1"],
-            "chosen": report.read_json(chosen.out / "student.json")["history"][-1]["chosen"],
+    return {"views": views, "topk": recipe.build.get("topk", 5), "online": online,
+            "top1": read_json(evaluation.out / "test.json")["top1"],
+            "distilled_top1": read_json(distilled_evaluation.out / "test.json")["top1"],
+            "chosen": read_json(chosen.out / "student.json")["history"][-1]["chosen"],
             "store_mb": 0.0 if online else described["bytes_per_view"] * views * described["samples_ok"] / 1e6,
             "bytes_per_view": described["bytes_per_view"], "distill_seconds": seconds["distill"],
             "build_seconds": seconds["build"], "steps": stage["steps"]}
@@ -104,22 +101,22 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     recipe, run_dir = load_recipe(args.recipe), Path(args.run_dir)
     if args.lr is not None:
-        recipe["finetune"]["lr"] = [args.lr]
+        recipe = dataclasses.replace(recipe, finetune={**recipe.finetune, "lr": [args.lr]})
     runner = Runner(run_dir)
-    mode = recipe["grid"].get("teacher_mode", ["ft"])[-1]
-    cell = Cell(recipe["grid"]["shots"][0], recipe["grid"]["transfer"][0], "task-oriented", mode)
+    mode = recipe.grid.teacher_mode[-1]
+    cell = Cell(recipe.grid.shots[0], recipe.grid.transfer[0], "task-oriented", mode)
     ks = [int(k) for k in args.views.split(",")]
     online = run_variant(recipe, run_dir, runner, cell, online=True)
     by_topk = [run_variant(variant(recipe, {"topk": int(k)}, {}), run_dir, runner, cell) for k in args.topk.split(",")]
     by_views = [run_variant(variant(recipe, {"views": max(ks)}, {"views": k}), run_dir, runner, cell) for k in ks]
-    default = next((r for r in by_topk if r["topk"] == recipe["build"].get("topk", 5)), None)
+    default = next((r for r in by_topk if r["topk"] == recipe.build.get("topk", 5)), None)
     if default is not None and default["views"] not in ks:  # the recipe's own K-view build is a point too
         by_views = sorted([*by_views, default], key=lambda r: r["views"])
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     plot(by_views, online, "views", out / "top1_vs_views.png", "cached views per image (K)")
     plot(by_topk, online, "topk", out / "top1_vs_topk.png", f"logits kept per view (top-k of 10), K = "
-         f"{recipe['build'].get('views')}")
+         f"{recipe.build.get('views')}")
 
     def table(rows: list[dict]) -> str:
         lines = ["| K views | top-k | test top-1 | distilled, before finetune | finetune chosen (CV) | store MB | "
@@ -131,13 +128,13 @@ def main(argv: list[str] | None = None) -> None:
 
     text = (f"# How many cached views are enough ({Path(args.recipe).name}, {cell.shots} labels/class, "
             f"{mode} teacher)\n\nSame student, same {online['steps']} distillation steps, same finetune (lr "
-            f"{', '.join(map(str, recipe['finetune']['lr']))}, chosen by cross-validation), test top-1 on "
-            f"{recipe['test']}, one seed. Online KD (teacher on a fresh view "
+            f"{', '.join(map(str, recipe.finetune['lr']))}, chosen by cross-validation), test top-1 on "
+            f"{recipe.test}, one seed. Online KD (teacher on a fresh view "
             f"every step): **{100 * online['top1']:.1f}%** ({100 * online['distilled_top1']:.1f}% before "
             f"finetuning). Store MB: the logits and θ arrays of the views read "
             f"(bytes per view x K x images). Wall times of the default run: README.\n\n"
             f"## Views (one {max(ks)}-view build, first K views)\n\n{table(by_views)}\n\n![top-1 vs views]"
-            f"(top1_vs_views.png)\n\n## Logits kept per view (K = {recipe['build'].get('views')})\n\n"
+            f"(top1_vs_views.png)\n\n## Logits kept per view (K = {recipe.build.get('views')})\n\n"
             f"{table(by_topk)}\n\n![top-1 vs top-k](top1_vs_topk.png)\n\n"
             f"Reproduce: `make demo && make views` (`python benchmarks/views.py --run-dir runs/pipeline --out docs"
             f"`; artifacts already made, e.g. by the demo, are reused).\n")

@@ -43,7 +43,7 @@ from reinforce.progress import progress_bar
 from reinforce.sources import Source, open_source
 from reinforce.teachers import TeacherModel, create_teacher
 from stores.catalog import find_store
-from stores.cli_errors import cli_errors, debug_flag
+from stores.cli_errors import HelpFormatter, cli_errors, debug_flag
 from stores.cli_logging import log_to_stderr
 from stores.codecs import (
     Codec,
@@ -432,10 +432,10 @@ def _policy_arg(text: str) -> tuple[str, Any]:
         return key, value
 
 
-def parse_args(argv: list[str] | None = None) -> tuple[BuildConfig, bool]:
-    """The build's config and whether ``--debug`` was given."""
+def build_parser() -> argparse.ArgumentParser:
+    """``reinforce.build``'s command line (``train.pipeline`` checks a recipe's section with it)."""
     parser = argparse.ArgumentParser(prog="python -m reinforce.build", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     formatter_class=HelpFormatter)
     defaults = BuildConfig(teacher="", transfer_set="", out="")
     parser.add_argument("--teacher", default="",
                         help="zoo entry: a path or a name under $VFM_REINFORCE_HOME/teachers or ./teachers "
@@ -488,7 +488,13 @@ def parse_args(argv: list[str] | None = None) -> tuple[BuildConfig, bool]:
     parser.add_argument("--chunk-samples", type=int, default=defaults.chunk_samples, help="samples per read chunk")
     parser.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # DeepSpeed
-    args = vars(debug_flag(parser).parse_args(argv))
+    return debug_flag(parser)
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[BuildConfig, bool]:
+    """The build's config and whether ``--debug`` was given."""
+    parser = build_parser()
+    args = vars(parser.parse_args(argv))
     args.pop("local_rank")  # the launcher also sets LOCAL_RANK, which is what the build reads
     debug = args.pop("debug")
     if not args["extend"] and not (args["teacher"] and args["transfer_set"]):

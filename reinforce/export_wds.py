@@ -15,7 +15,7 @@ import argparse
 import sys
 
 from reinforce.replay import transfer_set
-from stores.cli_errors import cli_errors, debug_flag
+from stores.cli_errors import HelpFormatter, cli_errors, debug_flag
 from stores.store import SHARDS_DIR, open_store
 from stores.wds import export_wds
 
@@ -24,7 +24,7 @@ __all__ = ["main"]
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m reinforce.export_wds", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     formatter_class=HelpFormatter)
     parser.add_argument("store", help="the zarr store to copy: a directory or an fsspec URL")
     parser.add_argument("--out", required=True, help="the new store: a directory or an fsspec URL")
     parser.add_argument("--maxsize", type=int, default=256 << 20, help="about this many bytes per shard")

@@ -23,7 +23,7 @@ import numpy as np
 import zarr
 
 from reinforce.augment import AugParams, create_policy
-from stores.cli_errors import cli_errors, debug_flag
+from stores.cli_errors import HelpFormatter, cli_errors, debug_flag
 from stores.codecs import TopKLogitsCodec
 from stores.lineage import library_version
 from stores.manifest import ArraySpec, PolicyRecord, StoreContent, TargetRecord, TeacherCard, TransferSetRecord
@@ -94,7 +94,8 @@ def _v1_rows(old: Path) -> np.ndarray:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m reinforce.upgrade", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m reinforce.upgrade", description=__doc__.split("\n\n")[0],
+                                     formatter_class=HelpFormatter)
     parser.add_argument("old", help="format-version-1 store")
     parser.add_argument("new", help="where to write the version-2 store")
     args = debug_flag(parser).parse_args(argv)

@@ -11,7 +11,7 @@ import json
 import sys
 
 from stores.catalog import list_stores, publish_store
-from stores.cli_errors import cli_errors, debug_flag
+from stores.cli_errors import HelpFormatter, cli_errors, debug_flag
 from stores.codecs import create_codec
 from stores.compare import compare_stores
 from stores.manifest import STORE_ID_PROMISE
@@ -100,17 +100,20 @@ def _cell(value) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m stores", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m stores", description=__doc__, formatter_class=HelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
-    commands.add_parser("inspect", help="print the manifest summary and bytes per view").add_argument("store")
-    verify = commands.add_parser("verify", help="checksums, shapes and a decode of every chunk")
+    commands.add_parser("inspect", help="print the manifest summary and bytes per view",
+                        formatter_class=HelpFormatter).add_argument("store")
+    verify = commands.add_parser("verify", help="checksums, shapes and a decode of every chunk",
+                                 formatter_class=HelpFormatter)
     verify.add_argument("store")
     verify.add_argument("--against", metavar="OTHER", help="also compare with another build of the same store id: "
                         "what one id promises (README 'What a store id promises')")
-    ls = commands.add_parser("ls", help="the stores published under a folder or URL")
+    ls = commands.add_parser("ls", help="the stores published under a folder or URL", formatter_class=HelpFormatter)
     ls.add_argument("root")
     ls.add_argument("--json", action="store_true", help="one JSON list instead of a table")
-    publish = commands.add_parser("publish", help="copy a store to another folder or URL (manifest last)")
+    publish = commands.add_parser("publish", help="copy a store to another folder or URL (manifest last)",
+                                  formatter_class=HelpFormatter)
     publish.add_argument("store")
     publish.add_argument("destination")
     args = debug_flag(parser).parse_args(argv)

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import json
 import os
 import re
@@ -46,7 +47,7 @@ from stores.manifest import ManifestError
 from stores.store import StoreCorruptError, StoreFormatError
 from stores.untrusted import printable
 
-__all__ = ["INPUT_ERRORS", "cli_errors", "debug_flag", "is_user_error"]
+__all__ = ["INPUT_ERRORS", "HelpFormatter", "cli_errors", "debug_flag", "is_user_error"]
 
 INPUT_ERRORS = (InputError, StoreFormatError, ManifestError, StoreCorruptError, StoreLockedError,
                 json.JSONDecodeError)
@@ -54,6 +55,26 @@ OUR_PACKAGES = ("stores", "reinforce", "train")
 _ROOT = Path(__file__).resolve().parents[1]
 _OURS = tuple(str(_ROOT / package) + os.sep for package in OUR_PACKAGES)
 _WORKER = re.compile(r"^Caught \w+ in DataLoader worker process \d+\.")
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """Every CLI's ``formatter_class``: ``--help`` keeps the description's line breaks and shows each flag's
+    default, flags without help text included (an unset default, ``None`` or an off switch, is not shown)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text, default = action.help or "", action.default
+        if default is None or default is False or default is argparse.SUPPRESS or "default" in text:
+            return text  # unset, an off switch, or a help text that already says what the default is
+        if not action.option_strings and action.nargs not in (argparse.OPTIONAL, argparse.ZERO_OR_MORE):
+            return text
+        shown = ",".join(map(str, default)) if isinstance(default, tuple | list) else str(default)
+        return f"{text} (default: {shown.replace('%', '%%')})".lstrip()
+
+    def _format_action(self, action: argparse.Action) -> str:
+        if not action.help and action.option_strings:
+            action = copy.copy(action)
+            action.help = self._get_help_string(action) or None
+        return super()._format_action(action)
 
 
 def debug_flag(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:

@@ -17,6 +17,7 @@ import pytest
 import yaml
 
 from train import pipeline, report
+from train.recipe import DEFAULT_RECIPE, RECIPES, load_recipe
 
 RECIPE = {
     "data": "fashion-mnist:train",
@@ -188,11 +189,11 @@ def test_paired_differences_and_their_interval():
 def test_recipes_plan_their_grids():
     """The shipped recipes parse; the comparison shares stores and distillations across cells, and the frozen
     VFM's teacher and stores across seeds."""
-    recipe = pipeline.load_recipe(pipeline.RECIPES / "comparison.yaml")
+    recipe = load_recipe(RECIPES / "comparison.yaml")
     cells = pipeline.grid_cells(recipe)
-    assert len(cells) == 30 and recipe["seeds"] == [0, 1, 2]  # 3 shots x 2 transfer sets x 5 rows
+    assert len(cells) == 30 and recipe.seeds == (0, 1, 2)  # 3 shots x 2 transfer sets x 5 rows
     steps = {}
-    for seed in recipe["seeds"]:
+    for seed in recipe.seeds:
         planner = pipeline.Planner(recipe, Path("runs/x"), seed)
         steps[seed] = {(s.stage, s.out) for c in cells for s in [*planner.plan(c)[0], planner.plan(c)[1]]}
     # per seed: teachers 3 lp + 3 ft + 1 frozen; stores 2 frozen (one per transfer set) + 6 x 2 task; distills
@@ -200,9 +201,9 @@ def test_recipes_plan_their_grids():
     assert Counter(stage for stage, _ in steps[0]) == {"teacher": 7, "build": 14, "distill": 16, "finetune": 27}
     shared = steps[0] & steps[1] & steps[2]  # what sees no labels: the frozen teacher and its two stores
     assert Counter(stage for stage, _ in shared) == {"teacher": 1, "build": 2}
-    default = pipeline.load_recipe(pipeline.DEFAULT_RECIPE)
-    assert default["grid"]["method"] == ["labeled-only", "task-oriented"] and default["folds"] == 3
-    assert default["reference_teachers"] == ["lp", "ft"]
+    default = load_recipe(DEFAULT_RECIPE)
+    assert default.grid.method == ("labeled-only", "task-oriented") and default.folds == 3
+    assert default.reference_teachers == ("lp", "ft")
     planner = pipeline.Planner(default, Path("runs/x"))
     labeled_only, cached = (planner.plan(c) for c in pipeline.grid_cells(default))
     assert labeled_only[0] == [] and "--student" in labeled_only[1].argv and "--lr" in labeled_only[1].argv
@@ -218,6 +219,35 @@ def test_bad_recipe_is_one_line(tmp_path, capsys):
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("train.pipeline: error:") and "['out']" in err and "\n" not in err
+
+
+@pytest.mark.parametrize(("section", "values", "expected"), [
+    ("finetune", {"patiense": 3}, "finetune: unknown flag 'patiense' (train.finetune has no --patiense); did you "
+                                  "mean 'patience'?"),
+    ("distill", {"epochs": "many"}, "distill: argument --epochs: invalid int value: 'many'"),
+    ("build", {"policy_args": "x"}, "build: unknown flag 'policy_args'"),
+])
+def test_a_bad_flag_in_a_later_stage_fails_before_any_stage_runs(tmp_path, capsys, section, values, expected):
+    """Every stage's section is parsed by that stage's own command line when the recipe loads: a typo in the
+    last stage is one line naming the section and flag, and nothing is run or written."""
+    recipe = tmp_path / "typo.yaml"
+    recipe.write_text(yaml.safe_dump({**RECIPE, section: {**RECIPE[section], **values}}))
+    run_dir = tmp_path / "run"
+    with pytest.raises(SystemExit) as exit_info:
+        pipeline.main([str(recipe), "--run-dir", str(run_dir)])
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2 and "\n" not in err, err
+    assert err.startswith(f"train.pipeline: error: {recipe}: {expected}"), err
+    assert not run_dir.exists()
+
+
+def test_unknown_recipe_section_is_one_line(tmp_path, capsys):
+    recipe = tmp_path / "typo.yaml"
+    recipe.write_text(yaml.safe_dump({**RECIPE, "finetunes": {"lr": 0.1}}))
+    with pytest.raises(SystemExit) as exit_info:
+        pipeline.main([str(recipe), "--plan"])
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2 and "unknown section 'finetunes' (did you mean 'finetune'?)" in err
 
 
 SEG_RECIPE = {  # train/recipes/segmentation.yaml in miniature: one real item per 32 px mosaic
@@ -272,7 +302,7 @@ def test_segmentation_recipe_rows_are_tuned_on_cross_validated_miou(tmp_path, vf
 def test_segmentation_recipe_plans_per_pixel_targets(tmp_path, capsys):
     """The shipped segmentation recipe: a segmentation teacher, a seg_logits store distilled as such; methods the
     segmentation task has no recipe for are refused in one line."""
-    recipe = pipeline.load_recipe(pipeline.RECIPES / "segmentation.yaml")
+    recipe = load_recipe(RECIPES / "segmentation.yaml")
     planner = pipeline.Planner(recipe, Path("runs/x"))
     teacher, store, distilled = planner.plan(pipeline.grid_cells(recipe)[1])[0]
     assert teacher.argv[teacher.argv.index("--task") + 1] == "segmentation"

@@ -96,12 +96,12 @@ def test_distill_auto_picks_sampled_ce_and_evaluate_reports_calibration(store, t
     assert stage["losses"] == {"logits": "sampled_ce"}
     assert stage["temperature"] == 2.0  # the store's sampling temperature, not --temperature
     student, evaluation = tmp_path / "student", tmp_path / "eval.json"
-    result = evaluate_main(["--model", str(student), "--data", "fashion-mnist:test?limit=200", "--out",
-                            str(evaluation)])
+    assert evaluate_main(["--model", str(student), "--data", "fashion-mnist:test?limit=200", "--out",
+                          str(evaluation)]) == 0
     printed = json.loads(capsys.readouterr().out)
     assert printed["ece_bins"] == "15 equal-width" and 0 <= printed["ece"] <= 1 and printed["nll"] > 0
     assert 0 <= printed["brier"] <= 2 and sum(printed["reliability"]["count"]) == 200
-    assert printed == json.loads(json.dumps(result))
+    assert printed == json.loads(evaluation.read_text())
     card = render_card(student, evaluation)  # the model card carries the calibration
     assert f"| ECE (15 equal-width bins) | {printed['ece']:.2%} |" in card and f"| NLL | {printed['nll']:.3f} |" in card
 

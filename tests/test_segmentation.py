@@ -242,7 +242,7 @@ def test_segmentation_end_to_end_through_the_clis(tmp_path, vfm_home, capsys):
     assert [step for step, _ in stage["val_curve"]] == [0, 5, 10]
     assert stage["val_miou"] == max(score for _, score in stage["val_curve"])
     test = "fashion-mnist-seg:test@32,grid=1?limit=64"
-    scores = {name: evaluate.main(["--model", str(path), "--data", test])
+    scores = {name: evaluate.evaluate(str(path), test)
               for name, path in (("teacher", zoo / "seg_lite0"), ("student", tuned))}
     background = float(np.mean([(open_source(test).load_mask(i) == 0).float().mean() for i in range(64)]))
     print(f"\nmIoU / pixel accuracy on {test} (background share {background:.3f}): "

@@ -117,9 +117,10 @@ def test_labeled_only_baseline_and_evaluate(capsys):
     _, loaded = load_student("baseline")
     assert loaded.input_size == 32 and loaded.num_classes == 10
     capsys.readouterr()
-    result = evaluate.main(["--model", "baseline", "--data", "fashion-mnist:test?limit=40", "--out", "eval.json"])
+    assert evaluate.main(["--model", "baseline", "--data", "fashion-mnist:test?limit=40", "--out", "eval.json"]) == 0
     printed = json.loads(capsys.readouterr().out)
-    assert printed == result == json.loads(Path("eval.json").read_text())
+    result = json.loads(Path("eval.json").read_text())
+    assert printed == result
     assert {"top1", "balanced_accuracy", "num_images", "model"} <= set(result) and result["num_images"] == 40
 
 
@@ -182,7 +183,7 @@ def test_feature_distilled_student_gets_a_classifier():
     model, _ = load_student("with_head")
     with torch.inference_mode():
         assert model(torch.zeros(2, 3, 32, 32, dtype=torch.uint8)).shape == (2, 10)
-    assert evaluate.main(["--model", "with_head", "--data", "fashion-mnist:test?limit=20"])["num_images"] == 20
+    assert evaluate.evaluate("with_head", "fashion-mnist:test?limit=20")["num_images"] == 20
 
 
 def test_frozen_teacher_needs_no_labels_and_task_teacher_trains_on_all_labels():
@@ -234,6 +235,35 @@ def test_teacher_size_defaults_to_the_backbones_pretrained_size(tmp_path, random
     assert card.input_size == 224  # timm pretrained_cfg input_size
 
 
+def test_random_init_student_takes_the_architectures_pretrained_size():
+    """``--student`` without ``--size`` trains at the architecture's pretrained size, as a teacher does."""
+    card = tune("--student", "mobilenetv3_small_050", "--data", "fashion-mnist:train", "--shots", "1",
+                "--steps", "1", "--batch-size", "2", "--folds", "0", "--out", "native")
+    assert card.input_size == 224 and card.history[-1]["size"] == 224  # timm pretrained_cfg input_size
+
+
+@pytest.mark.parametrize(("module", "shown"), [
+    ("train.finetune", [r"--batch-size BATCH_SIZE\s+\(default: 32\)", r"--patience PATIENCE +\(default: 0\)",
+                        r"--steps STEPS .*\(default: 300\)", r"--lr LR .*\(default: 0.001\)"]),
+    ("train.distill", [r"--epochs EPOCHS .*\(default: \d+\)"]),
+    ("reinforce.build", [r"--views VIEWS .*\(default: \d+\)"]),
+    ("train.pipeline", [r"--run-dir RUN_DIR .*\(default: runs/pipeline\)"]),
+    ("stores", []),
+])
+def test_help_shows_each_flags_default(module, shown, capsys, monkeypatch):
+    """Every CLI's ``--help`` says what an omitted flag means (flags without help text too)."""
+    import importlib
+    import re
+
+    monkeypatch.setenv("COLUMNS", "300")  # one line per flag
+    with pytest.raises(SystemExit) as exit_info:
+        importlib.import_module(module if module != "stores" else "stores.__main__").main(["--help"])
+    text = capsys.readouterr().out
+    assert exit_info.value.code == 0 and text.startswith("usage:")
+    for pattern in shown:
+        assert re.search(pattern, text), (pattern, text)
+
+
 @pytest.mark.parametrize("strong", [False, True])
 def test_build_warns_when_the_teacher_is_not_ahead_of_labels_only(strong, caplog):
     """The labels-only student is cross-validated on the teacher's folds by default; a teacher not ahead of it is
@@ -281,7 +311,7 @@ def test_a_class_folder_directory_is_labeled_data(photo_dir, capsys):
     assert card.adaptation["train_images"] == len(photos)
     err = capsys.readouterr().err
     assert "reading labeled as imagefolder:labeled: 2 classes from its subfolders (animal, thing)" in err
-    result = evaluate.main(["--model", "photos", "--data", "labeled"])
+    result = evaluate.evaluate("photos", "labeled")
     assert result["num_images"] == len(photos) and result["data"] == "labeled"
     assert "reading labeled as imagefolder:labeled" in capsys.readouterr().err
     err = _one_line_error(capsys, finetune.main, ["--student", "mobilenetv3_small_050", "--size", "32", "--data",

@@ -183,7 +183,7 @@ def test_a_bug_keeps_its_traceback(tmp_path, monkeypatch):
     def broken_read(path):
         return np.reshape(np.arange(3), (2, 2))
 
-    monkeypatch.setattr(pipeline, "read_recipe", broken_read)
+    monkeypatch.setattr("train.recipe.read_recipe", broken_read)
     with pytest.raises(ValueError, match="cannot reshape array"):
         pipeline.main([str(tmp_path / "recipe.yaml"), "--plan"])
 

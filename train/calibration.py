@@ -14,14 +14,13 @@ Example:
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torchmetrics.classification import MulticlassCalibrationError
 
-__all__ = ["ECE_BINS", "calibration", "plot_reliability", "pool_bins", "reliability_bins"]
+__all__ = ["ECE_BINS", "calibration", "pool_bins", "reliability_bins"]
 
 ECE_BINS = 15  # equal-width
 
@@ -61,25 +60,3 @@ def pool_bins(bins: list[dict[str, list]]) -> dict[str, list]:
         return [sum((b[key][i] or 0) * b["count"][i] for b in bins) / n if n else None for i, n in enumerate(count)]
     return {"edges": bins[0]["edges"], "count": count, "confidence": pooled("confidence"),
             "accuracy": pooled("accuracy")}
-
-
-def plot_reliability(curves: dict[str, dict[str, list]], path: Path, title: str) -> None:
-    """A reliability diagram: accuracy against mean confidence per non-empty bin, one line per curve, the diagonal
-    (calibrated) dotted; marker area follows the bin's share of images."""
-    from matplotlib.figure import Figure  # no pyplot: no backend to choose, no global figure state
-
-    fig = Figure(figsize=(5, 4.8))
-    ax = fig.subplots()
-    ax.plot([0, 1], [0, 1], color="gray", linestyle=":", label="calibrated")
-    for label, bins in curves.items():
-        seen = [i for i, n in enumerate(bins["count"]) if n]
-        total = sum(bins["count"])
-        line, = ax.plot([bins["confidence"][i] for i in seen], [bins["accuracy"][i] for i in seen], label=label)
-        ax.scatter([bins["confidence"][i] for i in seen], [bins["accuracy"][i] for i in seen], color=line.get_color(),
-                   s=[4 + 200 * bins["count"][i] / total for i in seen])
-    ax.set(xlabel=f"confidence ({ECE_BINS} equal-width bins)", ylabel="accuracy", xlim=(0, 1), ylim=(0, 1),
-           title=title)
-    ax.legend(fontsize=7)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)

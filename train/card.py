@@ -21,7 +21,7 @@ from typing import Any
 
 from reinforce.model_dirs import read_card, read_lineage, read_task_fields
 from reinforce.teachers import read_teacher_card
-from stores.cli_errors import cli_errors, debug_flag
+from stores.cli_errors import HelpFormatter, cli_errors, debug_flag
 from stores.store import open_store
 
 __all__ = ["main", "render_card"]
@@ -153,7 +153,8 @@ def render_card(directory: str | Path, eval_file: str | Path | None = None) -> s
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="train.card", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="train.card", description=__doc__.split("\n\n")[0],
+                                     formatter_class=HelpFormatter)
     parser.add_argument("directory", help="student directory, teacher zoo entry or store")
     parser.add_argument("--eval", help="evaluation json (train.evaluate --out; default DIR/eval.json, DIR/test.json)")
     parser.add_argument("--out", help="write the card here instead of stdout")

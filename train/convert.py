@@ -20,7 +20,7 @@ from pathlib import Path
 from reinforce.model_dirs import LAYOUT_VERSION
 from reinforce.teachers import TeacherModel, create_backbone, save_teacher
 from reinforce.tensor_files import load_tensors
-from stores.cli_errors import cli_errors, debug_flag
+from stores.cli_errors import HelpFormatter, cli_errors, debug_flag
 from stores.manifest import TeacherCard
 from train.models import StudentCard, create_student, save_student
 
@@ -58,14 +58,16 @@ def convert(directory: str | os.PathLike) -> str:
     return kind
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="train.convert", description=__doc__.split("\n\n")[0])
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="train.convert", description=__doc__.split("\n\n")[0],
+                                     formatter_class=HelpFormatter)
     parser.add_argument("directories", nargs="+", metavar="DIR", help="student or teacher directory (layout 1)")
     args = debug_flag(parser).parse_args(argv)
     with cli_errors(parser.prog, args.debug):
         for directory in args.directories:
             print(f"train.convert: {directory}: {convert(directory)} directory now in timm's layout")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -47,7 +47,7 @@ from torch.utils.data import BatchSampler, DataLoader, DistributedSampler
 from reinforce.progress import progress_bar
 from reinforce.replay import Replay, ReplayDataset, StreamReplay, open_replay
 from reinforce.teachers import TeacherModel, create_teacher
-from stores.cli_errors import cli_errors, debug_flag
+from stores.cli_errors import HelpFormatter, cli_errors, debug_flag
 from stores.cli_logging import log_to_stderr
 from stores.errors import InputError
 from stores.store import describe_mismatch
@@ -308,10 +308,10 @@ def _targets(text: str | None) -> tuple[tuple[str, ...] | None, dict[str, float]
     return tuple(names), weights
 
 
-def parse_args(argv: list[str] | None = None) -> tuple[DistillConfig, bool]:
-    """The run's config and whether ``--debug`` was given."""
+def build_parser() -> argparse.ArgumentParser:
+    """``train.distill``'s command line (``train.pipeline`` checks a recipe's section with it)."""
     parser = argparse.ArgumentParser(prog="python -m train.distill", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     formatter_class=HelpFormatter)
     defaults = DistillConfig(store="", student="", out="")
     parser.add_argument("--store", required=True, help="reinforced store directory (reinforce.build --out)")
     parser.add_argument("--student", required=True, help="timm architecture, e.g. mobilenetv3_small_050")
@@ -339,7 +339,13 @@ def parse_args(argv: list[str] | None = None) -> tuple[DistillConfig, bool]:
                         help="uncached ceiling: the store's teacher runs on a fresh view of every sample every step")
     parser.add_argument("--teacher", default=None, help="--online: the store's teacher (default: its zoo entry)")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # DeepSpeed
-    args = vars(debug_flag(parser).parse_args(argv))
+    return debug_flag(parser)
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[DistillConfig, bool]:
+    """The run's config and whether ``--debug`` was given."""
+    parser = build_parser()
+    args = vars(parser.parse_args(argv))
     args.pop("local_rank")  # the DeepSpeed launcher passes it and sets LOCAL_RANK, which init_distributed reads
     args["targets"], args["weights"] = _targets(args["targets"])
     args["losses"] = tuple(name.strip() for name in args.pop("loss").split(","))

@@ -24,7 +24,7 @@ import numpy as np
 
 from reinforce.sources import open_source
 from reinforce.teachers.dense import SegmentationTeacher
-from stores.cli_errors import cli_errors, debug_flag
+from stores.cli_errors import HelpFormatter, cli_errors, debug_flag
 from train.calibration import calibration
 from train.data import accuracy, evaluate_model, open_labeled, predict_logits
 from train.models import SegmentationStudent, load_classifier
@@ -55,8 +55,9 @@ def evaluate(model_name: str, data: str, batch_size: int = 256, predictions: str
     return {**metrics, "num_images": len(source), "model": model_name, "data": data}
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(prog="train.evaluate", description=__doc__.split("\n\n")[0])
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="train.evaluate", description=__doc__.split("\n\n")[0],
+                                     formatter_class=HelpFormatter)
     parser.add_argument("--model", required=True, help="student directory or teacher zoo name/path")
     parser.add_argument("--data", required=True, help="labeled source spec, e.g. fashion-mnist:test")
     parser.add_argument("--out", help="also write the JSON here")
@@ -70,8 +71,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(text + "\n")
-    return result
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -33,7 +33,7 @@ from reinforce.augment import eval_view
 from reinforce.model_dirs import write_json
 from reinforce.sources import open_source
 from reinforce.teachers import resolve_teacher
-from stores.cli_errors import cli_errors, debug_flag
+from stores.cli_errors import HelpFormatter, cli_errors, debug_flag
 from stores.lineage import dependency_versions
 from train.models import load_classifier
 
@@ -153,7 +153,8 @@ def export(model_dir: str, data: str, *, out: str | None = None, int8: bool = Fa
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="train.export", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="train.export", description=__doc__.split("\n\n")[0],
+                                     formatter_class=HelpFormatter)
     parser.add_argument("--model", required=True, help="student directory or timm teacher zoo name/path")
     parser.add_argument("--format", choices=["onnx"], default="onnx")
     parser.add_argument("--int8", action="store_true", help="also write model.int8.onnx (static quantization)")

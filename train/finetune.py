@@ -28,7 +28,7 @@ import time
 
 import torch
 
-from stores.cli_errors import cli_errors, debug_flag
+from stores.cli_errors import HelpFormatter, cli_errors, debug_flag
 from train.data import LabeledViews, SegmentationViews, open_labeled
 from train.models import Student, StudentCard, create_student, load_student, save_student
 from train.optim import BestOnValidation, TrainSchedule, fit, split_labeled
@@ -139,8 +139,6 @@ def _initial_student(config: FinetuneConfig, class_names: tuple[str, ...],
                      task: str) -> tuple[Student, StudentCard]:
     """The student to start from: ``--init`` (given a classifier if it has none) or a seeded random ``--student``."""
     if config.init is None:
-        if config.size is None:
-            raise ValueError("--student NAME trains from random init and needs --size")
         torch.manual_seed(config.seed)  # same random init on a rerun
         return create_student(config.student, class_names=class_names, input_size=config.size, task=task)
     model, card = load_student(config.init)
@@ -155,9 +153,10 @@ def _initial_student(config: FinetuneConfig, class_names: tuple[str, ...],
     return model, card
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """``train.finetune``'s command line (``train.pipeline`` checks a recipe's section with it)."""
     parser = argparse.ArgumentParser(prog="train.finetune", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     formatter_class=HelpFormatter)
     start = parser.add_mutually_exclusive_group(required=True)
     start.add_argument("--init", help="student directory to start from")
     start.add_argument("--student", help="timm architecture for a labeled-only baseline (random init)")
@@ -166,7 +165,8 @@ def main(argv: list[str] | None = None) -> int:
     defaults = FinetuneConfig("", "")
     parser.add_argument("--shots", type=int, default=defaults.shots,
                         help="labeled images per class; segmentation: images in all (0: all)")
-    parser.add_argument("--size", type=int, default=None, help="view size (default: the student's)")
+    parser.add_argument("--size", type=int, default=None,
+                        help="view size (default: the --init student's; a --student architecture's pretrained one)")
     parser.add_argument("--lr", type=comma_floats, default=defaults.lr, help="peak learning rate(s) to choose among")
     parser.add_argument("--steps", type=comma_ints, default=defaults.steps,
                         help="fixed schedule length(s) to choose among (0: keep the starting weights)")
@@ -177,7 +177,12 @@ def main(argv: list[str] | None = None) -> int:
                  "workers"):
         default = getattr(defaults, flag)
         parser.add_argument(f"--{flag.replace('_', '-')}", type=type(default), default=default)
-    args = vars(debug_flag(parser).parse_args(argv))
+    return debug_flag(parser)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = vars(parser.parse_args(argv))
     with cli_errors(parser.prog, args.pop("debug")):
         card = finetune(FinetuneConfig(**args))
     last = card.history[-1]

@@ -102,11 +102,12 @@ class SegmentationStudent(Student):
         return {name: parts[name] for name in outputs}
 
 
-def create_student(arch: str, *, class_names: tuple[str, ...], input_size: int,
+def create_student(arch: str, *, class_names: tuple[str, ...], input_size: int | None = None,
                    task: str = "classification") -> tuple[Student, StudentCard]:
     """A randomly initialised timm ``arch`` with a ``len(class_names)``-way head (none when ``class_names`` is
     empty: a student distilled from features only gets its classifier when it is finetuned); ``task=
-    "segmentation"``: the same backbone at output stride 8 with a DeepLab head."""
+    "segmentation"``: the same backbone at output stride 8 with a DeepLab head. ``input_size`` defaults to the
+    architecture's pretrained size, as a teacher's does (``reinforce.teachers.native_size``)."""
     import timm
 
     if not timm.is_model(arch):
@@ -118,6 +119,7 @@ def create_student(arch: str, *, class_names: tuple[str, ...], input_size: int,
     net = DenseNet(arch, len(class_names)) if dense else timm.create_model(arch, pretrained=False,
                                                                             num_classes=len(class_names))
     config = net.pretrained_cfg
+    input_size = input_size or int(config["input_size"][-1])
     card = StudentCard(arch=arch, num_classes=len(class_names), class_names=tuple(class_names),
                        input_size=input_size, mean=tuple(config["mean"]), std=tuple(config["std"]), task=task)
     model = (SegmentationStudent if dense else Student)(net, card.mean, card.std)

@@ -2,8 +2,9 @@
 
 A recipe (``train/recipes/*.yaml``) names grid axes — ``shots`` (labels per class), ``transfer``
 (named transfer sets), ``method`` and ``teacher_mode`` — and, per stage, the flags of that stage's
-command line. Every cell of the product is run; a cell is a chain of derived artifacts, each
-keyed by its inputs (the hash of its command line, upstream artifacts included), made once under
+command line, loaded as a ``train.recipe.Recipe`` whose every section is parsed by its stage's own parser
+before anything runs (methods: ``train.methods``). Every cell of the product is run; a cell is a chain of
+derived artifacts, each keyed by its inputs (the hash of its command line, upstream artifacts included), made once under
 RUN_DIR and shared by every cell that needs it::
 
     teacher(shots, mode)    train.teacher --mode lp|ft|auto --val-fraction F    task-oriented cells
@@ -48,7 +49,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import functools
 import hashlib
 import importlib
 import itertools
@@ -64,42 +64,21 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 
-from reinforce.sources import open_source
-from stores.cli_errors import cli_errors, debug_flag
-from stores.errors import InputError
+from reinforce.teachers import read_teacher_card
+from stores.cli_errors import HelpFormatter, cli_errors, debug_flag
 from stores.manifest import TeacherCard
 from train import card, report
+from train.flops import FlopsCounter
+from train.methods import METHODS, METRICS, TASKS
 from train.protocol import comma_ints
+from train.recipe import DEFAULT_RECIPE, DEFAULT_THREADS, Recipe, flags, load_recipe
 
-__all__ = ["METHODS", "Cell", "Planner", "Runner", "Step", "grid_cells", "load_recipe", "main", "run_grid"]
+__all__ = ["Cell", "Planner", "Runner", "Step", "grid_cells", "main", "run_grid"]
 
-RECIPES = Path(__file__).parent / "recipes"
-DEFAULT_RECIPE = RECIPES / "fashion_mnist.yaml"
 DONE = ".pipeline-done.json"
-# method -> what the student distills (None: no distillation) and which teacher gives it
-METHODS = {"labeled-only": None, "task-agnostic-embedding": "embedding", "task-agnostic-patch": "patch",
-           "task-oriented": "logits", "task-oriented-online": "logits"}
-ONLINE = {"task-oriented-online"}  # the teacher runs in the distillation loop: the uncached ceiling
-# task -> (the task teacher's cached target, the headline metric; report.METRICS names the second); the task is
-# the labeled data's
-TASKS = {"classification": ("logits", "top1"), "segmentation": ("seg_logits", "miou")}
-TEACHER_MODES = ("lp", "ft", "auto")
 STAGES = ("teacher", "build", "distill", "finetune")
-REQUIRED = ("data", "test", "grid", "transfer_sets", "teacher", "student", "finetune")
-RETIRED = {"seed": "seeds: [N, ...]", "val_fraction": "folds: K (cross-validation) or val_data: SPEC"}
-SELECTION = {"folds", "val_data", "seed", "val_fraction", "eval_every", "patience", "cooldown"}  # per protocol
-MAX_RECIPE_BYTES = 1 << 20
-DEFAULT_THREADS = 2  # what a 2-core machine runs best at; pinned so a bigger machine computes the same numbers
 IN_PROCESS = {"train.teacher", "train.finetune", "train.evaluate", "reinforce.build"}  # saves ~5 s of start each
-RESERVED = {  # flags the pipeline sets itself; a recipe section may not
-    "teacher": {"data", "shots", "mode", "name", "out_dir", *SELECTION},
-    "build": {"teacher", "transfer_set", "targets", "out", "seed"},
-    "distill": {"store", "student", "size", "targets", "out", "seed"},
-    "finetune": {"init", "student", "size", "data", "shots", "out", *SELECTION},
-    "labeled_only": {"init", "student", "size", "data", "shots", "out", *SELECTION},
-}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -131,97 +110,12 @@ class Cell:
         return f"s{self.shots}-{self.transfer}-{self.method}" + (f"-{self.teacher_mode}" if self.teacher_mode else "")
 
 
-def read_recipe(path: str | os.PathLike) -> dict[str, Any]:
-    """The recipe file as a mapping; ``InputError`` naming the file and line for anything else.
-
-    ``yaml.safe_load`` already refuses tags that construct objects (``!!python/object``); its errors, a recipe
-    that is not a mapping and one too large or too deeply nested for the parser are one line each, not a
-    traceback (a recipe may come from a colleague)."""
-    with open(path, "rb") as f:
-        text = f.read(MAX_RECIPE_BYTES + 1)
-    if len(text) > MAX_RECIPE_BYTES:
-        raise InputError(f"{path}: over {MAX_RECIPE_BYTES >> 10} KiB; a recipe is a short YAML file")
-    try:
-        recipe = yaml.safe_load(text)
-    except yaml.MarkedYAMLError as error:
-        mark = error.problem_mark or error.context_mark
-        where = f"{path}, line {mark.line + 1}, column {mark.column + 1}" if mark else str(path)
-        plain = " (a recipe is plain YAML: no tags)" if isinstance(error, yaml.constructor.ConstructorError) else ""
-        raise InputError(f"{where}: {error.problem or error.context}{plain}") from None
-    except yaml.YAMLError as error:  # unmarked: bad encoding, a control character
-        raise InputError(f"{path}: not a YAML file ({str(error).splitlines()[0]})") from None
-    except RecursionError:
-        raise InputError(f"{path}: nested too deeply for a recipe") from None
-    if not isinstance(recipe, dict):
-        raise InputError(f"{path}: a recipe is a mapping of sections (data:, grid:, teacher:, ...), not a "
-                         f"{type(recipe).__name__}; see {RECIPES / 'comparison.yaml'}")
-    wrong = [key for key in ("grid", "transfer_sets", "student", *STAGES, "labeled_only")
-             if recipe.get(key) is not None and not isinstance(recipe[key], dict)]
-    if wrong:
-        raise InputError(f"{path}: {', '.join(wrong)} must be a mapping of KEY: VALUE lines")
-    return recipe
-
-
-def load_recipe(path: str | os.PathLike) -> dict[str, Any]:
-    """The YAML recipe, checked: known methods and modes, named transfer sets, no reserved flags."""
-    recipe = read_recipe(path)
-    missing = [k for k in REQUIRED if k not in recipe] + [f"grid.{k}" for k in ("shots", "transfer", "method")
-                                                          if k not in recipe.get("grid", {})]
-    if missing or "lr" not in recipe.get("finetune", {}):
-        raise ValueError(f"{path} lacks {', '.join(missing or ['finetune.lr'])}; see {RECIPES / 'comparison.yaml'}")
-    grid = recipe["grid"]
-    unknown = set(grid["method"]) - set(METHODS)
-    if unknown:
-        raise ValueError(f"unknown method(s) {sorted(unknown)} in {path}; valid: {', '.join(METHODS)}")
-    if set(grid.get("teacher_mode", ["lp"])) - set(TEACHER_MODES):
-        raise ValueError(f"teacher_mode must be among {TEACHER_MODES}, got {grid['teacher_mode']}")
-    missing = set(grid["transfer"]) - set(recipe.get("transfer_sets", {}))
-    if missing:
-        raise ValueError(f"{path}: grid transfer set(s) {sorted(missing)} are not defined under transfer_sets:")
-    for section, reserved in RESERVED.items():
-        clash = reserved & set(recipe.get(section) or {})
-        if clash:
-            raise ValueError(f"{path}: {section}: sets {sorted(clash)}, which the pipeline sets per cell; remove them")
-    if task_of(recipe) == "segmentation":
-        agnostic = [m for m in grid["method"] if m.startswith("task-agnostic")]
-        if agnostic or "auto" in grid.get("teacher_mode", ["lp"]):
-            raise ValueError(f"{path}: a segmentation recipe takes methods labeled-only, task-oriented, "
-                             f"task-oriented-online and teacher modes lp, ft; not {agnostic or ['auto']}")
-    retired = [f"{key} (now {RETIRED[key]})" for key in RETIRED if key in recipe]
-    if retired:
-        raise ValueError(f"{path}: {', '.join(retired)}")
-    seeds = recipe.setdefault("seeds", [0])
-    if not isinstance(seeds, list) or not seeds or not all(isinstance(v, int) for v in seeds):
-        raise ValueError(f"{path}: seeds must be a list of integers, got {seeds!r}")
-    for section in ("finetune", "labeled_only"):
-        grid_size = len(_listed(recipe.get(section, {}).get("lr"))) * len(_listed(recipe.get(section, {}).get("steps")))
-        if grid_size > 1 and not recipe.get("folds") and not recipe.get("val_data"):
-            raise ValueError(f"{path}: {section}: {grid_size} candidate settings need folds: K or val_data: SPEC")
-    return recipe
-
-
-def _listed(value: Any) -> list[Any]:
-    return value if isinstance(value, list) else [value]
-
-
-def task_of(recipe: dict[str, Any]) -> str:
-    """``segmentation`` when the labeled data are image/mask pairs (any source with masks), else ``classification``."""
-    return _data_task(recipe["data"])
-
-
-@functools.cache
-def _data_task(data: str) -> str:
-    """The task of a labeled spec, its source opened once per process (the recipe check, planner and title ask)."""
-    return "segmentation" if open_source(data).mask_loader is not None else "classification"
-
-
-def grid_cells(recipe: dict[str, Any]) -> list[Cell]:
+def grid_cells(recipe: Recipe) -> list[Cell]:
     """The product of the grid axes, with cells that differ only by an unused axis merged."""
-    grid = recipe["grid"]
+    grid = recipe.grid
     cells = []
-    for shots, transfer, method, mode in itertools.product(grid["shots"], grid["transfer"], grid["method"],
-                                                           grid.get("teacher_mode", ["lp"])):
-        target = METHODS[method]
+    for shots, transfer, method, mode in itertools.product(grid.shots, grid.transfer, grid.method, grid.teacher_mode):
+        target = METHODS[method].target
         mode = mode if target == "logits" else ("frozen" if target else None)
         cell = Cell(int(shots), transfer, method, mode)
         if cell not in cells:
@@ -229,30 +123,17 @@ def grid_cells(recipe: dict[str, Any]) -> list[Cell]:
     return cells
 
 
-def flags(section: dict[str, Any] | None) -> list[str]:
-    """``{batch_size: 32, resume: true}`` -> ``--batch-size 32 --resume`` (a recipe section is CLI flags)."""
-    argv = []
-    for key, value in (section or {}).items():
-        flag = "--" + key.replace("_", "-")
-        if value is True:
-            argv.append(flag)
-        elif isinstance(value, list | tuple):  # candidates: --lr 0.0005,0.003
-            argv += [flag, ",".join(map(str, value))]
-        elif value is not None and value is not False:
-            argv += [flag, str(value)]
-    return argv
-
-
 class Planner:
     """Builds each cell's steps for one seed; the same inputs always give the same ``Step`` (and directory)."""
 
-    def __init__(self, recipe: dict[str, Any], run_dir: Path, seed: int = 0):
+    def __init__(self, recipe: Recipe, run_dir: Path, seed: int = 0):
         self.recipe, self.run_dir, self.seed = recipe, run_dir, seed
-        self.task = task_of(recipe)
+        self.task = recipe.task
         self.task_target, self.metric = TASKS[self.task]
-        self.second_metric = report.METRICS[self.metric][1]
-        methods = recipe["grid"]["method"]
-        self.agnostic_targets = ",".join(METHODS[m] for m in METHODS if m in methods and m.startswith("task-agnostic"))
+        self.second_metric = METRICS[self.metric][1]
+        methods = recipe.grid.method
+        self.agnostic_targets = ",".join(METHODS[m].target for m in METHODS
+                                         if m in methods and m.startswith("task-agnostic"))
 
     def step(self, stage: str, module: str, label: str, argv: list[str]) -> Step:
         """A step whose directory ``RUN/<stage>s/<label>-<hash of module + argv>`` names its inputs."""
@@ -266,34 +147,38 @@ class Planner:
     def teacher(self, shots: int | None, mode: str) -> Step:
         r = self.recipe
         if mode == "frozen":  # no labels: one teacher for every shots level, only its identity flags matter
-            section = {k: v for k, v in r["teacher"].items() if k in ("backbone", "library", "weights", "size")}
+            section = {k: v for k, v in r.teacher.items() if k in ("backbone", "library", "weights", "size")}
             return self.step("teacher", "train.teacher", "frozen", ["--mode", "frozen", *flags(section)])
-        argv = ["--data", r["data"], "--shots", str(shots), "--seed", str(self.seed), "--mode", mode,
-                *self.selection(), *flags(r["teacher"])]
+        argv = ["--data", r.data, "--shots", str(shots), "--seed", str(self.seed), "--mode", mode,
+                *self.selection(), *flags(r.teacher)]
         if self.task == "segmentation":
             argv += ["--task", "segmentation"]
-        elif "labeled-only" in r["grid"]["method"]:  # the grid's labeled-only row is the baseline, same folds
+        elif "labeled-only" in r.grid.method:  # the grid's labeled-only row is the baseline, same folds
             argv += ["--baseline-student", "none"]
         return self.step("teacher", "train.teacher", f"{mode}-s{shots}", argv)
+
+    def student(self) -> list[str]:
+        """The random-init student's flags: its architecture and, when the recipe gives one, its size."""
+        size = self.recipe.student.get("size")
+        return ["--student", self.recipe.student["arch"], *(["--size", str(size)] if size else [])]
 
     def selection(self) -> list[str]:
         """The protocol's flags, the same for the teacher and every student."""
         r = self.recipe
-        return ["--folds", str(r.get("folds", 0))] + (["--val-data", r["val_data"]] if r.get("val_data") else [])
+        return ["--folds", str(r.folds)] + (["--val-data", r.val_data] if r.val_data else [])
 
     def store(self, teacher: Step, transfer: str, targets: str, frozen: bool = False) -> Step:
         """A store of ``teacher``'s targets; a frozen teacher's store over a transfer set that does not depend on the
         seed sees no labels at all, so every seed shares it (built with seed 0)."""
-        spec = self.recipe["transfer_sets"][transfer]
+        spec = self.recipe.transfer_sets[transfer]
         shared = frozen and "{seed}" not in spec
         argv = ["--teacher", str(teacher.out), "--transfer-set", spec.replace("{seed}", str(self.seed)),
-                "--targets", targets, "--seed", str(0 if shared else self.seed), *flags(self.recipe.get("build"))]
+                "--targets", targets, "--seed", str(0 if shared else self.seed), *flags(self.recipe.build)]
         return self.step("build", "reinforce.build", f"{transfer}-{teacher.out.name.rsplit('-', 1)[0]}", argv)
 
     def distilled(self, store: Step, targets: str, online_teacher: Step | None = None) -> Step:
-        student = self.recipe["student"]
-        argv = ["--store", str(store.out), "--student", student["arch"], "--size", str(student["size"]),
-                "--targets", targets, "--seed", str(self.seed), *flags(self.recipe.get("distill"))]
+        argv = ["--store", str(store.out), *self.student(), "--targets", targets, "--seed", str(self.seed),
+                *flags(self.recipe.distill)]
         label = f"{store.out.name.rsplit('-', 1)[0]}-{targets}"
         if online_teacher is not None:
             argv += ["--online", "--teacher", str(online_teacher.out)]
@@ -302,45 +187,44 @@ class Planner:
 
     def plan(self, cell: Cell) -> tuple[list[Step], Step]:
         """``cell``'s upstream steps (teacher, store, distilled student; none for labeled-only) and its finetune."""
-        target = METHODS[cell.method]
+        target = METHODS[cell.method].target
         if target is None:
             return [], self.finetune(cell, None)
         teacher = self.teacher(None if cell.teacher_mode == "frozen" else cell.shots, cell.teacher_mode)
         frozen = cell.teacher_mode == "frozen"
         store = self.store(teacher, cell.transfer, self.agnostic_targets if frozen else self.task_target, frozen)
         distilled = self.distilled(store, target if frozen else self.task_target,
-                                   teacher if cell.method in ONLINE else None)
+                                   teacher if METHODS[cell.method].online else None)
         return [teacher, store, distilled], self.finetune(cell, distilled)
 
     def cell_hash(self, cell: Cell) -> str:
         """Identifies everything a cell runs: its steps' directories (themselves hashes of their inputs)."""
         upstream, finetune = self.plan(cell)
-        names = [step.out.name for step in [*upstream, finetune]] + [self.recipe["test"]]
+        names = [step.out.name for step in [*upstream, finetune]] + [self.recipe.test]
         return hashlib.sha256(json.dumps(names).encode()).hexdigest()[:10]
 
     def finetune(self, cell: Cell, init: Step | None) -> Step:
         """The cell's finetune (labeled-only: trained from scratch, ``labeled_only`` section over ``finetune``), its
         candidates chosen by the protocol and the final model trained on all labeled images."""
         r = self.recipe
-        section = r["finetune"] if init else {**r["finetune"], **(r.get("labeled_only") or {})}
-        start = ["--init", str(init.out)] if init else ["--student", r["student"]["arch"], "--size",
-                                                          str(r["student"]["size"])]
+        section = r.finetune if init else {**r.finetune, **r.labeled_only}
+        start = ["--init", str(init.out)] if init else self.student()
         label = init.out.name.rsplit("-", 1)[0] if init else "labeled-only"
         return self.step("finetune", "train.finetune", f"{label}-s{cell.shots}",
-                         [*start, "--data", r["data"], "--shots", str(cell.shots), "--seed", str(self.seed),
+                         [*start, "--data", r.data, "--shots", str(cell.shots), "--seed", str(self.seed),
                           *self.selection(), *flags(section)])
 
     def evaluation(self, model: Step) -> Step:
-        argv = ["--model", str(model.out), "--data", self.recipe["test"]]
+        argv = ["--model", str(model.out), "--data", self.recipe.test]
         return self.step("evaluate", "train.evaluate", model.out.name.rsplit("-", 1)[0], argv)
 
 
 class Runner:
     """Makes each step's artifact once: in process (or a subprocess for ``train.distill``), then marks it done."""
 
-    def __init__(self, run_dir: Path, recipe: dict[str, Any] | None = None):
+    def __init__(self, run_dir: Path, recipe: Recipe | None = None):
         self.run_dir, self.recipe = run_dir, recipe
-        self.threads = (recipe or {}).get("threads", DEFAULT_THREADS)
+        self.threads = recipe.threads if recipe else DEFAULT_THREADS
         self.log = run_dir / "steps.jsonl"
         self.run_id = f"{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}"  # groups one invocation's log lines
 
@@ -362,7 +246,7 @@ class Runner:
             raise ChildProcessError(f"stage {step.stage} failed (exit status {code}): {step.command_line()}")
         seconds = round(time.perf_counter() - started, 1)
         record = {"stage": step.stage, "command": step.command_line(), "seconds": seconds,
-                  **({"recipe": self.recipe} if self.recipe else {})}  # the directory's lineage: what made it
+                  **({"recipe": self.recipe.to_dict()} if self.recipe else {})}  # the directory's lineage: what made it
         step.out.mkdir(parents=True, exist_ok=True)
         _atomic_write(marker, json.dumps(record, indent=1))
         self.note(step.stage, step.out, "ran", record["seconds"])
@@ -384,13 +268,16 @@ def _execute(step: Step, threads: int) -> int:
                **dict.fromkeys(("OMP_NUM_THREADS", "MKL_NUM_THREADS"), str(threads))}
         return subprocess.run([sys.executable, "-m", step.module, *step.argv], env=env).returncode
     try:
-        result = importlib.import_module(step.module).main(list(step.argv))
+        return importlib.import_module(step.module).main(list(step.argv))  # every CLI's main returns its status
     except SystemExit as error:  # argparse and cli_errors exit 2 with a one-line message
         return error.code if isinstance(error.code, int) else 1
     except Exception:  # what a subprocess would show: the traceback, then exit status 1
         traceback.print_exc()
         return 1
-    return result if isinstance(result, int) and not isinstance(result, bool) else 0
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text())
 
 
 def _atomic_write(path: Path, text: str) -> None:
@@ -401,10 +288,10 @@ def _atomic_write(path: Path, text: str) -> None:
 
 def last_stage(model_dir: Path) -> dict[str, Any]:
     """The newest ``history`` entry of a student directory."""
-    return report.read_json(model_dir / "student.json")["history"][-1]
+    return read_json(model_dir / "student.json")["history"][-1]
 
 
-def run_cell(cell: Cell, planner: Planner, runner: Runner, flops: report.FlopsCounter) -> dict[str, Any]:
+def run_cell(cell: Cell, planner: Planner, runner: Runner, flops: FlopsCounter) -> dict[str, Any]:
     """Every step of ``cell`` (shared ones only once), its test evaluation; returns its result row."""
     upstream, finetune = planner.plan(cell)
     seconds = {f"{stage}_seconds": 0.0 for stage in ("teacher", "build", "distill", "finetune", "eval")}
@@ -412,7 +299,7 @@ def run_cell(cell: Cell, planner: Planner, runner: Runner, flops: report.FlopsCo
         seconds[f"{step.stage}_seconds"] += runner.ensure(step)["seconds"]
     evaluation = planner.evaluation(finetune)
     seconds["eval_seconds"] += runner.ensure(evaluation)["seconds"]
-    metrics = report.read_json(evaluation.out / "test.json")
+    metrics = read_json(evaluation.out / "test.json")
     tuned = last_stage(finetune.out)
     metric, second = planner.metric, planner.second_metric
     row = {**dataclasses.asdict(cell), "seed": planner.seed, metric: metrics[metric], second: metrics[second],
@@ -438,13 +325,13 @@ def write_card(model_dir: Path, evaluation: Step) -> None:
 
 
 def teacher_row(shots: int, mode: str, planner: Planner, runner: Runner,
-                flops: report.FlopsCounter) -> dict[str, Any]:
+                flops: FlopsCounter) -> dict[str, Any]:
     """Reference row: the adapted teacher itself on the test split."""
     teacher = planner.teacher(shots, mode)
     record = runner.ensure(teacher)
     evaluation = planner.evaluation(teacher)
     eval_record = runner.ensure(evaluation)
-    metrics, teacher_card = report.read_json(evaluation.out / "test.json"), report.teacher_card(teacher.out)
+    metrics, teacher_card = read_json(evaluation.out / "test.json"), read_teacher_card(teacher.out)
     adapt = flops.teacher_adapt(teacher.out)
     write_card(teacher.out, evaluation)
     metric, second = planner.metric, planner.second_metric
@@ -456,15 +343,15 @@ def teacher_row(shots: int, mode: str, planner: Planner, runner: Runner,
             "teacher_adapt_flops": adapt, "teacher_pass_flops": 0, "student_flops": 0, "compute_flops": adapt}
 
 
-def run_grid(recipe: dict[str, Any], run_dir: Path) -> list[dict[str, Any]]:
+def run_grid(recipe: Recipe, run_dir: Path) -> list[dict[str, Any]]:
     """Every seed's grid (finished cells are read back) and reference teachers; stages shared by seeds run once."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    runner, flops = Runner(run_dir, recipe), report.FlopsCounter(run_dir)
-    return [row for seed in recipe["seeds"] for row in run_seed(recipe, Planner(recipe, run_dir, seed), runner, flops)]
+    runner, flops = Runner(run_dir, recipe), FlopsCounter(run_dir)
+    return [row for seed in recipe.seeds for row in run_seed(recipe, Planner(recipe, run_dir, seed), runner, flops)]
 
 
-def run_seed(recipe: dict[str, Any], planner: Planner, runner: Runner,
-             flops: report.FlopsCounter) -> list[dict[str, Any]]:
+def run_seed(recipe: Recipe, planner: Planner, runner: Runner,
+             flops: FlopsCounter) -> list[dict[str, Any]]:
     """One seed's labeled draw end to end: every cell of the grid, then the teachers' reference rows."""
     rows = []
     for cell in grid_cells(recipe):
@@ -472,17 +359,17 @@ def run_seed(recipe: dict[str, Any], planner: Planner, runner: Runner,
         if done.exists():
             print(f"== cell {cell.key} seed {planner.seed}: done, skipped", flush=True)
             runner.note("cell", done, "skipped", 0.0)
-            rows.append(report.read_json(done))
+            rows.append(read_json(done))
             continue
         row = run_cell(cell, planner, runner, flops)
         done.parent.mkdir(parents=True, exist_ok=True)
         _atomic_write(done, json.dumps(row, indent=1))
         rows.append(row)
     mark_teacher_ahead(rows, planner)
-    task_cells = [c for c in grid_cells(recipe) if METHODS[c.method] == "logits"]  # the task teacher's cells
-    modes = recipe.get("reference_teachers", True)  # true: the modes the grid distills from; or a list of modes
+    task_cells = [c for c in grid_cells(recipe) if METHODS[c.method].target == "logits"]  # the task teacher's cells
+    modes = recipe.reference_teachers  # true: the modes the grid distills from; or a list of modes
     modes = list(dict.fromkeys(c.teacher_mode for c in task_cells)) if modes is True else modes or []
-    shots = dict.fromkeys(c.shots for c in task_cells) if task_cells else dict.fromkeys(recipe["grid"]["shots"])
+    shots = dict.fromkeys(c.shots for c in task_cells) if task_cells else dict.fromkeys(recipe.grid.shots)
     return rows + [teacher_row(s, mode, planner, runner, flops) for s in shots for mode in modes]
 
 
@@ -498,9 +385,9 @@ def mark_teacher_ahead(rows: list[dict[str, Any]], planner: Planner) -> None:
     key = f"val_{planner.metric}"
     labels_only = {r["shots"]: r[key] for r in rows if r["method"] == "labeled-only"}
     for row in rows:
-        if METHODS.get(row["method"]) != "logits":
+        if row["method"] not in METHODS or METHODS[row["method"]].target != "logits":
             continue
-        card = report.teacher_card(planner.teacher(row["shots"], row["teacher_mode"]).out)
+        card = read_teacher_card(planner.teacher(row["shots"], row["teacher_mode"]).out)
         teacher = teacher_val(card, planner.metric)
         baseline = labels_only.get(row["shots"], (card.adaptation.get("labels_only") or {}).get("val_top1"))
         row.update({f"teacher_{key}": teacher, f"labels_only_{key}": baseline,
@@ -512,10 +399,10 @@ def mark_teacher_ahead(rows: list[dict[str, Any]], planner: Planner) -> None:
                   "beat training on the labels; see README 'When the teacher is weak'", flush=True)
 
 
-def print_plan(recipe: dict[str, Any], run_dir: Path) -> None:
+def print_plan(recipe: Recipe, run_dir: Path) -> None:
     """Every distinct step of the grid in run order, as command lines (evaluations follow the lr choice)."""
     seen = set()
-    for seed in recipe["seeds"]:
+    for seed in recipe.seeds:
         planner = Planner(recipe, run_dir, seed)
         for cell in grid_cells(recipe):
             upstream, finetune = planner.plan(cell)
@@ -524,12 +411,13 @@ def print_plan(recipe: dict[str, Any], run_dir: Path) -> None:
                     seen.add(step.out)
                     print(f"# {step.stage} -> {step.out}\n{step.command_line()}")
     counts = {stage: sum(1 for out in seen if out.parent.name == f"{stage}s") for stage in STAGES}
-    print(f"# {len(grid_cells(recipe))} cells x {len(recipe['seeds'])} seeds; "
+    print(f"# {len(grid_cells(recipe))} cells x {len(recipe.seeds)} seeds; "
           + ", ".join(f"{n} {stage}" for stage, n in counts.items()))
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m train.pipeline", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m train.pipeline", description=__doc__.split("\n\n")[0],
+                                     formatter_class=HelpFormatter)
     parser.add_argument("recipe", nargs="?", default=str(DEFAULT_RECIPE), help="recipe YAML (default: embedded)")
     parser.add_argument("--run-dir", default="runs/pipeline", help="where teachers, stores, models and results go")
     parser.add_argument("--publish", help="also copy results.md and the plots into this directory (e.g. docs)")
@@ -543,15 +431,15 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     with cli_errors("train.pipeline", args.debug):
         recipe = load_recipe(args.recipe)
-        recipe["seeds"] = list(args.seeds) if args.seeds else recipe["seeds"]
-        recipe["threads"] = args.threads or recipe.get("threads", DEFAULT_THREADS)
-        torch.set_num_threads(recipe["threads"])  # in-process stages; child processes get it in their environment
+        recipe = dataclasses.replace(recipe, seeds=tuple(args.seeds or recipe.seeds),
+                                     threads=args.threads or recipe.threads)
+        torch.set_num_threads(recipe.threads)  # in-process stages; child processes get it in their environment
         if args.plan:
             print_plan(recipe, Path(args.run_dir))
             return 0
         rows = run_grid(recipe, Path(args.run_dir))
-    metric = report.METRICS[TASKS[task_of(recipe)][1]][0]
-    title = f"{Path(args.recipe).name}: {metric} on {recipe['test']}"
+    metric = METRICS[TASKS[recipe.task][1]][0]
+    title = f"{Path(args.recipe).name}: {metric} on {recipe.test}"
     total = round(time.perf_counter() - start, 1)
     files = report.write_report(rows, Path(args.run_dir), title=title,
                                 extra={"recipe": str(args.recipe), "total_seconds": total})

@@ -1,9 +1,7 @@
-"""What a pipeline run reports: compute per row, ``results.parquet``, a markdown table and two plots.
+"""What a pipeline run reports: ``results.parquet``, ``results.json``, a markdown table and the plots.
 
-Compute follows the paper's Fig. 3 (training compute, teacher adaptation included), in FLOPs:
-teacher adaptation + teacher pass (teacher forward FLOPs per view x views stored by the build) +
-student (3 x student forward FLOPs per image x images seen in distillation and finetuning). Forward
-FLOPs are measured once per (model, size) with ``torch.utils.flop_counter.FlopCounterMode``.
+Each row's compute comes from ``train.flops`` (the paper's Fig. 3: teacher adaptation + teacher pass + student,
+in FLOPs), the plots from ``train.plots``; the rows, their order, labels and colours from ``train.methods``.
 
 Rows of several seeds (``train.pipeline --seeds 0,1,2``) are reported as mean ± std over seeds, and the
 comparisons the paper makes as **paired differences** per seed (method − labeled-only, task-oriented −
@@ -22,24 +20,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import re
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import polars as pl
 
-from reinforce.teachers import read_teacher_card
-from stores.cli_errors import cli_errors, debug_flag
-from stores.location import Location
-from stores.manifest import TeacherCard
-from stores.store import read_manifest
-from train.calibration import plot_reliability, pool_bins
-from train.models import read_student_card
+from stores.cli_errors import HelpFormatter, cli_errors, debug_flag
+from train.methods import METRICS, ROWS, family
 
-__all__ = ["CALIBRATION", "COLUMNS", "FlopsCounter", "calibration_columns", "main", "paired_differences",
-           "write_report"]
+__all__ = ["CALIBRATION", "COLUMNS", "aggregate", "calibration_columns", "headline", "main", "ordered_columns",
+           "paired_differences", "to_frame", "write_report"]
 
 COLUMNS = {
     "shots": pl.Int64, "transfer": pl.Utf8, "method": pl.Utf8, "teacher_mode": pl.Utf8,
@@ -55,128 +45,8 @@ COLUMNS = {
     "ece": pl.Float64, "nll": pl.Float64, "brier": pl.Float64, "reliability": pl.Utf8,
 }
 CALIBRATION = ("ece", "nll", "brier")  # train.evaluate's, classifiers only
-# headline metric -> (its label, the second metric, that one's label, what "shots" counts)
-METRICS = {"top1": ("top-1", "balanced_accuracy", "bal. acc", "labeled images per class"),
-           "miou": ("mIoU", "pixel_accuracy", "pixel acc", "labeled images")}
-METHOD_ORDER = ("labeled-only", "task-agnostic-embedding", "task-agnostic-patch", "task-oriented",
-                "task-oriented-online", "teacher")
-LABELS = {"task-agnostic-embedding": "task-agnostic (embedding)", "task-agnostic-patch": "task-agnostic (patch)",
-          "task-oriented-online": "task-oriented online"}
-TEACHER_MODE_COLUMNS = ("task-oriented", "task-oriented-online", "teacher")  # labelled with the teacher's mode
-COLORS = {"labeled-only": "tab:blue", "task-agnostic-embedding": "tab:green", "task-agnostic-patch": "tab:olive",
-          "task-oriented": "tab:red", "task-oriented-online": "tab:purple", "teacher": "black",
-          ("task-oriented", "ft"): "darkred",
-          ("task-oriented", "auto"): "tab:orange", ("teacher", "ft"): "dimgray", ("teacher", "auto"): "gray"}
-MARKERS = ("o", "^", "s", "D", "v")
 KEYS = ["shots", "transfer", "method", "teacher_mode"]  # a row of the comparison; seeds repeat it
 STAGE_SECONDS = ("teacher", "build", "distill", "finetune", "eval")
-
-
-def read_json(path: Path) -> dict[str, Any]:
-    return json.loads(path.read_text())
-
-
-def forward_flops(model: Callable, views) -> int:
-    """FLOPs of one forward pass of ``views`` (FlopCounterMode counts a multiply-add as 2)."""
-    import torch
-    from torch.utils.flop_counter import FlopCounterMode
-
-    with FlopCounterMode(display=False) as counter, torch.inference_mode():
-        model(views)
-    return int(counter.get_total_flops())
-
-
-class FlopsCounter:
-    """Forward FLOPs per image, measured once per (model, size) and cached in ``RUN/flops.json``."""
-
-    def __init__(self, run_dir: Path):
-        self.path = run_dir / "flops.json"
-        self.cache = read_json(self.path) if self.path.exists() else {}
-
-    def forward(self, key: str, build: Callable[[], tuple[Callable, int]]) -> int:
-        """FLOPs of one uint8 view through ``build()``'s model (``(callable, size)``), cached under ``key``."""
-        if key not in self.cache:
-            import torch
-
-            model, size = build()
-            self.cache[key] = forward_flops(model, torch.zeros(1, 3, size, size, dtype=torch.uint8))
-            tmp = self.path.with_name(self.path.name + ".tmp")
-            tmp.write_text(json.dumps(self.cache, indent=1))
-            os.replace(tmp, self.path)
-        return self.cache[key]
-
-    def teacher_forward(self, teacher_dir: Path) -> int:
-        card = teacher_card(teacher_dir)
-
-        def build():
-            from reinforce.teachers import create_teacher
-
-            model, loaded = create_teacher(str(teacher_dir))
-            # a classifier: the backbone (its head adds ~nothing); a segmenter: backbone + DeepLab head at stride 8
-            return (model if dense else model.features), loaded.input_size
-
-        dense = card.adaptation.get("task") == "segmentation"
-        return self.forward(f"teacher:{card.library}:{card.backbone}@{card.input_size}" + ("/seg" * dense), build)
-
-    def student_forward(self, arch: str, size: int, task: str = "classification") -> int:
-        def build():
-            from train.models import create_student
-
-            return create_student(arch, class_names=tuple("0123456789"), input_size=size, task=task)[0].eval(), size
-
-        return self.forward(f"student:{arch}@{size}" + ("/seg" if task == "segmentation" else ""), build)
-
-    def teacher_adapt(self, teacher_dir: Path) -> int:
-        """Teacher passes spent on adapting the saved teacher: probe features (lp) or 3x per trained image (ft); a
-        segmentation lp trains its head on fresh views, one backbone forward per image per step. Like the students',
-        the cross-validation runs that chose the setting are not counted (their seconds are)."""
-        adaptation = teacher_card(teacher_dir).adaptation
-        images = adaptation.get("train_images", 0)
-        if adaptation["mode"] not in ("lp", "ft") or not images:
-            return 0
-        batch = min(adaptation["batch_size"], images)
-        if adaptation.get("task") == "segmentation":  # lp runs the frozen backbone forward on every step's batch
-            passes = (3 if adaptation["mode"] == "ft" else 1) * adaptation["steps"] * batch
-        elif adaptation["mode"] == "lp":
-            passes = images * (adaptation.get("lp_views", 0) + 1)
-        else:
-            passes = 3 * adaptation["steps"] * batch
-        return self.teacher_forward(teacher_dir) * passes  # the model trained; selection runs are not counted
-
-    def student_images(self, model_dir: Path) -> tuple[str, int, int, str]:
-        """(arch, size, images seen in every training stage, task) of a student directory."""
-        card = read_student_card(model_dir)
-        images = 0
-        for stage in card.history:
-            if stage["stage"] == "distill":
-                images += stage["steps"] * stage["batch_size"] * stage.get("world_size", 1)
-            else:
-                batch = min(stage["batch_size"], stage.get("train_images", stage["batch_size"]))
-                images += stage.get("steps_run", stage["steps"]) * batch  # the final model's run
-        return card.arch, card.input_size, images, card.task
-
-    def cell(self, teacher_dir: Path | None, store_dir: Path | None, model_dir: Path) -> dict[str, int]:
-        """The compute columns of one result row (teacher and store are None for labeled-only)."""
-        arch, size, images, task = self.student_images(model_dir)
-        student = 3 * self.student_forward(arch, size, task) * images
-        adapt = passes = 0
-        if teacher_dir is not None and store_dir is not None:
-            manifest = read_manifest(Location(store_dir))
-            adapt = self.teacher_adapt(teacher_dir)
-            distill = next(s for s in read_student_card(model_dir).history
-                           if s["stage"] == "distill")
-            if distill.get("online"):  # the teacher ran on every image the student saw
-                views = distill["steps"] * distill["batch_size"] * distill.get("world_size", 1)
-            else:  # a views ablation pays only for the views it reads (a build of that many)
-                views = manifest.summary["stored_views"] * distill.get("views", manifest.views) // manifest.views
-            passes = self.teacher_forward(teacher_dir) * views
-        return {"teacher_adapt_flops": adapt, "teacher_pass_flops": passes, "student_flops": student,
-                "compute_flops": adapt + passes + student}
-
-
-def teacher_card(teacher_dir: Path) -> TeacherCard:
-    """The typed card of a zoo entry."""
-    return read_teacher_card(teacher_dir)
 
 
 def to_frame(rows: list[dict[str, Any]]) -> pl.DataFrame:
@@ -196,20 +66,12 @@ def headline(frame: pl.DataFrame) -> str:
     return "miou" if "miou" in frame.columns and frame["miou"].is_not_null().any() else "top1"
 
 
-def color(method: str, mode: str | None) -> str | None:
-    return COLORS.get((method, mode), COLORS.get(method))
-
-
-def column_label(method: str, mode: str | None) -> str:
-    """Table column / legend entry: task-oriented and teacher carry the teacher's adaptation mode."""
-    label = LABELS.get(method, method)
-    return f"{label} ({mode})" if method in TEACHER_MODE_COLUMNS and mode else label
-
-
-def _ordered_columns(frame: pl.DataFrame) -> list[tuple[str, str | None]]:
-    """(method, teacher mode) pairs: methods in the paper's order, teacher modes as the grid lists them."""
+def ordered_columns(frame: pl.DataFrame) -> list[tuple[str, str | None]]:
+    """(method, teacher mode) pairs: methods in the paper's order (``train.methods.ROWS``), teacher modes as the grid
+    lists them."""
+    order = [r.name for r in ROWS]
     pairs = list(dict.fromkeys(frame.select("method", "teacher_mode").iter_rows()))
-    return sorted(pairs, key=lambda p: (METHOD_ORDER.index(p[0]) if p[0] in METHOD_ORDER else 99, pairs.index(p)))
+    return sorted(pairs, key=lambda p: (order.index(p[0]) if p[0] in order else len(order), pairs.index(p)))
 
 
 def _md_table(header: list[str], body: list[list[str]], right: set[int]) -> str:
@@ -241,7 +103,7 @@ def _mean_std(row: dict[str, Any], column: str) -> str:
 def summary_table(frame: pl.DataFrame) -> str:
     """One row per shots x transfer set, one column per method (+ the teacher): top-1 (mIoU) in %, mean ± std
     over seeds."""
-    columns, metric, stats = _ordered_columns(frame), headline(frame), aggregate(frame)
+    columns, metric, stats = ordered_columns(frame), headline(frame), aggregate(frame)
     cells = stats.filter(pl.col("method") != "teacher")
     body = []
     for shots, transfer in cells.select("shots", "transfer").unique(maintain_order=True).sort("shots").iter_rows():
@@ -252,7 +114,7 @@ def summary_table(frame: pl.DataFrame) -> str:
                                  & (pl.col("transfer").eq_missing(transfer) | pl.col("transfer").is_null()))
             row.append(_mean_std(match.row(0, named=True), metric) if len(match) else "–")
         body.append(row)
-    header = [METRICS[metric][3], "transfer set", *(column_label(m, t) for m, t in columns)]
+    header = [METRICS[metric][3], "transfer set", *(family(m).column(t) for m, t in columns)]
     return _md_table(header, body, right={0, *range(2, len(header))})
 
 
@@ -265,7 +127,7 @@ def paired_differences(frame: pl.DataFrame) -> pl.DataFrame:
     rows = []
     for (shots, transfer), part in frame.filter(pl.col("method") != "teacher").group_by(
             "shots", "transfer", maintain_order=True):
-        columns = _ordered_columns(part)
+        columns = ordered_columns(part)
         pairs = [((m, mode), ("labeled-only", None)) for m, mode in columns if m != "labeled-only"]
         pairs += [((m, mode), (agnostic, "frozen")) for m, mode in columns if m.startswith("task-oriented")
                   for agnostic in ("task-agnostic-embedding", "task-agnostic-patch")]
@@ -277,8 +139,8 @@ def paired_differences(frame: pl.DataFrame) -> pl.DataFrame:
             mean = sum(diffs) / len(diffs)
             std = float(pl.Series(diffs).std()) if len(diffs) > 1 else None
             half = None if std is None else float(t.ppf(0.975, len(diffs) - 1)) * std / len(diffs) ** 0.5
-            rows.append({"shots": shots, "transfer": transfer, "comparison": f"{column_label(method, mode)} − "
-                         f"{column_label(baseline, base_mode)}", "seeds": len(diffs), "mean": mean, "std": std,
+            rows.append({"shots": shots, "transfer": transfer, "comparison": f"{family(method).column(mode)} − "
+                         f"{family(baseline).column(base_mode)}", "seeds": len(diffs), "mean": mean, "std": std,
                          "low": None if half is None else mean - half, "high": None if half is None else mean + half,
                          "within_noise": None if half is None else mean - half <= 0 <= mean + half})
     return pl.DataFrame(rows, schema={"shots": pl.Int64, "transfer": pl.Utf8, "comparison": pl.Utf8,
@@ -313,7 +175,7 @@ def details_table(frame: pl.DataFrame) -> str:
                              for s in STAGE_SECONDS)
         candidates = len(json.loads(r["candidates"] or "{}"))
         chosen = "–" if r["chosen"] is None else f"{r['chosen']} (of {candidates})"
-        body.append([str(r["shots"]), r["transfer"] or "(all)", column_label(r["method"], r["teacher_mode"]),
+        body.append([str(r["shots"]), r["transfer"] or "(all)", family(r["method"]).column(r["teacher_mode"]),
                      str(r["seed"]), _pct(r[metric]), _pct(r[second]), _pct(r[f"val_{metric}"]), chosen, seconds,
                      f"{(r['compute_flops'] or 0) / 1e12:.3g}"])
     header = ["shots", "transfer", "row", "seed", label, second_label, f"CV {label}", "chosen setting",
@@ -332,28 +194,10 @@ def calibration_table(frame: pl.DataFrame) -> str:
     body = []
     for r in stats.sort("shots", "transfer", nulls_last=True).iter_rows(named=True):
         plain = {c: f"{r[c]:.3f}" + (f" ± {r[f'{c}_std']:.3f}" if r["seeds"] > 1 else "") for c in ("nll", "brier")}
-        body.append([str(r["shots"]), r["transfer"] or "(all)", column_label(r["method"], r["teacher_mode"]),
+        body.append([str(r["shots"]), r["transfer"] or "(all)", family(r["method"]).column(r["teacher_mode"]),
                      _mean_std(r, "top1"), _mean_std(r, "ece"), plain["nll"], plain["brier"], str(r["seeds"])])
     header = ["shots", "transfer", "row", "top-1", "ECE (%)", "NLL", "Brier", "seeds"]
     return _md_table(header, body, right={0, 3, 4, 5, 6, 7})
-
-
-def plot_reliability_rows(frame: pl.DataFrame, run_dir: Path) -> list[Path]:
-    """``reliability_<row>.png`` per row family (method, teacher mode): one line per shots x transfer set, bins
-    pooled over seeds."""
-    paths = []
-    rows = frame.filter(pl.col("reliability").is_not_null())
-    for method, mode in _ordered_columns(rows) if len(rows) else []:
-        family = rows.filter((pl.col("method") == method) & pl.col("teacher_mode").eq_missing(mode))
-        curves = {}
-        for (shots, transfer), part in family.sort("shots").group_by("shots", "transfer", maintain_order=True):
-            curves[f"{shots} shots" + (f", {transfer}" if transfer else "")] = pool_bins(
-                [json.loads(b) for b in part["reliability"]])
-        label = column_label(method, mode)
-        path = run_dir / f"reliability_{re.sub(r'[^A-Za-z0-9]+', '_', label).strip('_')}.png"
-        plot_reliability(curves, path, f"{label}: test split, seeds pooled")
-        paths.append(path)
-    return paths
 
 
 def write_markdown(frame: pl.DataFrame, path: Path, title: str) -> None:
@@ -374,84 +218,16 @@ def write_markdown(frame: pl.DataFrame, path: Path, title: str) -> None:
     path.write_text(text)
 
 
-def _figure(panels: int):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, panels, figsize=(5.2 * panels, 4.2), squeeze=False, sharey=True)
-    return plt, fig, axes[0]
-
-
-def plot_labels(frame: pl.DataFrame, path: Path) -> None:
-    """Top-1 (mIoU) vs labels per class, one panel per transfer set, one line per method (teacher dashed)."""
-    metric, stats = headline(frame), aggregate(frame)
-    transfers = [t for t in frame["transfer"].unique(maintain_order=True).to_list() if t is not None]
-    plt, fig, axes = _figure(max(1, len(transfers)))
-    for ax, transfer in zip(axes, transfers or [None]):
-        for method, mode in _ordered_columns(frame):
-            part = stats.filter((pl.col("method") == method) & pl.col("teacher_mode").eq_missing(mode)
-                                & (pl.col("transfer").eq_missing(transfer) | pl.col("transfer").is_null()))
-            part = part.sort("shots")
-            if len(part):  # error bars: std over seeds
-                ax.errorbar(part["shots"], 100 * part[metric], yerr=100 * part[f"{metric}_std"].fill_null(0),
-                            marker="o", capsize=3, color=color(method, mode),
-                            linestyle="--" if method == "teacher" else "-", label=column_label(method, mode))
-        ax.set(title=f"transfer set: {transfer}", xlabel=METRICS[metric][3], xscale="log")
-        ax.minorticks_off()
-        ax.set_xticks(sorted(frame["shots"].unique()), labels=[str(s) for s in sorted(frame["shots"].unique())])
-        ax.grid(alpha=0.3)
-    _finish(plt, fig, axes, path, METRICS[metric][0])
-
-
-def _finish(plt, fig, axes, path: Path, label: str) -> None:
-    """One legend below the panels (duplicates merged), then save."""
-    axes[0].set_ylabel(f"{label} (%)")
-    entries = {}
-    for ax in axes:
-        entries.update(zip(*reversed(ax.get_legend_handles_labels())))
-    fig.legend(entries.values(), entries.keys(), loc="lower center", ncol=min(4, len(entries)), fontsize=8,
-               frameon=False)
-    rows = -(-len(entries) // 4)
-    fig.tight_layout(rect=(0, 0.05 + 0.05 * rows, 1, 1))
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-def plot_compute(frame: pl.DataFrame, path: Path) -> None:
-    """Top-1 (mIoU) vs training compute (log x), one panel per labels-per-class, marker = transfer set (Fig. 3)."""
-    metric, stats = headline(frame), aggregate(frame)
-    shots_levels = sorted(frame["shots"].unique())
-    transfers = [t for t in frame["transfer"].unique(maintain_order=True).to_list() if t is not None]
-    plt, fig, axes = _figure(len(shots_levels))
-    for ax, shots in zip(axes, shots_levels):
-        for method, mode in _ordered_columns(frame):
-            part = stats.filter((pl.col("shots") == shots) & (pl.col("method") == method)
-                                & pl.col("teacher_mode").eq_missing(mode))
-            if method == "teacher":
-                for value in part[metric]:
-                    ax.axhline(100 * value, color=color(method, mode), linestyle="--", label=column_label(method, mode))
-                continue
-            for i, transfer in enumerate(transfers):
-                sub = part.filter(pl.col("transfer") == transfer)
-                ax.errorbar(sub["compute_flops"].cast(pl.Float64), 100 * sub[metric],
-                            yerr=100 * sub[f"{metric}_std"].fill_null(0), color=color(method, mode), linestyle="none",
-                            marker=MARKERS[i % len(MARKERS)], capsize=3,
-                            label=f"{column_label(method, mode)}, {transfer}")
-        ax.set(title=f"{shots} {METRICS[metric][3]}", xlabel="training compute (FLOPs)", xscale="log")
-        ax.grid(alpha=0.3)
-    _finish(plt, fig, axes, path, METRICS[metric][0])
-
-
 def render(frame: pl.DataFrame, run_dir: Path, title: str) -> dict[str, Path]:
     """results.md, both plots and the reliability diagrams from a results frame."""
     files = {"parquet": run_dir / "results.parquet", "markdown": run_dir / "results.md",
              "labels_plot": run_dir / "top1_vs_labels.png", "compute_plot": run_dir / "top1_vs_compute.png"}
+    from train import plots  # imports this module's tables
+
     write_markdown(frame, files["markdown"], title)
-    plot_labels(frame, files["labels_plot"])
-    plot_compute(frame, files["compute_plot"])
-    return {**files, **{path.stem: path for path in plot_reliability_rows(frame, run_dir)}}
+    plots.plot_labels(frame, files["labels_plot"])
+    plots.plot_compute(frame, files["compute_plot"])
+    return {**files, **{path.stem: path for path in plots.plot_reliability_rows(frame, run_dir)}}
 
 
 def write_report(rows: list[dict[str, Any]], run_dir: Path, title: str = "results",
@@ -467,7 +243,8 @@ def write_report(rows: list[dict[str, Any]], run_dir: Path, title: str = "result
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m train.report", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m train.report", description=__doc__.split("\n\n")[0],
+                                     formatter_class=HelpFormatter)
     parser.add_argument("run_dirs", nargs="+", metavar="RUN",
                         help="train.pipeline run directories holding results.parquet (e.g. one per seed)")
     parser.add_argument("--out", help="where results.md and the plots go (default: the first RUN); several runs "

@@ -48,7 +48,7 @@ from reinforce.teachers import (
     teacher_zoo,
 )
 from reinforce.teachers.dense import DENSE_LIBRARY, SegmentationTeacher
-from stores.cli_errors import cli_errors, debug_flag
+from stores.cli_errors import HelpFormatter, cli_errors, debug_flag
 from stores.manifest import TeacherCard
 from train.data import LabeledViews, SegmentationViews, labeled_classes, open_labeled
 from train.optim import TrainSchedule, fit
@@ -294,9 +294,10 @@ def _fit_probe(model: TeacherModel, source: Source, setting: TeacherSetting, con
     fit(model.head, dataset, schedule, desc=f"{desc}: lp head")
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """``train.teacher``'s command line (``train.pipeline`` checks a recipe's section with it)."""
     parser = argparse.ArgumentParser(prog="train.teacher", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     formatter_class=HelpFormatter)
     parser.add_argument("--backbone", required=True, help="timm or open_clip model name")
     parser.add_argument("--library", default="timm", choices=("timm", "open_clip"))
     weights = parser.add_mutually_exclusive_group()
@@ -331,7 +332,12 @@ def main(argv: list[str] | None = None) -> int:
                  "baseline_lr"):
         default = getattr(defaults, flag)
         parser.add_argument(f"--{flag.replace('_', '-')}", type=type(default), default=default)
-    args = vars(debug_flag(parser).parse_args(argv))
+    return debug_flag(parser)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = vars(parser.parse_args(argv))
     with cli_errors(parser.prog, args.pop("debug")):
         card = adapt_teacher(TeacherConfig(**args))
     scores = {k: card.adaptation.get(k) for k in ("chosen", "val_top1", "val_miou") if card.adaptation.get(k)}

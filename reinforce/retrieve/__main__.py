@@ -14,7 +14,7 @@ Similarity is the mean of the encoders' cosine similarities (B.2). Retrieved sou
 to each other are duplicates (one kept per union-find group, B.3); those more similar than 0.95 to any ``--exclude``
 task image under any encoder are possible leaks (B.4: removed unless ``--keep-leaks``, and listed in
 ``OUT.report.json`` with their 5 nearest task images for a visual check), as are those whose grayscale thumbnail
-correlates above ``--near-copy-threshold`` with a task image (``reinforce.retrieve.nearcopy``: resized, re-encoded copies an
+correlates above ``--near-copy-threshold`` with a task image (``nearcopy``: resized, re-encoded copies an
 encoder misses; ``--no-near-copy`` skips it). Removed items are replaced by searching
 again, so the manifest holds exactly ``--size`` crops (``--with-queries`` appends the query images, as the paper
 does); ``reinforce.build --transfer-set OUT`` builds on the crops. ``--index flat`` is faiss's exact search, run as
@@ -35,7 +35,7 @@ from pathlib import Path
 
 from reinforce.retrieve.curate import CROP_AUGMENTS, LEVELS, RetrieveConfig, retrieve
 from reinforce.retrieve.search import INDEX_KINDS, STRATEGIES
-from stores.cli_errors import cli_errors, debug_flag
+from stores.cli_errors import HelpFormatter, cli_errors, debug_flag
 from stores.cli_logging import log_to_stderr
 
 __all__ = ["main", "parse_args"]
@@ -44,7 +44,7 @@ __all__ = ["main", "parse_args"]
 def parse_args(argv: list[str] | None = None) -> tuple[RetrieveConfig, bool]:
     """The retrieval's config and whether ``--debug`` was given."""
     parser = argparse.ArgumentParser(prog="python -m reinforce.retrieve", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     formatter_class=HelpFormatter)
     defaults = RetrieveConfig(queries="", gallery="", out="")
     parser.add_argument("--queries", required=True, help="source spec of the labeled task images (the query set)")
     parser.add_argument("--gallery", required=True, help="source spec of the gallery (see reinforce.sources)")
@@ -73,7 +73,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[RetrieveConfig, bool]:
     parser.add_argument("--leak-threshold", type=float, default=defaults.leak_threshold)
     parser.add_argument("--near-copy-threshold", type=float, default=defaults.near_copy_threshold,
                         help="pixel-level leak check: a gallery image whose canonical grayscale thumbnail correlates "
-                             "above this with a (slightly cropped) --exclude image is a leak too (reinforce.retrieve.nearcopy; "
+                             "above this with a (slightly cropped) --exclude image is a leak too (nearcopy; "
                              "chosen on validation plants, docs/retrieval.md)")
     parser.add_argument("--no-near-copy", dest="near_copy", action="store_false",
                         help="judge leaks by embedding similarity only")

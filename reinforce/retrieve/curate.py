@@ -68,7 +68,7 @@ class RetrieveConfig:
     nprobe: int = 16
     duplicate_threshold: float = 0.99
     leak_threshold: float = 0.95
-    near_copy: bool = True  # also flag a leak by pixels: thumbnail correlation with a task image (reinforce.retrieve.nearcopy)
+    near_copy: bool = True  # also flag a leak by pixels: thumbnail correlation with a task image (nearcopy)
     near_copy_threshold: float = NEAR_COPY_THRESHOLD
     keep_leaks: bool = False
     with_queries: bool = False  # append the query images (their centre crops) to the manifest, as the paper does
