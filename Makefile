@@ -5,7 +5,7 @@ export PATH := $(abspath $(VENV))/bin:$(PATH)
 export DS_ACCELERATOR ?= cpu
 export DS_BUILD_OPS ?= 0
 
-.PHONY: install data test demo lint bench views
+.PHONY: install data check test demo lint bench views
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -22,6 +22,12 @@ data:
 	@test -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz || \
 	  { $$(command -v sudo) apt-get install -y -q dataset-fashion-mnist || \
 	    { $$(command -v sudo) apt-get update -q && $$(command -v sudo) apt-get install -y -q dataset-fashion-mnist; }; }
+
+# day-to-day: lint, import contracts and every test not marked slow (subprocess end to end) or fuzz
+check: install data
+	$(PY) -m ruff check .
+	$(VENV)/bin/lint-imports
+	$(PY) -m pytest -q -m "not slow and not fuzz"
 
 test: install data
 	$(VENV)/bin/lint-imports
