@@ -23,15 +23,18 @@ data:
 	  { $$(command -v sudo) apt-get install -y -q dataset-fashion-mnist || \
 	    { $$(command -v sudo) apt-get update -q && $$(command -v sudo) apt-get install -y -q dataset-fashion-mnist; }; }
 
-# day-to-day: lint, import contracts and every test not marked slow (subprocess end to end) or fuzz
+# two pytest workers on two cores, one thread each (tests/conftest.py); tests sharing one session artifact stay together
+PYTEST := $(PY) -m pytest -q -n 2 --dist loadgroup
+
+# day-to-day: lint, import contracts and every test not end to end (a CLI in a subprocess) or fuzz
 check: install data
 	$(PY) -m ruff check .
 	$(VENV)/bin/lint-imports
-	$(PY) -m pytest -q -m "not slow and not fuzz"
+	$(PYTEST) -m "not e2e and not fuzz"
 
 test: install data
 	$(VENV)/bin/lint-imports
-	$(PY) -m pytest -q
+	$(PYTEST)
 
 demo: install data
 	$(PY) -m train.pipeline

@@ -1,12 +1,79 @@
-"""Shared fixtures: the real Lite0 ImageNet teacher (built once per session) and real photos."""
+"""Shared fixtures (the real Lite0 ImageNet teacher, built once per session, and real photos) and the lanes.
+
+Lanes: a test that runs a command-line tool in a subprocess (``python -m``, torchrun, the DeepSpeed launcher) is
+end to end, marked ``e2e`` (everything under ``tests/e2e/`` is); ``make check`` runs the rest. An unmarked test that
+starts such a subprocess fails, naming it, so the fast lane stays fast. Every test process and its children run
+one intra-op thread: ``make test`` runs two workers (pytest-xdist) on two cores, and oversubscribed OpenMP threads
+spin instead of working.
+"""
 
 from __future__ import annotations
 
 import os
+import shlex
+import sys
 from pathlib import Path
 
-import pytest
-from PIL import Image
+for _variable in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):  # before torch is imported anywhere in this process
+    os.environ[_variable] = "1"
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+
+E2E = Path(__file__).parent / "e2e"
+CLI_NAMES = ("python", "torchrun", "deepspeed")
+_running: list[pytest.Item] = []  # the test whose setup, call or teardown is running
+
+
+def _command_line_tool(argv: object) -> str | None:
+    """The command line when ``argv`` (a Popen audit event's args) starts Python or a launcher, else None."""
+    words = shlex.split(argv) if isinstance(argv, str) else [os.fsdecode(w) for w in argv]
+    program = os.path.basename(words[0]) if words else ""
+    is_tool = words and (words[0] == sys.executable or program.startswith(CLI_NAMES))
+    return shlex.join(words) if is_tool else None
+
+
+def _refuse_unmarked_subprocess(event: str, args: tuple) -> None:
+    if event != "subprocess.Popen" or not _running or _running[-1].get_closest_marker("e2e"):
+        return
+    command = _command_line_tool(args[1])
+    if command:
+        raise RuntimeError(f"{_running[-1].nodeid} runs a command-line tool in a subprocess ({command[:160]}): "
+                           "mark it e2e (pytest.mark.e2e) or move it to tests/e2e/")
+
+
+sys.addaudithook(_refuse_unmarked_subprocess)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Everything under tests/e2e/ is e2e. Tests sharing an artifact run on one worker, which makes it once: those
+    of the session's ``trained`` artifacts together, those of a module-scoped fixture with their module."""
+    for item in items:
+        if E2E in Path(item.fspath).parents:
+            item.add_marker(pytest.mark.e2e)
+        info = getattr(item, "_fixtureinfo", None)
+        scopes = {d.scope for defs in (info.name2fixturedefs.values() if info else ()) for d in defs}
+        if "trained" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.xdist_group("trained"))
+        elif "module" in scopes:
+            item.add_marker(pytest.mark.xdist_group(item.nodeid.split("::")[0]))
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None):
+    _running.append(item)
+    try:
+        return (yield)
+    finally:
+        _running.pop()
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """A stage run in process may pin its own thread count (a pipeline recipe's ``threads``): back to one after."""
+    yield
+    torch.set_num_threads(1)
 
 PHOTO_NAMES = ("astronaut", "chelsea", "coffee", "rocket", "immunohistochemistry", "hubble_deep_field")
 

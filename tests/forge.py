@@ -9,7 +9,6 @@ import contextlib
 import hashlib
 import io
 import json
-import os
 import pickle
 import shutil
 import subprocess
@@ -21,12 +20,12 @@ from typing import Any
 
 import numpy as np
 import polars as pl
+from support import REPO, cli_env
 
 from reinforce.build import main as build_main
 from stores.manifest import StoreContent, content_id
 from stores.store import MANIFEST, SAMPLES_FILE
 
-REPO = Path(__file__).resolve().parents[1]
 SAMPLES = 24
 TRANSFER_SET = f"fashion-mnist:test?limit={SAMPLES}"
 Member = tuple[tarfile.TarInfo, bytes]
@@ -137,7 +136,7 @@ def pickled(marker: Path) -> bytes:
 
 def run_cli(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
     """``python -m ARGS`` as a user runs it, from the repository, on the CPU."""
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    env = cli_env()
     return subprocess.run([sys.executable, "-m", *args], cwd=REPO, env=env, capture_output=True, text=True,
                           timeout=timeout)
 

@@ -11,8 +11,8 @@ import sys
 from pathlib import Path
 
 import pytest
+from support import REPO
 
-REPO = Path(__file__).resolve().parents[1]
 PACKAGES = ("stores", "reinforce", "train")
 MODULES = sorted(p for package in PACKAGES for p in (REPO / package).rglob("*.py"))
 

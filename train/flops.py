@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -39,18 +40,20 @@ class FlopsCounter:
     def __init__(self, run_dir: Path):
         self.path = run_dir / "flops.json"
         self.cache = json.loads(self.path.read_text()) if self.path.exists() else {}
+        self.lock = threading.Lock()  # cells running side by side (``jobs``) measure a model once
 
     def forward(self, key: str, build: Callable[[], tuple[Callable, int]]) -> int:
         """FLOPs of one uint8 view through ``build()``'s model (``(callable, size)``), cached under ``key``."""
-        if key not in self.cache:
-            import torch
+        with self.lock:
+            if key not in self.cache:
+                import torch
 
-            model, size = build()
-            self.cache[key] = forward_flops(model, torch.zeros(1, 3, size, size, dtype=torch.uint8))
-            tmp = self.path.with_name(self.path.name + ".tmp")
-            tmp.write_text(json.dumps(self.cache, indent=1))
-            os.replace(tmp, self.path)
-        return self.cache[key]
+                model, size = build()
+                self.cache[key] = forward_flops(model, torch.zeros(1, 3, size, size, dtype=torch.uint8))
+                tmp = self.path.with_name(self.path.name + ".tmp")
+                tmp.write_text(json.dumps(self.cache, indent=1))
+                os.replace(tmp, self.path)
+            return self.cache[key]
 
     def teacher_forward(self, teacher_dir: Path) -> int:
         card = read_teacher_card(teacher_dir)

@@ -22,10 +22,12 @@ predictions) or on ``val_data``, the final model trained on all labeled images; 
 ``seeds: [0, 1, 2]`` (``--seeds``) runs every seed's labeled draw end to end and reports each row as
 mean ± std with paired differences (``train.report``); stages that see no labels (the frozen VFM and its
 stores) are made once for all seeds. ``threads`` pins the thread count of every stage (in-process and child
-processes), so a run gives the same numbers on a machine with more cores. An artifact is done when
-``OUT/.pipeline-done.json`` exists, a cell when
-``RUN/cells/KEY.json`` does: a rerun skips both, and ``RUN/steps.jsonl`` logs every step as ran or
-skipped. Writes ``RUN/results.json`` (every row, with each stage's wall time and the total),
+processes), so a run gives the same numbers on a machine with more cores; ``jobs`` (``--jobs``) runs that many
+independent steps side by side (cells and seeds overlap; each step a process, its output in ``RUN/logs/``) with
+the same numbers as one after the other: small students train faster on one thread each than on two together.
+An artifact is done when ``OUT/.pipeline-done.json`` exists, a cell when ``RUN/cells/KEY.json`` does: a rerun
+skips both, and ``RUN/steps.jsonl`` logs every step as ran or skipped. Writes ``RUN/results.json`` (every row,
+with each stage's wall time and the total),
 ``RUN/results.parquet``, ``RUN/results.md``, two plots (``train.report``) and a ``card.md`` (``train.card``) in
 every row's model directory; a step's marker records the resolved recipe (its lineage).
 
@@ -58,10 +60,13 @@ import shlex
 import shutil
 import subprocess
 import sys
+import threading
 import time
 import traceback
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
@@ -220,16 +225,29 @@ class Planner:
 
 
 class Runner:
-    """Makes each step's artifact once: in process (or a subprocess for ``train.distill``), then marks it done."""
+    """Makes each step's artifact once, then marks it done: in process (``train.distill``: a subprocess) when
+    ``jobs`` is 1; with ``jobs`` > 1, up to ``jobs`` steps at a time, each a subprocess whose output goes to
+    ``RUN/logs/``. Cells and seeds call ``ensure`` from several threads: a step asked for twice runs once."""
 
     def __init__(self, run_dir: Path, recipe: Recipe | None = None):
         self.run_dir, self.recipe = run_dir, recipe
         self.threads = recipe.threads if recipe else DEFAULT_THREADS
+        self.jobs = recipe.jobs if recipe else 1
         self.log = run_dir / "steps.jsonl"
         self.run_id = f"{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}"  # groups one invocation's log lines
+        self.slots = threading.BoundedSemaphore(self.jobs)  # steps running now
+        self.step_locks: dict[Path, threading.Lock] = {}
+        self.lock = threading.Lock()  # guards step_locks and the log file
+        self.failed = threading.Event()  # a step failed: start no other
 
     def ensure(self, step: Step) -> dict[str, Any]:
         """The step's completion record (``seconds``, ``command``), running it first unless already done."""
+        with self.lock:
+            step_lock = self.step_locks.setdefault(step.out, threading.Lock())
+        with step_lock:
+            return self._ensure(step)
+
+    def _ensure(self, step: Step) -> dict[str, Any]:
         marker = step.out / DONE
         if marker.exists():
             record = json.loads(marker.read_text())
@@ -239,11 +257,18 @@ class Runner:
             # this run's own distillation, stopped before it finished: continue it (train.distill loads a
             # checkpoint only when told to, and only the run's own: checkpoints/run.json)
             step = dataclasses.replace(step, argv=(*step.argv, "--resume"))
-        print(f"\n== {step.stage} {step.out.name}\n$ {step.command_line()}", flush=True)
-        started = time.perf_counter()
-        code = _execute(step, self.threads)
+        with self.slots:
+            if self.failed.is_set():
+                raise ChildProcessError(f"stage {step.stage} not started: another step failed")
+            log = self.run_dir / "logs" / f"{step.stage}s" / f"{step.out.name}.log" if self.jobs > 1 else None
+            print(f"\n== {step.stage} {step.out.name}" + (f" (output: {log})" if log else "")
+                  + f"\n$ {step.command_line()}", flush=True)
+            started = time.perf_counter()
+            code = _execute(step, self.threads, log)
         if code:
-            raise ChildProcessError(f"stage {step.stage} failed (exit status {code}): {step.command_line()}")
+            self.failed.set()
+            raise ChildProcessError(f"stage {step.stage} failed (exit status {code}): {step.command_line()}"
+                                    + (f"; its output: {log}" if log else ""))
         seconds = round(time.perf_counter() - started, 1)
         record = {"stage": step.stage, "command": step.command_line(), "seconds": seconds,
                   **({"recipe": self.recipe.to_dict()} if self.recipe else {})}  # the directory's lineage: what made it
@@ -256,17 +281,23 @@ class Runner:
         """One line of ``RUN/steps.jsonl``: what this invocation ran or skipped."""
         entry = {"run": self.run_id, "stage": stage, "out": str(out.relative_to(self.run_dir)), "status": status,
                  "seconds": seconds, "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
-        with open(self.log, "a") as f:
+        with self.lock, open(self.log, "a") as f:
             f.write(json.dumps(entry) + "\n")
 
 
-def _execute(step: Step, threads: int) -> int:
+def _execute(step: Step, threads: int, log: Path | None = None) -> int:
     """Exit status of the step's command line, run through its module's ``main(argv)`` when in process; a child
-    process runs with ``threads`` intra-op threads, as the in-process stages do."""
-    if step.module not in IN_PROCESS:
+    process (``train.distill``, or every step when ``log`` is given: its stdout and stderr go there) runs with
+    ``threads`` intra-op threads, as the in-process stages do."""
+    if step.module not in IN_PROCESS or log is not None:
         env = {**os.environ, "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu"),
                **dict.fromkeys(("OMP_NUM_THREADS", "MKL_NUM_THREADS"), str(threads))}
-        return subprocess.run([sys.executable, "-m", step.module, *step.argv], env=env).returncode
+        command = [sys.executable, "-m", step.module, *step.argv]
+        if log is None:
+            return subprocess.run(command, env=env).returncode
+        log.parent.mkdir(parents=True, exist_ok=True)
+        with open(log, "w") as output:
+            return subprocess.run(command, env=env, stdout=output, stderr=subprocess.STDOUT).returncode
     try:
         return importlib.import_module(step.module).main(list(step.argv))  # every CLI's main returns its status
     except SystemExit as error:  # argparse and cli_errors exit 2 with a one-line message
@@ -343,34 +374,52 @@ def teacher_row(shots: int, mode: str, planner: Planner, runner: Runner,
             "teacher_adapt_flops": adapt, "teacher_pass_flops": 0, "student_flops": 0, "compute_flops": adapt}
 
 
+Item = TypeVar("Item")
+
+
+def side_by_side(function: Callable[[Item], Any], items: Iterable[Item], jobs: int) -> list[Any]:
+    """``[function(item) for item in items]``, in that order; with ``jobs`` > 1 every call in its own thread (the
+    runner bounds how many steps run at once), so independent cells and seeds overlap."""
+    items = list(items)
+    if jobs == 1 or len(items) < 2:
+        return [function(item) for item in items]
+    with ThreadPoolExecutor(max_workers=len(items)) as pool:
+        return list(pool.map(function, items))
+
+
 def run_grid(recipe: Recipe, run_dir: Path) -> list[dict[str, Any]]:
     """Every seed's grid (finished cells are read back) and reference teachers; stages shared by seeds run once."""
     run_dir.mkdir(parents=True, exist_ok=True)
     runner, flops = Runner(run_dir, recipe), FlopsCounter(run_dir)
-    return [row for seed in recipe.seeds for row in run_seed(recipe, Planner(recipe, run_dir, seed), runner, flops)]
+    per_seed = side_by_side(lambda seed: run_seed(recipe, Planner(recipe, run_dir, seed), runner, flops),
+                            recipe.seeds, recipe.jobs)
+    return [row for rows in per_seed for row in rows]
+
+
+def cell_row(cell: Cell, planner: Planner, runner: Runner, flops: FlopsCounter) -> dict[str, Any]:
+    """``cell``'s result row: read back when the cell is done, else run (``run_cell``) and recorded."""
+    done = planner.run_dir / "cells" / f"{cell.key}-{planner.cell_hash(cell)}.json"
+    if done.exists():
+        print(f"== cell {cell.key} seed {planner.seed}: done, skipped", flush=True)
+        runner.note("cell", done, "skipped", 0.0)
+        return read_json(done)
+    row = run_cell(cell, planner, runner, flops)
+    done.parent.mkdir(parents=True, exist_ok=True)
+    _atomic_write(done, json.dumps(row, indent=1))
+    return row
 
 
 def run_seed(recipe: Recipe, planner: Planner, runner: Runner,
              flops: FlopsCounter) -> list[dict[str, Any]]:
     """One seed's labeled draw end to end: every cell of the grid, then the teachers' reference rows."""
-    rows = []
-    for cell in grid_cells(recipe):
-        done = planner.run_dir / "cells" / f"{cell.key}-{planner.cell_hash(cell)}.json"
-        if done.exists():
-            print(f"== cell {cell.key} seed {planner.seed}: done, skipped", flush=True)
-            runner.note("cell", done, "skipped", 0.0)
-            rows.append(read_json(done))
-            continue
-        row = run_cell(cell, planner, runner, flops)
-        done.parent.mkdir(parents=True, exist_ok=True)
-        _atomic_write(done, json.dumps(row, indent=1))
-        rows.append(row)
+    rows = side_by_side(lambda cell: cell_row(cell, planner, runner, flops), grid_cells(recipe), recipe.jobs)
     mark_teacher_ahead(rows, planner)
     task_cells = [c for c in grid_cells(recipe) if METHODS[c.method].target == "logits"]  # the task teacher's cells
     modes = recipe.reference_teachers  # true: the modes the grid distills from; or a list of modes
     modes = list(dict.fromkeys(c.teacher_mode for c in task_cells)) if modes is True else modes or []
     shots = dict.fromkeys(c.shots for c in task_cells) if task_cells else dict.fromkeys(recipe.grid.shots)
-    return rows + [teacher_row(s, mode, planner, runner, flops) for s in shots for mode in modes]
+    references = [(s, mode) for s in shots for mode in modes]
+    return rows + side_by_side(lambda ref: teacher_row(*ref, planner, runner, flops), references, recipe.jobs)
 
 
 def teacher_val(teacher_card: TeacherCard, metric: str) -> float | None:
@@ -427,12 +476,19 @@ def main(argv: list[str] | None = None) -> int:
                              "transfer-set spec): each row is reported as mean ± std over them")
     parser.add_argument("--threads", type=int, default=None,
                         help="override the recipe's threads: torch threads of every stage (default 2)")
+    parser.add_argument("--jobs", type=int, default=None,
+                        help="override the recipe's jobs: steps run side by side, each a process with --threads "
+                             "threads (default 1: one after the other, in this process); the numbers do not "
+                             "depend on it")
     args = debug_flag(parser).parse_args(argv)
+    for name in ("threads", "jobs"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            parser.error(f"--{name} must be at least 1")
     start = time.perf_counter()
     with cli_errors("train.pipeline", args.debug):
         recipe = load_recipe(args.recipe)
         recipe = dataclasses.replace(recipe, seeds=tuple(args.seeds or recipe.seeds),
-                                     threads=args.threads or recipe.threads)
+                                     threads=args.threads or recipe.threads, jobs=args.jobs or recipe.jobs)
         torch.set_num_threads(recipe.threads)  # in-process stages; child processes get it in their environment
         if args.plan:
             print_plan(recipe, Path(args.run_dir))

@@ -80,6 +80,7 @@ class Recipe:
     folds: int = 0
     val_data: str | None = None
     threads: int = DEFAULT_THREADS
+    jobs: int = 1  # steps run side by side, each in its own process with ``threads`` threads
     reference_teachers: bool | tuple[str, ...] = True  # true: the modes the grid distills from
 
     def to_dict(self) -> dict[str, Any]:
@@ -191,6 +192,11 @@ def _typed(path: str | os.PathLike, raw: dict[str, Any]) -> Recipe:
     seeds = raw.get("seeds", [0])
     if not isinstance(seeds, list) or not seeds or not all(isinstance(v, int) for v in seeds):
         raise InputError(f"{path}: seeds must be a list of integers, got {seeds!r}")
+    for name in ("threads", "jobs", "folds"):
+        value = raw.get(name, fields[name].default)
+        if not isinstance(value, int) or isinstance(value, bool) or value < (0 if name == "folds" else 1):
+            raise InputError(f"{path}: {name} must be a {'non-negative' if name == 'folds' else 'positive'} "
+                             f"integer, got {value!r}")
     references = raw.get("reference_teachers", True)
     values = {**raw, "grid": Grid(**{axis: tuple(_listed(v)) for axis, v in grid.items()}), "seeds": tuple(seeds),
               "reference_teachers": references if isinstance(references, bool) else tuple(_listed(references or []))}

@@ -84,7 +84,7 @@ def test_lite0_linear_probe_beats_chance(_home, capsys):
 
 @pytest.mark.parametrize(("library", "backbone", "mode", "size", "folds"), [
     ("timm", "vit_small_patch14_dinov2", "auto", "28", "2"),  # auto: 2-fold CV of lp and ft, then retrain
-    ("open_clip", "ViT-B-32", "lp", "32", "0"),
+    pytest.param("open_clip", "ViT-B-32", "lp", "32", "0", marks=pytest.mark.e2e),  # a ViT-B end to end: 30 s
 ])
 def test_vfm_backbones_from_local_weights(tmp_path, random_weights, library, backbone, mode, size, folds):
     weights = random_weights(library, backbone, tmp_path / "backbone.safetensors")
@@ -137,6 +137,7 @@ def test_bad_inputs_exit_2_with_one_line(capsys, tmp_path):
     _one_line_error(capsys, evaluate.main, ["--model", "baseline", "--data", "no-such-source"], "train.evaluate")
 
 
+@pytest.mark.e2e
 def test_unknown_student_from_the_command_line():
     run = subprocess.run([sys.executable, "-m", "train.finetune", "--student", "no_such_net", "--size", "32",
                           "--data", "fashion-mnist:train", "--out", "x"], capture_output=True, text=True)
@@ -264,6 +265,7 @@ def test_help_shows_each_flags_default(module, shown, capsys, monkeypatch):
         assert re.search(pattern, text), (pattern, text)
 
 
+@pytest.mark.e2e  # teacher and build end to end, a 300-step labels-only student: 40 s
 @pytest.mark.parametrize("strong", [False, True])
 def test_build_warns_when_the_teacher_is_not_ahead_of_labels_only(strong, caplog):
     """The labels-only student is cross-validated on the teacher's folds by default; a teacher not ahead of it is

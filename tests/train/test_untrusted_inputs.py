@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from support import REPO, cli_env
 
 from reinforce.build import main as build_main
 from stores.cli_errors import _message, is_user_error
@@ -28,9 +29,8 @@ from stores.store import StoreCorruptError, open_store
 from train import evaluate, pipeline
 from train.models import create_student, save_student
 
-REPO = Path(__file__).resolve().parents[1]
 SPEC = "fashion-mnist:test?limit=64"
-ENV = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+ENV = cli_env()
 
 
 def run(module: str, *args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
@@ -73,7 +73,7 @@ def assert_published_clean(out: Path) -> None:
     assert run("stores", "verify", str(out)).returncode == 0
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_a_second_build_on_one_out_is_refused_naming_the_owner(lite0_teacher, tmp_path):
     """Two real builds on one --out: while the first holds the lock (stopped mid-build, alive), the second exits 2
     in one line naming its pid; the first then publishes a store that verifies, with no stray file."""
@@ -94,7 +94,7 @@ def test_a_second_build_on_one_out_is_refused_naming_the_owner(lite0_teacher, tm
     assert_published_clean(out)
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_a_killed_builds_lock_is_taken_over(lite0_teacher, tmp_path):
     """A build killed while holding the lock leaves it behind: its pid is gone from this host, so the next build
     takes it over by itself. A lock made on another host needs --resume (its processes cannot be seen here)."""
@@ -142,6 +142,7 @@ def test_bad_recipes_are_one_line_naming_file_and_line(tmp_path, capsys, text, e
     assert not sentinel.exists()
 
 
+@pytest.mark.e2e
 def test_a_corrupt_safetensors_file_is_one_line(tmp_path):
     """A weights file whose header lies (a length past the end, then not JSON) is refused naming the file."""
     weights = tmp_path / "vfm.safetensors"
@@ -198,7 +199,7 @@ class Payload:
         return open, (self.path, "w")
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_distill_loads_no_checkpoint_it_did_not_write(lite0_teacher, tmp_path):
     """A checkpoint directory planted in --out (DeepSpeed's layout, a pickle that would create a file) is refused
     without --resume, and with --resume because no run.json of this run is there: nothing is unpickled. A run's

@@ -17,6 +17,7 @@ import numpy as np
 import psutil
 import pytest
 import zarr
+from support import REPO, cli_env
 
 from reinforce.build import BuildConfig, build
 from reinforce.build import main as build_main
@@ -25,9 +26,8 @@ from stores.__main__ import main as stores_main
 from stores.store import ARRAYS_DIR, array_paths
 from stores.verify import verify_store
 
-REPO = Path(__file__).resolve().parents[1]
 SPEC = "fashion-mnist:test?limit=96"
-ENV = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+ENV = cli_env()
 
 
 def build_args(zoo_dir: Path, out: Path, *extra: str) -> list[str]:
@@ -68,7 +68,6 @@ def reference(lite0_teacher, tmp_path_factory) -> Path:
     return out
 
 
-@pytest.mark.slow
 def test_two_torchrun_ranks_build_what_one_process_builds(lite0_teacher, reference, tmp_path):
     out = tmp_path / "store"
     run = subprocess.run(torchrun(2, "reinforce.build", build_args(lite0_teacher[2], out)), cwd=REPO, env=ENV,
@@ -102,7 +101,6 @@ def test_verify_against_holds_two_builds_to_what_one_store_id_promises(reference
     assert open_store(reference).manifest.summary["store_id_promise"].startswith("same store id")
 
 
-@pytest.mark.slow
 def test_deepspeed_launcher_runs_the_build(lite0_teacher, reference, tmp_path):
     out = tmp_path / "store"
     command = [str(Path(sys.executable).with_name("deepspeed")), "--num_accelerators", "2", "--master_port",
@@ -113,7 +111,6 @@ def test_deepspeed_launcher_runs_the_build(lite0_teacher, reference, tmp_path):
     assert_same_arrays(out, reference)
 
 
-@pytest.mark.slow
 def test_a_killed_rank_resumes(lite0_teacher, reference, tmp_path):
     """SIGKILL one rank after the first unit commits: torchrun stops the other; a rerun writes only what is
     missing and the store equals the one-process build."""

@@ -9,7 +9,6 @@ so "the student learned the task from the store" is measured as top-1 agreement 
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -18,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
+from support import REPO, cli_env
 
 from reinforce.augment import eval_view
 from reinforce.build import BuildConfig, build
@@ -30,7 +30,6 @@ from train.distill import DistillConfig, build_objective
 from train.losses import create_loss, kl_divergence
 from train.models import create_student, load_student
 
-REPO = Path(__file__).resolve().parents[1]
 SAMPLES, BATCH, EPOCHS = 1024, 32, 6
 STUDENT = "mobilenetv3_small_050"
 LABELED = "fashion-mnist:train?shots=10&seed=0&part=labeled"
@@ -60,7 +59,7 @@ def store_dir(tmp_path_factory, teacher) -> Path:
 
 def _distill(store: Path, out: Path, epochs: int, *extra: str, nproc: int = 2,
              launcher: str = "torchrun") -> subprocess.CompletedProcess:
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    env = cli_env()
     args = ["--store", str(store), "--student", STUDENT, "--size", "32", "--epochs", str(epochs),
             "--temperature", "1", "--batch-size", str(BATCH), "--lr", "5e-3", "--workers", "0", "--out", str(out),
             "--targets", "logits",
@@ -86,7 +85,6 @@ def distilled(store_dir, tmp_path_factory) -> tuple[Path, list[subprocess.Comple
     return out, [first, second], first_samples
 
 
-@pytest.mark.slow
 def test_ranks_split_the_store(store_dir, distilled):
     _, _, first_samples = distilled
     ok = set(open_store(store_dir).samples.filter(status="ok")["index"].to_list())
@@ -99,7 +97,6 @@ def test_ranks_split_the_store(store_dir, distilled):
     assert len(ok) - len(rank0 | rank1) < 2 * BATCH + 2
 
 
-@pytest.mark.slow
 def test_deepspeed_launcher_runs_distill(store_dir, tmp_path):
     out = tmp_path / "student"
     run = _distill(store_dir, out, 1, launcher="deepspeed")
@@ -109,7 +106,6 @@ def test_deepspeed_launcher_runs_distill(store_dir, tmp_path):
     assert json.loads((out / "student.json").read_text())["history"][-1]["world_size"] == 2
 
 
-@pytest.mark.slow
 def test_resume_restores_weights_and_optimizer_state(store_dir, tmp_path):
     """1 epoch, then a rerun to 2 epochs, ends with the same weights, bit for bit, as 2 epochs in one run (the
     schedule's length fixed in the DeepSpeed config, so it does not depend on --epochs): the checkpoint restored
@@ -130,7 +126,6 @@ def test_resume_restores_weights_and_optimizer_state(store_dir, tmp_path):
     assert (resumed / "log.jsonl").read_text() == (straight / "log.jsonl").read_text()
 
 
-@pytest.mark.slow
 def test_resume_continues(distilled):
     out, _, _ = distilled
     steps_per_epoch = SAMPLES // 2 // BATCH
@@ -146,7 +141,6 @@ def test_resume_continues(distilled):
     assert written["train_micro_batch_size_per_gpu"] == "auto" and "optimizer" in written
 
 
-@pytest.mark.slow
 def test_student_agrees_with_teacher(distilled, teacher):
     """Held-out test images, eval views: the distilled student picks the teacher's class far above chance."""
     out, _, _ = distilled
@@ -163,12 +157,11 @@ def test_student_agrees_with_teacher(distilled, teacher):
     assert agreement > max(0.4, majority + 0.25)
 
 
-@pytest.mark.slow
 def test_finetune_and_evaluate_the_distilled_student(distilled, tmp_path):
     """The last two stages through their command lines; the result is a usable 10-class classifier."""
     out, _, _ = distilled
     finetuned, report = tmp_path / "student", tmp_path / "eval.json"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = cli_env()
     for command in (["train.finetune", "--init", str(out), "--data", LABELED, "--steps", "30", "--batch-size", "50",
                      "--out", str(finetuned)],
                     ["train.evaluate", "--model", str(finetuned), "--data", "fashion-mnist:test?limit=500",
@@ -194,7 +187,6 @@ def test_replay_reads_only_the_distilled_targets(store_dir):
     assert (replay.view_of == first).all()  # the view choice is a function of (seed, epoch, sample)
 
 
-@pytest.mark.slow
 def test_replay_of_the_first_views_and_fresh_online_views(store_dir):
     """--views 1 replays only view 0 of a 2-view store; online views are drawn as the build draws, never stored."""
     replay = open_replay(store_dir, targets=["logits"], size=32, views=1)
@@ -214,7 +206,6 @@ def test_replay_of_the_first_views_and_fresh_online_views(store_dir):
     assert torch.equal(batch["views"][1], policy.apply(image, theta, size=32))
 
 
-@pytest.mark.slow
 def test_online_distillation_runs_the_stores_teacher(store_dir, teacher, tmp_path):
     """--online: the teacher in the loop (one process; found in the zoo by the store's teacher name), recorded in the
     student card; another teacher is refused."""
@@ -297,13 +288,12 @@ def test_errors_are_one_line(case, store_dir, tmp_path):
         (store / "manifest.json").write_text(json.dumps(manifest))
     result = subprocess.run([sys.executable, "-m", "train.distill", "--store", str(store), "--student", student,
                              "--out", str(tmp_path / "out"), *extra], cwd=REPO, capture_output=True, text=True,
-                            env={**os.environ, "DS_ACCELERATOR": "cpu"}, timeout=300)
+                            env=cli_env(), timeout=300)
     assert result.returncode == 2
     lines = [line for line in result.stderr.splitlines() if line.startswith("train.distill: error:")]
     assert len(lines) == 1, result.stderr[-2000:]
 
 
-@pytest.mark.slow
 def test_finetune_rejects_data_with_other_classes(distilled, photo_dir, tmp_path, capsys):
     """The distilled student carries the store's 10 teacher classes; 2-class data is refused in one line."""
     from train.finetune import main as finetune_main

@@ -61,6 +61,7 @@ def test_manifest_round_trips(tiny_store):
     assert batch["embedding"]["values"].shape == (SAMPLES, 8) and batch["theta"].shape == (SAMPLES, 9)
 
 
+@pytest.mark.e2e
 def test_v1_store_is_refused_in_one_line(tmp_path, capsys):
     store = tmp_path / "old"
     store.mkdir()

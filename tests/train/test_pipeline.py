@@ -50,7 +50,7 @@ def run(tmp_path_factory, vfm_home) -> tuple[Path, Path]:
     return recipe, root / "run"
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_two_cells_build_their_store_once(run):
     _, run_dir = run
     ran = Counter(entry["stage"] for entry in _log(run_dir) if entry["status"] == "ran")
@@ -65,7 +65,7 @@ def test_two_cells_build_their_store_once(run):
     assert store_ids == {manifest["store_id"]}
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_results_rows_are_tuned_by_cross_validation(run):
     _, run_dir = run
     frame = pl.read_parquet(run_dir / "results.parquet")
@@ -83,7 +83,7 @@ def test_results_rows_are_tuned_by_cross_validation(run):
         assert row["compute_flops"] == row["teacher_pass_flops"] + row["student_flops"]  # frozen: no adaptation
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_rerun_skips_every_finished_cell(run):
     recipe, run_dir = run
     before = pl.read_parquet(run_dir / "results.parquet")
@@ -95,7 +95,24 @@ def test_rerun_skips_every_finished_cell(run):
     assert pl.read_parquet(run_dir / "results.parquet").equals(before)
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
+def test_jobs_run_steps_side_by_side_with_the_same_numbers(run, tmp_path):
+    """``--jobs 2``: both seeds and both cells at once, every step a process; the shared teacher and store still
+    run once, each step's output is in RUN/logs/, and every row equals the one-after-the-other run's."""
+    recipe, serial_dir = run
+    assert pipeline.main([str(recipe), "--run-dir", str(tmp_path / "run"), "--jobs", "2"]) == 0
+    log = _log(tmp_path / "run")
+    assert Counter(e["stage"] for e in log if e["status"] == "ran") == {
+        "teacher": 1, "build": 1, "distill": 4, "finetune": 4, "evaluate": 4}
+    assert sorted(p.parent.name for p in (tmp_path / "run" / "logs").glob("*/*.log")) == sorted(
+        f"{e['stage']}s" for e in log if e["status"] == "ran")
+    varying = [c for c in report.COLUMNS if c == "model" or c.endswith("_seconds")]
+    serial, side_by_side = (pl.read_parquet(d / "results.parquet").drop(varying).sort("method", "seed")
+                            for d in (serial_dir, tmp_path / "run"))
+    assert side_by_side.equals(serial)
+
+
+@pytest.mark.e2e
 def test_report_table_and_plots(run):
     _, run_dir = run
     for name in ("top1_vs_labels.png", "top1_vs_compute.png"):
@@ -135,7 +152,7 @@ def task_run(tmp_path_factory, vfm_home) -> Path:
     return root / "run"
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_results_json_has_every_row_with_its_stage_times(task_run):
     results = json.loads((task_run / "results.json").read_text())
     assert results["total_seconds"] > 0
@@ -255,6 +272,7 @@ SEG_RECIPE = {  # train/recipes/segmentation.yaml in miniature: one real item pe
     "test": "fashion-mnist-seg:test@32,grid=1?limit=64",
     "seeds": [0],
     "folds": 2,
+    "threads": 1,  # two test workers share two cores
     "grid": {"shots": [8], "transfer": ["task-related"],
              "method": ["labeled-only", "task-oriented", "task-oriented-online"], "teacher_mode": ["lp"]},
     "reference_teachers": ["lp"],
@@ -268,7 +286,7 @@ SEG_RECIPE = {  # train/recipes/segmentation.yaml in miniature: one real item pe
 }
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_segmentation_recipe_rows_are_tuned_on_cross_validated_miou(tmp_path, vfm_home):
     """The segmentation recipe's rows (labeled-only, cached and online task-oriented, teacher) through the same
     pipeline: per-pixel targets in the store, every choice made on pooled cross-validated mIoU, test mIoU."""

@@ -21,6 +21,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import zarr
+from support import cli_env
 from torch.utils.data import BatchSampler, DataLoader, SequentialSampler
 
 from reinforce.build import BuildConfig, build
@@ -215,6 +216,7 @@ def test_inspect_prints_bytes_and_fidelity_per_target(fmnist_store, capsys):
     assert re.search(r"^policy +name=rrc_flip_randaug.*\(θ: [\d.]+ B/view\)$", out, re.MULTILINE)
 
 
+@pytest.mark.e2e
 def test_sigkill_resume_matches_uninterrupted(lite0_teacher, tmp_path):
     model, card, zoo_dir = lite0_teacher
     spec = "fashion-mnist:test?limit=96"
@@ -223,7 +225,7 @@ def test_sigkill_resume_matches_uninterrupted(lite0_teacher, tmp_path):
     out = tmp_path / "resumed"
     commits = out.with_name("resumed.partial") / "commits"
     command = [sys.executable, "-m", "reinforce.build", *args, "--out", str(out)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = cli_env()
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     committed: set[str] = set()
     while process.poll() is None:

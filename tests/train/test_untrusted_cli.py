@@ -64,6 +64,7 @@ def test_every_chunk_the_layout_implies_is_written_and_listed(zarr_store):
     assert len(implied) == 3 * 7 and implied <= listed
 
 
+@pytest.mark.e2e
 def test_missing_shard_is_an_error_in_verify_and_on_read(zarr_store, tmp_path, capsys):
     store = copy_store(zarr_store, tmp_path)
     (store / SHARD).unlink()

@@ -166,6 +166,7 @@ def test_planted_duplicates_collapse_to_one(gallery, retrieved):
     assert (clusters["uri"] == 1).all()
 
 
+@pytest.mark.e2e  # three more retrievals end to end: 20 s
 def test_second_retrieval_reuses_the_cache_and_other_strategies(capsys, gallery, retrieved, tmp_path):
     out, _, _ = retrieved
     for strategy, index in (("best-matches", "flat"), ("random", "flat"), ("query-balanced", "ivfpq")):

@@ -8,7 +8,7 @@ the real teacher sha256, store id and transfer-set fingerprint, read from the ar
 from __future__ import annotations
 
 import json
-import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -17,7 +17,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
-from test_export_layout import HELD_OUT, trained  # noqa: F401  (the fixture: teacher, store, student via the CLIs)
+from support import HELD_OUT, cli_env
 
 from reinforce.sources import open_source
 from stores.location import Location
@@ -35,15 +35,15 @@ def _run(args: list[str], cwd: Path, env: dict[str, str], code: int = 0) -> str:
 
 
 @pytest.fixture(scope="module")
-def made(trained) -> tuple[Path, dict[str, str]]:  # noqa: F811  (trained: the imported fixture)
-    """``test_export_layout``'s teacher, store and distilled + finetuned student, the student exported with --int8."""
-    env = {**os.environ, "VFM_REINFORCE_HOME": str(trained / "home"), "PYTHONPATH": str(Path(__file__).parents[1])}
+def made(trained, tmp_path_factory) -> tuple[Path, dict[str, str]]:
+    """A copy of the session's teacher, store and distilled + finetuned student, the student exported with --int8."""
+    root = shutil.copytree(trained, tmp_path_factory.mktemp("export") / "trained")
+    env = cli_env(VFM_REINFORCE_HOME=str(root / "home"))
     _run(["-m", "train.export", "--model", "student", "--format", "onnx", "--int8", "--data", HELD_OUT,
-          "--min-int8-agreement", str(INT8_AGREEMENT)], trained, env)
-    return trained, env
+          "--min-int8-agreement", str(INT8_AGREEMENT)], root, env)
+    return root, env
 
 
-@pytest.mark.slow
 def test_onnx_gives_torchs_logits_on_real_eval_views(made):
     root, _ = made
     model, card = load_student(root / "student")
@@ -64,7 +64,6 @@ def test_onnx_gives_torchs_logits_on_real_eval_views(made):
     assert report["fp32"]["max_abs_diff"] <= 1e-4 and report["int8"]["calibration"].endswith("part=labeled")
 
 
-@pytest.mark.slow
 def test_preprocessing_json_is_config_jsons(made):
     root, _ = made
     prep = json.loads((root / "student" / "preprocessing.json").read_text())
@@ -76,14 +75,12 @@ def test_preprocessing_json_is_config_jsons(made):
                              "shape": ["batch", 3, 32, 32], "normalized_in_graph": True}
 
 
-@pytest.mark.slow
 def test_export_fails_when_the_graph_is_off_by_more_than_atol(made):
     root, env = made
     _run(["-m", "train.export", "--model", "student", "--data", "fashion-mnist:test?limit=16", "--out", "strict",
           "--atol", "0"], root, env, code=1)  # float32 reorderings make some difference; atol 0 must refuse it
 
 
-@pytest.mark.slow
 def test_bad_calibration_set_is_one_line_and_writes_nothing(made):
     root, env = made
     run = subprocess.run([sys.executable, "-m", "train.export", "--model", "student", "--int8", "--data", HELD_OUT,
@@ -93,7 +90,6 @@ def test_bad_calibration_set_is_one_line_and_writes_nothing(made):
     assert "nope" in run.stderr and not (root / "bad").exists()
 
 
-@pytest.mark.slow
 def test_cards_list_the_real_lineage(made):
     root, env = made
     manifest = json.loads((root / "store" / "manifest.json").read_text())
@@ -114,7 +110,6 @@ def test_cards_list_the_real_lineage(made):
     assert manifest["versions"]["zarr"] in store_card
 
 
-@pytest.mark.slow
 def test_versions_stay_out_of_the_store_id(made):
     root, _ = made
     data = json.loads((root / "store" / "manifest.json").read_text())

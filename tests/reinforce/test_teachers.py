@@ -5,10 +5,10 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
+from support import REPO
 
 from reinforce.sources import open_source
 from reinforce.teachers import TeacherModel, create_backbone
@@ -131,11 +131,12 @@ def test_unknown_checkpoint_layouts_fail_in_one_line(tmp_path, monkeypatch, caps
         assert all(part in err for part in expected), err
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize(("library", "backbone"), [("timm", "vit_small_patch14_dinov2"), ("open_clip", "ViT-B-32")])
 def test_pretrained_offline_names_the_local_alternative(library, backbone, tmp_path):
     """``--pretrained`` fetches from the hub; offline (this machine) it fails in one line that says what to do."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "VFM_REINFORCE_HOME": str(tmp_path),
-           "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+           "PYTHONPATH": str(REPO)}
     run = subprocess.run([sys.executable, "-m", "train.teacher", "--library", library, "--backbone", backbone,
                           "--pretrained", "--mode", "frozen", "--name", "x"], capture_output=True, text=True, env=env,
                          cwd=tmp_path)

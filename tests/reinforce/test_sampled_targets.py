@@ -5,7 +5,6 @@ pairing refused in one line; a 1000-class store within 12 B/view with θ whose t
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from support import REPO, cli_env
 
 from reinforce.build import main as build_main
 from stores.codecs import bias_z2_per_dof
@@ -22,12 +22,11 @@ from train.card import render_card
 from train.evaluate import main as evaluate_main
 from train.teacher import main as teacher_main
 
-REPO = Path(__file__).resolve().parents[1]
 TRANSFER = "fashion-mnist:train?shots=10&seed=0&part=unlabeled&limit=256"
 SAMPLED = ["--codec", "sampled_logits", "--samples", "16", "--sample-temperature", "2", "--workers", "0",
            "--policy", "rrc_flip"]
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.e2e
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +47,7 @@ def store(teacher, tmp_path_factory) -> Path:
 
 
 def distill(store: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    env = cli_env()
     return subprocess.run([sys.executable, "-m", "train.distill", "--store", str(store), "--student",
                            "mobilenetv3_small_050", "--size", "32", "--epochs", "1", "--batch-size", "64",
                            "--workers", "0", "--out", str(out), *extra], cwd=REPO, env=env, capture_output=True,

@@ -231,6 +231,7 @@ def test_photo_crops_are_distinct_sized_replayable_and_prefix_stable():
                        torch.from_numpy(np.asarray(expected).copy()).permute(2, 0, 1))
 
 
+@pytest.mark.e2e
 def test_photo_crops_are_the_same_in_a_fresh_process():
     crops = open_source("photo-crops:8@32")
     here = [crops.fingerprint(), *(hashlib.sha256(crops.load(i).numpy().tobytes()).hexdigest() for i in range(8))]

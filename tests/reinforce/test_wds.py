@@ -6,7 +6,6 @@ truncated shard is named in one line; two torchrun ranks distilling from shards 
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -17,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from support import REPO, cli_env
 from test_build import small_config
 
 from reinforce.build import build
@@ -30,7 +30,6 @@ from stores.catalog import find_store
 from stores.store import SHARDS_DIR, array_paths
 from stores.wds import read_shard
 
-REPO = Path(__file__).resolve().parents[1]
 SAMPLES = 32
 FMNIST = f"fashion-mnist:test?limit={SAMPLES}"
 MAXSIZE = 150_000  # a few samples per shard, so the export has several shards
@@ -71,7 +70,7 @@ def plain_webdataset_read(store: Path) -> dict[int, dict[str, np.ndarray]]:
     """)
     dump = store.with_name(store.name + "-plain.npz")
     run = subprocess.run([sys.executable, "-c", script, str(store / SHARDS_DIR), str(dump)],
-                         env={**os.environ, "WDS_SECURE": "1"}, capture_output=True, text=True)
+                         env=cli_env(WDS_SECURE="1"), capture_output=True, text=True)
     assert run.returncode == 0, run.stderr[-3000:]
     samples: dict[int, dict[str, np.ndarray]] = {}
     with np.load(dump, allow_pickle=False) as data:
@@ -97,6 +96,7 @@ def assert_same_samples(wds_path: Path, zarr_path: Path) -> None:
             assert found.dtype == stored[name].dtype and np.array_equal(found, stored[name][index]), (index, name)
 
 
+@pytest.mark.e2e
 def test_export_holds_the_zarr_stores_theta_and_targets(wds_store, zarr_store, capsys):
     manifest, source = open_store(wds_store).manifest, open_store(zarr_store).manifest
     assert manifest.format == "wds" and source.format == "zarr"
@@ -146,6 +146,7 @@ def test_streamed_views_and_targets_equal_the_zarr_replay(wds_store, zarr_store)
     assert first != [b["index"].tolist() for b in stream(streamed, 2, 2, 0)]
 
 
+@pytest.mark.e2e
 def test_build_format_wds_writes_the_zarr_builds_samples(lite0_teacher, zarr_store, tmp_path):
     model, card, _ = lite0_teacher
     out = tmp_path / "built"
@@ -176,6 +177,7 @@ def test_photo_shards_carry_the_original_files(lite0_teacher, photo_dir, tmp_pat
             assert torch.equal(view, replay.policy.apply(image, theta, size=32)), (i, v)
 
 
+@pytest.mark.e2e
 def test_truncated_shard_is_named_in_one_line(wds_store, tmp_path, capsys):
     store = tmp_path / "store"
     shutil.copytree(wds_store, store)
@@ -189,7 +191,7 @@ def test_truncated_shard_is_named_in_one_line(wds_store, tmp_path, capsys):
     assert str(shard) in capsys.readouterr().err
     run = subprocess.run([sys.executable, "-m", "train.distill", "--store", str(store), "--student",
                           "mobilenetv3_small_050", "--out", str(tmp_path / "never")], cwd=REPO, capture_output=True,
-                         text=True, env={**os.environ, "DS_ACCELERATOR": "cpu"}, timeout=300)
+                         text=True, env=cli_env(), timeout=300)
     lines = [line for line in run.stderr.splitlines() if "error" in line.lower()]
     assert run.returncode == 2 and len(lines) == 1 and str(shard) in lines[0], run.stderr[-2000:]
     assert not (tmp_path / "never").exists()
@@ -210,12 +212,12 @@ def test_truncated_transfer_set_tar_fails_before_work(lite0_teacher, photo_dir, 
     assert not out.exists() and not out.with_name("never.partial").exists()
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_two_ranks_stream_the_same_number_of_batches(wds_store, tmp_path):
     """torchrun, 2 CPU ranks, one loader worker each, WDS_SECURE=1: the run ends (no rank waits in a collective)
     and both ranks consumed ok // (2 * batch) batches per epoch."""
     out, batch, epochs = tmp_path / "student", 4, 2
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "WDS_SECURE": "1"}
+    env = cli_env(WDS_SECURE="1")
     run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "train.distill",
                           "--store", str(wds_store), "--student", "mobilenetv3_small_050", "--size", "32",
                           "--epochs", str(epochs), "--batch-size", str(batch), "--workers", "1", "--out", str(out)],

@@ -16,13 +16,13 @@ import time
 from pathlib import Path
 
 import pytest
+from support import REPO, cli_env
 
 from stores.__main__ import main as stores_main
 from stores.location import Location
 from stores.lock import LOCK, StoreLock, StoreLockedError
 from stores.store import open_store
 
-REPO = Path(__file__).resolve().parents[1]
 SPEC = "fashion-mnist:test?limit=64"
 AWS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
 
@@ -49,7 +49,7 @@ def s3(tmp_path_factory):
             except OSError:
                 time.sleep(0.05)
         Location("s3://stores").fs.mkdir("stores")
-        yield {**os.environ, **env, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}, log
+        yield cli_env(**env), log
     finally:
         server.terminate()
         server.wait()
@@ -78,7 +78,6 @@ def requests_since(log: Path, offset: int) -> list[tuple[str, str]]:
     return re.findall(r'"(GET|PUT|HEAD|POST|DELETE) (\S+)', text)
 
 
-@pytest.mark.slow
 def test_build_list_verify_and_train_on_s3(s3, lite0_teacher, tmp_path):
     env, log = s3
     url = "s3://stores/catalog/fmnist"
@@ -108,7 +107,6 @@ def test_build_list_verify_and_train_on_s3(s3, lite0_teacher, tmp_path):
     assert not any("/targets.zarr/embedding/" in p for p in paths), "training read a target it does not distill"
 
 
-@pytest.mark.slow
 def test_killed_build_on_s3_publishes_nothing_then_resumes(s3, lite0_teacher):
     env, _ = s3
     url = "s3://stores/killed/fmnist"
@@ -130,7 +128,6 @@ def test_killed_build_on_s3_publishes_nothing_then_resumes(s3, lite0_teacher):
     assert "checksums and every chunk verified" in run("stores", "verify", url, env=env).stdout
 
 
-@pytest.mark.slow
 def test_deleted_shard_and_missing_store_are_named(s3, lite0_teacher, tmp_path):
     env, _ = s3
     url = "s3://stores/damaged/fmnist"

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import stat
 import subprocess
 import sys
@@ -18,6 +19,7 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from support import HELD_OUT, TEST_IMAGES
 
 from reinforce.sources import fashion_mnist_dir, open_source
 from reinforce.teachers import create_teacher
@@ -26,8 +28,6 @@ from train import convert, evaluate, teacher
 from train.data import LabeledViews, predict
 from train.models import create_student, load_student, save_student
 
-TEST_IMAGES = 300
-HELD_OUT = f"fashion-mnist:test?limit={TEST_IMAGES}"
 PROJECT = {"reinforce", "train", "stores"}
 
 # Loads each directory with plain timm and its own data config; prints {dir: predictions}.
@@ -76,15 +76,6 @@ print(json.dumps(logits.tolist()))
 """
 
 
-def _run(args: list[str], cwd: Path, env: dict[str, str], log: Path | None = None) -> str:
-    """A CLI as a user runs it, under umask 022; stderr to ``log`` (a file, not a terminal) if given."""
-    with open(log or os.devnull, "w") as stderr:
-        run = subprocess.run([sys.executable, *args], cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=stderr,
-                             text=True, umask=0o022)
-    assert run.returncode == 0, (args, log.read_text()[-3000:] if log else "")
-    return run.stdout
-
-
 def _plain_user(script: str, *args: str, cwd: Path) -> object:
     """``script`` in an isolated interpreter (no PYTHONPATH, no cwd on sys.path): the project is never imported."""
     images = str(fashion_mnist_dir() / "t10k-images-idx3-ubyte.gz")
@@ -99,29 +90,6 @@ def _mode(path: Path) -> int:
     return stat.S_IMODE(path.stat().st_mode)
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory) -> Path:
-    """A Lite0 teacher (linear probe), a store, a distilled and a finetuned student: the CLIs on Fashion-MNIST."""
-    root = tmp_path_factory.mktemp("exported")
-    env = {**os.environ, "VFM_REINFORCE_HOME": str(root / "home"), "DS_ACCELERATOR": "cpu",
-           "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    _run(["-m", "train.teacher", "--backbone", "tf_efficientnet_lite0", "--data", "fashion-mnist:train", "--shots",
-          "10", "--mode", "lp", "--size", "32", "--lp-views", "0", "--lp-steps", "100", "--folds", "0", "--name",
-          "lite0", "--out-dir", "teachers"], root, env)
-    _run(["-m", "reinforce.build", "--teacher", "teachers/lite0", "--transfer-set", "fashion-mnist:train?limit=512",
-          "--views", "1", "--out", "store", "--workers", "0"], root, env, root / "build.log")
-    _run(["-m", "train.distill", "--store", "store", "--student", "mobilenetv3_small_050", "--epochs", "2",
-          "--batch-size", "64", "--lr", "0.005", "--workers", "0", "--out", "distilled"], root, env,
-         root / "distill.log")
-    _run(["-m", "train.finetune", "--init", "distilled", "--data", "fashion-mnist:train", "--shots", "10", "--steps",
-          "40", "--batch-size", "32", "--lr", "0.003", "--out", "student"], root, env)
-    for name, model in (("student", "student"), ("teacher", "teachers/lite0")):
-        _run(["-m", "train.evaluate", "--model", model, "--data", HELD_OUT, "--predictions", f"{name}.npy",
-              "--out", f"{name}.json"], root, env)
-    return root
-
-
-@pytest.mark.slow
 def test_plain_timm_predicts_what_train_evaluate_predicts(trained):
     plain = _plain_user(TIMM_USER, "student", "teachers/lite0", cwd=trained)
     labels = open_source(HELD_OUT).labels
@@ -138,7 +106,6 @@ def test_plain_timm_predicts_what_train_evaluate_predicts(trained):
     assert set(card) == {"layout_version", "history", "lineage"}  # the task fields live in config.json only
 
 
-@pytest.mark.slow
 def test_weights_are_as_readable_as_their_json_under_umask_022(trained):
     teacher_dir, student_dir = trained / "teachers" / "lite0", trained / "distilled"
     assert _mode(teacher_dir / "model.safetensors") == _mode(teacher_dir / "teacher.json") == 0o644
@@ -148,7 +115,10 @@ def test_weights_are_as_readable_as_their_json_under_umask_022(trained):
     assert checkpoints and {_mode(p) for p in checkpoints} == {_mode(student_dir / "log.jsonl")} == {0o644}
     cache = trained / "home" / "weights" / "tf_efficientnet_lite0.in1k.safetensors"  # the converted-weights cache
     assert _mode(cache) == 0o644
-    os.chmod(student_dir / "model.safetensors", 0o640)  # an overwritten file keeps the mode it was given
+
+def test_an_overwritten_file_keeps_its_mode(trained, tmp_path):
+    student_dir = shutil.copytree(trained / "distilled", tmp_path / "distilled")  # the shared student stays as made
+    os.chmod(student_dir / "model.safetensors", 0o640)
     model, card = load_student(student_dir)
     save_student(model, card, student_dir)
     assert _mode(student_dir / "model.safetensors") == 0o640
@@ -164,7 +134,6 @@ def test_a_new_file_gets_the_umask_mode(tmp_path):
     assert _mode(path) == _mode(tmp_path / "w.json") == 0o640
 
 
-@pytest.mark.slow
 def test_redirected_logs_have_progress_lines_and_no_carriage_return(trained):
     build, distill = (trained / "build.log").read_text(), (trained / "distill.log").read_text()
     assert "\r" not in build and "\r" not in distill

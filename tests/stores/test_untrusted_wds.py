@@ -122,6 +122,7 @@ def test_probe_fails_verify_and_the_stream_in_one_line(wds_store, tmp_path, caps
     assert not marker.exists(), "the store's pickle ran"
 
 
+@pytest.mark.e2e
 def test_pickle_member_never_runs_in_distill(wds_store, tmp_path):
     store, marker = copy_store(wds_store, tmp_path), tmp_path / "payload-ran"
     forge(store, "pickle .pyd member", marker)

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from support import cli_env
 
 from reinforce.augment import create_policy
 from reinforce.sources import open_source
@@ -191,10 +192,10 @@ def test_seg_codec_sizes_and_errors():
 SEG_TRAIN = "fashion-mnist-seg:train@32,grid=1"  # one real item per 32 px canvas: small enough for CI on 2 cores
 
 
+@pytest.mark.e2e
 def test_segmentation_end_to_end_through_the_clis(tmp_path, vfm_home, capsys):
     """train.teacher --task segmentation (lp) -> reinforce.build --targets seg_logits -> stores inspect ->
     train.distill (per-pixel KL, DeepSpeed on CPU) -> train.finetune (per-pixel CE) -> train.evaluate (mIoU)."""
-    import os
     import subprocess
     import sys
     from pathlib import Path
@@ -229,7 +230,7 @@ def test_segmentation_end_to_end_through_the_clis(tmp_path, vfm_home, capsys):
     assert "target       seg_logits [seg_logits] name=seg_topk_logits, k=3, num_classes=11" in shown
     assert re.search(r"vs dense   fp16 logits 352 B/view: [\d.]+x the stored bytes", shown)
 
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path.cwd())}
+    env = cli_env(PYTHONPATH=str(Path.cwd()))
     run = subprocess.run([sys.executable, "-m", "train.distill", "--store", str(store), "--student",
                           "mobilenetv3_small_050", "--epochs", "2", "--batch-size", "16", "--workers", "0",
                           "--out", str(student)], env=env, capture_output=True, text=True, timeout=300)
