@@ -51,6 +51,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import hashlib
 import importlib
 import itertools
@@ -411,15 +412,18 @@ def cell_row(cell: Cell, planner: Planner, runner: Runner, flops: FlopsCounter) 
 
 def run_seed(recipe: Recipe, planner: Planner, runner: Runner,
              flops: FlopsCounter) -> list[dict[str, Any]]:
-    """One seed's labeled draw end to end: every cell of the grid, then the teachers' reference rows."""
-    rows = side_by_side(lambda cell: cell_row(cell, planner, runner, flops), grid_cells(recipe), recipe.jobs)
-    mark_teacher_ahead(rows, planner)
-    task_cells = [c for c in grid_cells(recipe) if METHODS[c.method].target == "logits"]  # the task teacher's cells
+    """One seed's labeled draw end to end: every cell of the grid and the teachers' reference rows (side by side
+    with ``jobs`` > 1: a reference teacher needs no cell)."""
+    cells = grid_cells(recipe)
+    task_cells = [c for c in cells if METHODS[c.method].target == "logits"]  # the task teacher's cells
     modes = recipe.reference_teachers  # true: the modes the grid distills from; or a list of modes
     modes = list(dict.fromkeys(c.teacher_mode for c in task_cells)) if modes is True else modes or []
     shots = dict.fromkeys(c.shots for c in task_cells) if task_cells else dict.fromkeys(recipe.grid.shots)
-    references = [(s, mode) for s in shots for mode in modes]
-    return rows + side_by_side(lambda ref: teacher_row(*ref, planner, runner, flops), references, recipe.jobs)
+    tasks = [functools.partial(cell_row, cell, planner, runner, flops) for cell in cells]
+    tasks += [functools.partial(teacher_row, s, mode, planner, runner, flops) for s in shots for mode in modes]
+    rows = side_by_side(lambda task: task(), tasks, recipe.jobs)
+    mark_teacher_ahead(rows[:len(cells)], planner)
+    return rows
 
 
 def teacher_val(teacher_card: TeacherCard, metric: str) -> float | None:
