@@ -23,8 +23,9 @@ data:
 	  { $$(command -v sudo) apt-get install -y -q dataset-fashion-mnist || \
 	    { $$(command -v sudo) apt-get update -q && $$(command -v sudo) apt-get install -y -q dataset-fashion-mnist; }; }
 
-# two pytest workers on two cores, one thread each (tests/conftest.py); tests sharing one session artifact stay together
-PYTEST := $(PY) -m pytest -q -n 2 --dist loadgroup
+# two pytest workers on two cores, one thread each (tests/conftest.py); a test file runs on one worker, so the
+# artifacts of its module-scoped fixtures are made once
+PYTEST := $(PY) -m pytest -q -n 2 --dist loadfile
 
 # day-to-day: lint, import contracts and every test not end to end (a CLI in a subprocess) or fuzz
 check: install data

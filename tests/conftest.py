@@ -47,17 +47,10 @@ sys.addaudithook(_refuse_unmarked_subprocess)
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Everything under tests/e2e/ is e2e. Tests sharing an artifact run on one worker, which makes it once: those
-    of the session's ``trained`` artifacts together, those of a module-scoped fixture with their module."""
+    """Everything under tests/e2e/ is e2e."""
     for item in items:
         if E2E in Path(item.fspath).parents:
             item.add_marker(pytest.mark.e2e)
-        info = getattr(item, "_fixtureinfo", None)
-        scopes = {d.scope for defs in (info.name2fixturedefs.values() if info else ()) for d in defs}
-        if "trained" in getattr(item, "fixturenames", ()):
-            item.add_marker(pytest.mark.xdist_group("trained"))
-        elif "module" in scopes:
-            item.add_marker(pytest.mark.xdist_group(item.nodeid.split("::")[0]))
 
 
 @pytest.hookimpl(wrapper=True)

@@ -1,4 +1,4 @@
-"""The end-to-end lane's shared artifacts: one teacher, store, distilled and finetuned student per test run, made
+"""The end-to-end lane's shared artifacts: one teacher, store, distilled and finetuned student per test worker, made
 through the command-line tools as a user makes them; tests that change them work on a copy."""
 
 from __future__ import annotations
