@@ -50,6 +50,7 @@ Example:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import functools
 import hashlib
@@ -64,7 +65,7 @@ import sys
 import threading
 import time
 import traceback
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
@@ -73,6 +74,8 @@ import torch
 
 from reinforce.teachers import read_teacher_card
 from stores.cli_errors import HelpFormatter, cli_errors, debug_flag
+from stores.location import Location
+from stores.lock import StoreLock, StoreLockedError
 from stores.manifest import TeacherCard
 from train import card, report
 from train.flops import FlopsCounter
@@ -250,10 +253,16 @@ class Runner:
 
     def _ensure(self, step: Step) -> dict[str, Any]:
         marker = step.out / DONE
-        if marker.exists():
-            record = json.loads(marker.read_text())
-            self.note(step.stage, step.out, "skipped", record["seconds"])
-            return record
+        if not marker.exists():
+            with step_lock(step.out):
+                if not marker.exists():  # another pipeline process may have made it while this one waited
+                    return self._run(step)
+        record = json.loads(marker.read_text())
+        self.note(step.stage, step.out, "skipped", record["seconds"])
+        return record
+
+    def _run(self, step: Step) -> dict[str, Any]:
+        marker = step.out / DONE
         if step.stage == "distill" and (step.out / "checkpoints" / "latest").exists():
             # this run's own distillation, stopped before it finished: continue it (train.distill loads a
             # checkpoint only when told to, and only the run's own: checkpoints/run.json)
@@ -284,6 +293,24 @@ class Runner:
                  "seconds": seconds, "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
         with self.lock, open(self.log, "a") as f:
             f.write(json.dumps(entry) + "\n")
+
+
+@contextlib.contextmanager
+def step_lock(out: Path, poll: float = 2.0) -> Iterator[None]:
+    """Hold ``OUT.lock/lock.json`` (the store's one-writer lock: pid and host, a dead owner's lock on this host
+    taken over) while the step runs, so two pipeline processes on one run dir never make the same step; a
+    waiter polls until the owner releases it."""
+    lock = StoreLock(Location(out.with_name(out.name + ".lock")))
+    while True:
+        try:
+            lock.acquire()
+            break
+        except StoreLockedError:
+            time.sleep(poll)
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def _execute(step: Step, threads: int, log: Path | None = None) -> int:
