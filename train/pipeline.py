@@ -247,8 +247,8 @@ class Runner:
     def ensure(self, step: Step) -> dict[str, Any]:
         """The step's completion record (``seconds``, ``command``), running it first unless already done."""
         with self.lock:
-            step_lock = self.step_locks.setdefault(step.out, threading.Lock())
-        with step_lock:
+            in_process = self.step_locks.setdefault(step.out, threading.Lock())
+        with in_process:  # threads of this pipeline; step_lock: other pipeline processes
             return self._ensure(step)
 
     def _ensure(self, step: Step) -> dict[str, Any]:
