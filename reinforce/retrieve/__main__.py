@@ -70,11 +70,15 @@ def parse_args(argv: list[str] | None = None) -> tuple[RetrieveConfig, bool]:
                              "large galleries; torch: exact blockwise matmul + top-k in torch (GPU, else CPU)")
     parser.add_argument("--nprobe", type=int, default=defaults.nprobe, help="IVF lists searched per query (ivfpq)")
     parser.add_argument("--duplicate-threshold", type=float, default=defaults.duplicate_threshold)
-    parser.add_argument("--leak-threshold", type=float, default=defaults.leak_threshold)
+    parser.add_argument("--leak-threshold", type=float, default=defaults.leak_threshold,
+                        help="a gallery image this similar (any encoder) to an --exclude image is a possible leak "
+                             "(B.4); with the pixel check on, a leak once its pixels confirm it (--near-copy-confirm)")
     parser.add_argument("--near-copy-threshold", type=float, default=defaults.near_copy_threshold,
-                        help="pixel-level leak check: a gallery image whose canonical grayscale thumbnail correlates "
-                             "above this with a (slightly cropped) --exclude image is a leak too (nearcopy; "
-                             "chosen on validation plants, docs/retrieval.md)")
+                        help="pixel-level leak check: a gallery image whose grayscale pixels correlate above this "
+                             "with a (slightly cropped) --exclude image is a leak (nearcopy; chosen on validation "
+                             "plants, docs/retrieval.md)")
+    parser.add_argument("--near-copy-confirm", type=float, default=defaults.near_copy_confirm,
+                        help="the pixel correlation that confirms a possible leak found by embedding similarity")
     parser.add_argument("--no-near-copy", dest="near_copy", action="store_false",
                         help="judge leaks by embedding similarity only")
     parser.add_argument("--cache", default=None, help="embedding stores (default: OUT's folder/retrieval-cache)")

@@ -324,12 +324,23 @@ def save_small_jpeg(image: torch.Tensor, path: Path) -> str:
     return str(path)
 
 
-def test_resized_jpeg_copies_of_test_images_never_reach_the_retrieved_set(capsys, vfm_home, tmp_path):
-    """Through the CLI, image level: 10 test images planted as 40 px JPEGs (q85) in a real gallery are all removed as
-    leaks, each with its original as pixel evidence; a distinct train image of the same class, treated alike, stays.
-    Also runs the embedding-only check (--no-near-copy) on the same gallery and prints what it catches."""
+NEAR_COPIES = {  # how a copy of a 28 px test image is altered before it is planted, saved as PNG
+    "crop": lambda image: image.crop((2, 1, 27, 26)),
+    "down": lambda image: image.resize((16, 16), Image.Resampling.BICUBIC),
+    "gamma": lambda image: image.point(lambda v: round(255 * (v / 255) ** 1.5)),
+}
+
+
+def test_near_copies_of_test_images_never_reach_the_retrieved_set(capsys, vfm_home, tmp_path):
+    """Through the CLI, image level: 16 test images planted in a real gallery (10 as 40 px JPEGs at q85, the issue's
+    case; 2 each cropped, reduced to 16 px, gamma-curved) are all removed as leaks, each with its original as pixel
+    evidence; a distinct train image of the same class, treated alike, stays. Also runs the embedding-only check
+    (--no-near-copy) on the same gallery and prints what it catches."""
     test, train = open_source(TASK), open_source("fashion-mnist:train?limit=2000")
     planted = {save_small_jpeg(test.load(i), tmp_path / f"test{i}.jpg"): str(test.uris[i]) for i in range(10)}
+    for i, (kind, alter) in zip(range(10, 16), [*NEAR_COPIES.items()] * 2):
+        alter(Image.fromarray(test.load(i)[0].numpy())).save(tmp_path / f"{kind}{i}.png")
+        planted[str(tmp_path / f"{kind}{i}.png")] = str(test.uris[i])
     same_class = int(np.flatnonzero(train.labels == test.labels[0])[0])
     distinct = save_small_jpeg(train.load(same_class), tmp_path / "distinct.jpg")
     uris = [*open_source(IN_DOMAIN).uris[:60].tolist(), *open_source("skimage:photos").uris.tolist(), distinct,
@@ -357,6 +368,6 @@ def test_resized_jpeg_copies_of_test_images_never_reach_the_retrieved_set(capsys
     assert not all(by_embedding[u] for u in planted)  # the case the pixel check exists for: embedding alone misses
     capsys.readouterr()
     with capsys.disabled():
-        print(f"\nresized JPEG plants caught: pixels + embedding {sum(flags[u] for u in planted)}/{len(planted)}, "
+        print(f"\nnear-copy plants caught: pixels + embedding {sum(flags[u] for u in planted)}/{len(planted)}, "
               f"embedding only {sum(by_embedding[u] for u in planted)}/{len(planted)}; distinct look-alike flagged "
               f"{flags[distinct]}")
