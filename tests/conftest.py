@@ -46,11 +46,21 @@ def _refuse_unmarked_subprocess(event: str, args: tuple) -> None:
 sys.addaudithook(_refuse_unmarked_subprocess)
 
 
+# The longest files (worker seconds, measured on 2 cores), run first: pytest-xdist hands files to workers in
+# collection order, and a long file handed out last keeps one worker busy while the other idles (longest first).
+LONGEST_FIRST = ("e2e/test_distill.py", "train/test_pipeline.py", "e2e/test_export.py", "reinforce/test_retrieve.py",
+                 "train/test_train_cli.py", "stores/test_untrusted_wds.py", "train/test_untrusted_inputs.py",
+                 "e2e/test_s3.py", "reinforce/test_teachers.py", "e2e/test_scale.py")
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Everything under tests/e2e/ is e2e."""
+    """Everything under tests/e2e/ is e2e; the longest files go first."""
     for item in items:
         if E2E in Path(item.fspath).parents:
             item.add_marker(pytest.mark.e2e)
+    here = Path(__file__).parent
+    rank = {name: position for position, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(Path(item.fspath).relative_to(here).as_posix(), len(rank)))
 
 
 @pytest.hookimpl(wrapper=True)

@@ -1,5 +1,6 @@
-"""The end-to-end lane's shared artifacts: one teacher, store, distilled and finetuned student per test worker, made
-through the command-line tools as a user makes them; tests that change them work on a copy."""
+"""The end-to-end lane's shared artifacts: one teacher, store, distilled and finetuned student, made through the
+command-line tools as a user makes them; tests that change them work on a copy. The tests that use them live in one
+file (test_export.py), so under ``--dist loadfile`` they are made once per test run, not once per worker."""
 
 from __future__ import annotations
 
