@@ -47,7 +47,7 @@ from stores.manifest import ManifestError
 from stores.store import StoreCorruptError, StoreFormatError
 from stores.untrusted import printable
 
-__all__ = ["INPUT_ERRORS", "HelpFormatter", "cli_errors", "debug_flag", "is_user_error"]
+__all__ = ["INPUT_ERRORS", "HelpFormatter", "cli_errors", "config_flags", "debug_flag", "is_user_error"]
 
 INPUT_ERRORS = (InputError, StoreFormatError, ManifestError, StoreCorruptError, StoreLockedError,
                 json.JSONDecodeError)
@@ -75,6 +75,14 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefau
             action = copy.copy(action)
             action.help = self._get_help_string(action) or None
         return super()._format_action(action)
+
+
+def config_flags(parser: argparse.ArgumentParser, defaults: object, *fields: str) -> None:
+    """Add ``--field-name`` for each of ``fields``, typed and defaulted by that attribute of ``defaults`` (a config
+    dataclass instance): the flags whose help is their name and default."""
+    for field in fields:
+        default = getattr(defaults, field)
+        parser.add_argument(f"--{field.replace('_', '-')}", type=type(default), default=default)
 
 
 def debug_flag(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:

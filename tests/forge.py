@@ -9,6 +9,7 @@ import contextlib
 import hashlib
 import io
 import json
+import os
 import pickle
 import shutil
 import subprocess
@@ -20,6 +21,7 @@ from typing import Any
 
 import numpy as np
 import polars as pl
+from hypothesis import HealthCheck, settings
 from support import REPO, cli_env
 
 from reinforce.build import main as build_main
@@ -147,3 +149,11 @@ def one_error_line(run: subprocess.CompletedProcess, *needles: str) -> str:
     assert run.returncode == 2 and "Traceback" not in run.stderr, run.stderr[-3000:]
     assert len(lines) == 1 and all(n in lines[0] for n in needles), (needles, run.stderr[-3000:])
     return lines[0]
+
+
+def fuzz_settings(examples: int) -> settings:
+    """Hypothesis settings of a fuzz test: derandomized (the same inputs every run), ``FUZZ_EXAMPLES`` examples
+    (default ``examples``), no deadline, and the health checks that a store on disk trips switched off."""
+    return settings(max_examples=int(os.environ.get("FUZZ_EXAMPLES", examples)), deadline=None, derandomize=True,
+                    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow,
+                                           HealthCheck.data_too_large])

@@ -28,7 +28,7 @@ import time
 
 import torch
 
-from stores.cli_errors import HelpFormatter, cli_errors, debug_flag
+from stores.cli_errors import HelpFormatter, cli_errors, config_flags, debug_flag
 from train.data import LabeledViews, SegmentationViews, open_labeled
 from train.models import Student, StudentCard, create_student, load_student, save_student
 from train.optim import BestOnValidation, TrainSchedule, fit, split_labeled
@@ -173,10 +173,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--folds", type=int, default=defaults.folds,
                         help="k-fold cross-validation over the labeled images chooses lr/steps (0: one setting)")
     parser.add_argument("--val-data", default=None, help="a separate labeled validation split chooses instead")
-    for flag in ("seed", "batch_size", "weight_decay", "val_fraction", "eval_every", "patience", "cooldown",
-                 "workers"):
-        default = getattr(defaults, flag)
-        parser.add_argument(f"--{flag.replace('_', '-')}", type=type(default), default=default)
+    config_flags(parser, defaults, "seed", "batch_size", "weight_decay", "val_fraction", "eval_every", "patience",
+                 "cooldown", "workers")
     return debug_flag(parser)
 
 

@@ -48,7 +48,7 @@ from reinforce.teachers import (
     teacher_zoo,
 )
 from reinforce.teachers.dense import DENSE_LIBRARY, SegmentationTeacher
-from stores.cli_errors import HelpFormatter, cli_errors, debug_flag
+from stores.cli_errors import HelpFormatter, cli_errors, config_flags, debug_flag
 from stores.manifest import TeacherCard
 from train.data import LabeledViews, SegmentationViews, labeled_classes, open_labeled
 from train.optim import TrainSchedule, fit
@@ -328,10 +328,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="lp learning rate(s) to choose among")
     parser.add_argument("--val-data", default=None,
                         help="a separate labeled validation split scores the candidates instead of --folds CV")
-    for flag in ("seed", "steps", "batch_size", "lp_steps", "lp_views", "folds", "baseline_size", "baseline_steps",
-                 "baseline_lr"):
-        default = getattr(defaults, flag)
-        parser.add_argument(f"--{flag.replace('_', '-')}", type=type(default), default=default)
+    config_flags(parser, defaults, "seed", "steps", "batch_size", "lp_steps", "lp_views", "folds", "baseline_size",
+                 "baseline_steps", "baseline_lr")
     return debug_flag(parser)
 
 

@@ -21,7 +21,8 @@ from typing import Any
 import numpy as np
 import polars as pl
 import pytest
-from hypothesis import HealthCheck, given, settings
+from forge import fuzz_settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from reinforce.build import BuildConfig, build
@@ -154,9 +155,7 @@ def mutated(draw, document: Any) -> Any:
     return document
 
 
-FUZZ = settings(max_examples=int(os.environ.get("FUZZ_EXAMPLES", 60)), deadline=None, derandomize=True,
-                suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow,
-                                       HealthCheck.data_too_large])
+FUZZ = fuzz_settings(60)
 
 
 @FUZZ

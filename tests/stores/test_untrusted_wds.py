@@ -9,7 +9,6 @@ from __future__ import annotations
 import gzip
 import io
 import json
-import os
 import re
 import tarfile
 from pathlib import Path
@@ -20,6 +19,7 @@ from forge import (
     build_store,
     copy_store,
     edit_shard,
+    fuzz_settings,
     load_npy,
     member,
     npy,
@@ -30,7 +30,7 @@ from forge import (
     run_cli,
     shard_members,
 )
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from reinforce.replay import open_replay
@@ -161,9 +161,7 @@ def test_sample_table_and_shards_must_agree(wds_store, tmp_path, capsys):
 # --- fuzzing ------------------------------------------------------------------------------------------------------
 
 CLEAN = (StoreCorruptError, StoreFormatError)
-FUZZ = settings(max_examples=int(os.environ.get("FUZZ_EXAMPLES", 500)), deadline=None, derandomize=True,
-                suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow,
-                                       HealthCheck.data_too_large])
+FUZZ = fuzz_settings(500)
 NAMES = st.sampled_from(["000000000.header.json", "000000000.extra.pyd", "000000001.theta.npy", "../escape.npy",
                          "/abs.image.png", "000000000.image.PNG", "000000000.logits.npy.gz", "000000099.theta.npy",
                          "000000000", "shards/000000000.theta.npy", "000000000.image.png", "x" * 200])

@@ -7,7 +7,6 @@ character. Then a fuzzer of the zarr shards' bytes."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import time
 from pathlib import Path
@@ -16,8 +15,18 @@ import numpy as np
 import polars as pl
 import pytest
 import zarr
-from forge import SAMPLES, build_store, copy_store, edit_manifest, edit_samples, one_error_line, reseal, run_cli
-from hypothesis import HealthCheck, given, settings
+from forge import (
+    SAMPLES,
+    build_store,
+    copy_store,
+    edit_manifest,
+    edit_samples,
+    fuzz_settings,
+    one_error_line,
+    reseal,
+    run_cli,
+)
+from hypothesis import given
 from hypothesis import strategies as st
 
 from reinforce.export_wds import main as export_main
@@ -180,9 +189,7 @@ def test_stray_files_fail_verify_and_are_never_published(zarr_store, tmp_path, c
 
 # --- fuzzing ------------------------------------------------------------------------------------------------------
 
-FUZZ = settings(max_examples=int(os.environ.get("FUZZ_EXAMPLES", 500)), deadline=None, derandomize=True,
-                suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow,
-                                       HealthCheck.data_too_large])
+FUZZ = fuzz_settings(500)
 
 
 @pytest.fixture(scope="module")
