@@ -7,11 +7,16 @@ export DS_BUILD_OPS ?= 0
 
 .PHONY: install data check test demo lint bench views
 
-$(VENV)/.installed: pyproject.toml
+# the package and what it runs on (what `make demo` needs), then the test and lint tools on top (`make install`)
+$(VENV)/.runtime: pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	# torch first, pinned: this version is served from local disk; a newer one is a multi-GB download
 	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
+	$(PY) -m pip install -q -e .
+	touch $@
+
+$(VENV)/.installed: $(VENV)/.runtime
 	$(PY) -m pip install -q -e '.[dev]'
 	touch $@
 
@@ -37,7 +42,7 @@ test: install data
 	$(VENV)/bin/lint-imports
 	$(PYTEST)
 
-demo: install data
+demo: $(VENV)/.runtime data
 	$(PY) -m train.pipeline
 
 lint: install
