@@ -242,7 +242,7 @@ class Runner:
         self.slots = threading.BoundedSemaphore(self.jobs)  # steps running now
         self.step_locks: dict[Path, threading.Lock] = {}
         self.lock = threading.Lock()  # guards step_locks and the log file
-        self.failed = threading.Event()  # a step failed: start no other
+        self.failure: str | None = None  # the first step that failed (command line, log): start no other
 
     def ensure(self, step: Step) -> dict[str, Any]:
         """The step's completion record (``seconds``, ``command``), running it first unless already done."""
@@ -268,17 +268,19 @@ class Runner:
             # checkpoint only when told to, and only the run's own: checkpoints/run.json)
             step = dataclasses.replace(step, argv=(*step.argv, "--resume"))
         with self.slots:
-            if self.failed.is_set():
-                raise ChildProcessError(f"stage {step.stage} not started: another step failed")
+            if self.failure:  # named here too: with jobs, the error shown may be this step's, not the failed one's
+                raise ChildProcessError(f"stage {step.stage} not started because {self.failure}")
             log = self.run_dir / "logs" / f"{step.stage}s" / f"{step.out.name}.log" if self.jobs > 1 else None
             print(f"\n== {step.stage} {step.out.name}" + (f" (output: {log})" if log else "")
                   + f"\n$ {step.command_line()}", flush=True)
             started = time.perf_counter()
             code = _execute(step, self.threads, log)
         if code:
-            self.failed.set()
-            raise ChildProcessError(f"stage {step.stage} failed (exit status {code}): {step.command_line()}"
-                                    + (f"; its output: {log}" if log else ""))
+            failure = (f"stage {step.stage} failed (exit status {code}): {step.command_line()}"
+                       + (f"; its output: {log}" if log else ""))
+            with self.lock:
+                self.failure = self.failure or failure
+            raise ChildProcessError(failure)
         seconds = round(time.perf_counter() - started, 1)
         record = {"stage": step.stage, "command": step.command_line(), "seconds": seconds,
                   **({"recipe": self.recipe.to_dict()} if self.recipe else {})}  # the directory's lineage: what made it

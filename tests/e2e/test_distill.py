@@ -137,6 +137,7 @@ def test_resume_continues(distilled):
     assert stage["resumed_from"] == {"epoch": 1, "step": steps_per_epoch}
     assert stage["steps"] == steps_per_epoch * EPOCHS
     assert np.load(out / "rank0_samples.npy").shape == (EPOCHS - 1, steps_per_epoch * BATCH)
+    assert [p.name for p in (out / "checkpoints").glob("global_step*")] == [f"global_step{steps_per_epoch * EPOCHS}"]
     written = load_config(out / "deepspeed.json")  # the default config, written out for the user to edit
     assert written["train_micro_batch_size_per_gpu"] == "auto" and "optimizer" in written
 

@@ -13,7 +13,8 @@ from collections import Counter
 import pytest
 import yaml
 
-from train.pipeline import DONE, step_lock
+from train.pipeline import DONE, Runner, Step, step_lock
+from train.recipe import load_recipe
 
 RECIPE = {
     "data": "fashion-mnist:train",
@@ -57,3 +58,26 @@ def test_two_pipelines_on_one_run_dir_make_each_step_once(tmp_path, vfm_home):
     assert {e["out"] for e in log} == set(ran)  # the other process skipped the steps it waited for
     assert all((tmp_path / "run" / out / DONE).exists() for out in ran)
     assert not list((tmp_path / "run").glob("*/*.lock"))
+
+
+@pytest.mark.e2e
+def test_the_failed_step_is_named_by_the_steps_it_stops(tmp_path):
+    """With jobs, the error a user sees can come from a step that never started because another one failed (the
+    first error of the cells in grid order): it names the step that failed, its command line and its log."""
+    (recipe := tmp_path / "jobs.yaml").write_text(yaml.safe_dump({**RECIPE, "jobs": 2}))
+    runner, run_dir = Runner(tmp_path / "run", load_recipe(recipe)), tmp_path / "run"
+    run_dir.mkdir()
+
+    def evaluate(name: str) -> Step:
+        argv = ("--model", str(tmp_path / "no-such-model"), "--data", "fashion-mnist:test?limit=8")
+        return Step("evaluate", "train.evaluate", argv, run_dir / "evaluates" / name)
+
+    log = run_dir / "logs" / "evaluates" / "bad.log"
+    with pytest.raises(ChildProcessError, match=rf"^stage evaluate failed \(exit status 2\): python -m train.evaluate "
+                                                rf".*; its output: {log}$"):
+        runner.ensure(evaluate("bad"))
+    assert "no-such-model" in log.read_text()
+    with pytest.raises(ChildProcessError, match=rf"^stage evaluate not started because stage evaluate failed .*{log}$"):
+        runner.ensure(evaluate("later"))
+    assert not (run_dir / "evaluates" / "later").exists()
+
