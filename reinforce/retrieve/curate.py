@@ -214,9 +214,9 @@ class Cleaning:
 
 def clean(cleaning: Cleaning, chosen: np.ndarray, images: Embedded, task: MaxSimilarity | None,
           task_thumbs: Thumbnails | None, config: RetrieveConfig) -> np.ndarray:
-    """Flag leaks among the ``chosen`` source images (max per-encoder similarity to a task image, B.4, or a
-    thumbnail correlation above ``near_copy_threshold``) and group their duplicates (mean similarity, B.3); returns
-    the images to remove now."""
+    """Flag leaks among the ``chosen`` source images (``leak_flags``: max per-encoder similarity to a task image, B.4,
+    and the best pixel correlation with one) and group their duplicates (mean similarity, B.3); returns the images to
+    remove now."""
     fresh = [i for i in chosen.tolist() if i not in cleaning.nearest_task]
     if task is not None and fresh:
         sims, rows = task.nearest([v[fresh, 0] for v in images.per_encoder], NEAREST_TASK)

@@ -120,37 +120,39 @@ def _plain(thumbs: Thumbnails, side: int) -> torch.Tensor:
     return _normalise(rendered.reshape(len(thumbs), -1))
 
 
-def _variant_boxes(sizes: np.ndarray, fractions: tuple[float, ...] = CROP_FRACTIONS, gammas: int = len(GAMMAS)
-                   ) -> torch.Tensor:
-    """``[N, V, 4]``: per image, every crop cutting one of ``fractions`` from each side, then ``gammas`` more copies
-    of the whole image (the gamma variants)."""
-    cuts = torch.tensor(list(itertools.product(fractions, repeat=4)) + [(0.0,) * 4] * gammas)
+def _crop_boxes(sizes: np.ndarray, fractions: tuple[float, ...]) -> torch.Tensor:
+    """``[N, V, 4]``: per image, every crop cutting one of ``fractions`` from each side; the first is the whole
+    image (``fractions`` start at 0)."""
+    cuts = torch.tensor(list(itertools.product(fractions, repeat=4)))
     hw = torch.from_numpy(sizes).float()
     w, h = hw[:, 1, None], hw[:, 0, None]
     return torch.stack([cuts[:, 0] * w, cuts[:, 1] * h, w * (1 - cuts[:, 2]), h * (1 - cuts[:, 3])], dim=2)
 
 
+def _render_crops(pixels: torch.Tensor, boxes: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """float ``[N, V, h, w]``: box ``boxes[i, v]`` of image ``pixels[i]`` resampled to ``size``."""
+    count, variants = boxes.shape[:2]
+    cut = _render(pixels, torch.arange(count).repeat_interleave(variants), boxes.reshape(-1, 4), size)
+    return cut.reshape(count, variants, *size)
+
+
 def _task_variants(task: Thumbnails, rows: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """float32 ``[len(rows), V, FINE²]`` normalised: each variant of task image ``rows[i]`` resampled to ``size``
-    (the copy's size), then to FINE as the copy is."""
-    boxes = _variant_boxes(task.sizes[rows.numpy()])  # [R, V, 4]
-    variants = boxes.shape[1]
-    cut = _render(task.pixels[rows], torch.arange(len(rows)).repeat_interleave(variants), boxes.reshape(-1, 4), size)
+    """float32 ``[len(rows), V, FINE²]`` normalised: each crop of task image ``rows[i]`` resampled to ``size`` (the
+    copy's size), then to FINE as the copy is, followed by the whole image under each of ``GAMMAS``."""
+    crops = _render_crops(task.pixels[rows], _crop_boxes(task.sizes[rows.numpy()], CROP_FRACTIONS), size)
     if size != (FINE, FINE):
-        whole = torch.tensor([[0, 0, size[1], size[0]]], dtype=torch.float32).expand(len(cut), 4)
-        cut = _render(cut, torch.arange(len(cut)), whole, (FINE, FINE))
-    cut = cut.reshape(len(rows), variants, -1)
-    curves = torch.tensor([1.0] * (variants - len(GAMMAS)) + list(GAMMAS)).view(1, -1, 1)
-    return _normalise(255 * (cut.clamp(0, 255) / 255) ** curves)
+        flat = crops.reshape(-1, *size)
+        crops = _render_crops(flat, _full_boxes(np.tile(size, (len(flat), 1)))[:, None], (FINE, FINE))
+        crops = crops.reshape(len(rows), -1, FINE, FINE)
+    whole = crops[:, :1].clamp(0, 255) / 255
+    variants = torch.cat([crops, *(255 * whole**gamma for gamma in GAMMAS)], dim=1)
+    return _normalise(variants.flatten(2))
 
 
 def _coarse_crops(task: Thumbnails) -> torch.Tensor:
     """float32 ``[N, V, COARSE²]`` normalised: the candidate search's crops of every task image."""
-    boxes = _variant_boxes(task.sizes, COARSE_CROP_FRACTIONS, gammas=0)
-    variants = boxes.shape[1]
-    cut = _render(task.pixels, torch.arange(len(task)).repeat_interleave(variants), boxes.reshape(-1, 4),
-                  (COARSE, COARSE))
-    return _normalise(cut.reshape(len(task), variants, -1))
+    crops = _render_crops(task.pixels, _crop_boxes(task.sizes, COARSE_CROP_FRACTIONS), (COARSE, COARSE))
+    return _normalise(crops.flatten(2))
 
 
 def nearest_copies(queries: Thumbnails, task: Thumbnails) -> tuple[np.ndarray, np.ndarray]:
