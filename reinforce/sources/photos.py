@@ -176,12 +176,47 @@ def _sample_crops(names: tuple[str, ...], count: int, seed: int) -> list[tuple[s
     return [(names[p], int(x), int(y), int(s)) for p, x, y, s in zip(which, left, top, side)]
 
 
-def load_photo_crop(uri: str) -> torch.Tensor:
-    """``photo-crops:PACKAGE/STEM#LEFT,TOP,W,H@SIZE`` → bicubic (antialiased) uint8 ``[3, SIZE, SIZE]``."""
+RENDERED_CROPS_BYTES = 256 << 20  # rendered crops kept per process (photo-crops:20000@64 fits: 246 MB)
+
+
+@cache
+def _pil_photo(name: str) -> Image.Image:
+    """The decoded photo as a PIL image, made once per process (``Image.fromarray`` copies the whole photo)."""
+    return Image.fromarray(_photo(name))
+
+
+class _RenderedCrops:
+    """Rendered crops by URI, up to a byte budget per process. Training replays K views of every crop each
+    epoch, and rendering one (a bicubic, antialiased resize of a box of up to a few hundred pixels) costs
+    more than the student's step on it; past the budget, crops are rendered on every call."""
+
+    def __init__(self, budget: int) -> None:
+        self.budget, self.used = budget, 0
+        self.crops: dict[str, torch.Tensor] = {}
+
+    def __call__(self, uri: str) -> torch.Tensor:
+        crop = self.crops.get(uri)
+        if crop is None:
+            crop = _render_crop(uri)
+            if self.used + crop.nbytes <= self.budget:
+                self.crops[uri] = crop
+                self.used += crop.nbytes
+        return crop.clone()
+
+
+def _render_crop(uri: str) -> torch.Tensor:
     match = _CROP_URI.fullmatch(uri)
     if match is None:
         raise ValueError(f"bad photo-crops URI {uri!r}; expected photo-crops:PACKAGE/STEM#LEFT,TOP,W,H@SIZE")
     left, top, width, height, size = map(int, match.groups()[1:])
-    image = Image.fromarray(_photo(match[1]))
-    crop = image.resize((size, size), Image.Resampling.BICUBIC, box=(left, top, left + width, top + height))
+    box = (left, top, left + width, top + height)
+    crop = _pil_photo(match[1]).resize((size, size), Image.Resampling.BICUBIC, box=box)
     return torch.from_numpy(np.asarray(crop).copy()).permute(2, 0, 1).contiguous()
+
+
+_rendered_crops = _RenderedCrops(RENDERED_CROPS_BYTES)
+
+
+def load_photo_crop(uri: str) -> torch.Tensor:
+    """``photo-crops:PACKAGE/STEM#LEFT,TOP,W,H@SIZE`` → bicubic (antialiased) uint8 ``[3, SIZE, SIZE]``."""
+    return _rendered_crops(uri)

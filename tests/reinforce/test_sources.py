@@ -230,6 +230,12 @@ def test_photo_crops_are_distinct_sized_replayable_and_prefix_stable():
     assert torch.equal(files.load_file("photo-crops:skimage/rocket#5,6,100,100@40"),
                        torch.from_numpy(np.asarray(expected).copy()).permute(2, 0, 1))
 
+    # kept crops are handed out as copies: a caller writing into one does not change the next load
+    first = files.load_file("photo-crops:skimage/rocket#5,6,100,100@40")
+    first.zero_()
+    assert torch.equal(files.load_file("photo-crops:skimage/rocket#5,6,100,100@40"),
+                       torch.from_numpy(np.asarray(expected).copy()).permute(2, 0, 1))
+
 
 @pytest.mark.e2e
 def test_photo_crops_are_the_same_in_a_fresh_process():
