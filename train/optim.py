@@ -79,8 +79,9 @@ class LearningRate:
 
 
 def make_optimizer(params, schedule: TrainSchedule) -> tuple[torch.optim.Optimizer, LambdaLR, LearningRate]:
-    """AdamW with the schedule's ``LearningRate`` (warmup, then cosine or cooldown decay to zero)."""
-    optimizer = torch.optim.AdamW(params, lr=schedule.lr, weight_decay=schedule.weight_decay)
+    """AdamW with the schedule's ``LearningRate`` (warmup, then cosine or cooldown decay to zero); multi-tensor
+    (``foreach``) on CPU too, where torch defaults to a Python loop over the parameters for the same values."""
+    optimizer = torch.optim.AdamW(params, lr=schedule.lr, weight_decay=schedule.weight_decay, foreach=True)
     rate = LearningRate(schedule)
     return optimizer, LambdaLR(optimizer, rate), rate
 
