@@ -141,9 +141,9 @@ def _task_variants(task: Thumbnails, rows: torch.Tensor, size: tuple[int, int]) 
     copy's size), then to FINE as the copy is, followed by the whole image under each of ``GAMMAS``."""
     crops = _render_crops(task.pixels[rows], _crop_boxes(task.sizes[rows.numpy()], CROP_FRACTIONS), size)
     if size != (FINE, FINE):
-        flat = crops.reshape(-1, *size)
-        crops = _render_crops(flat, _full_boxes(np.tile(size, (len(flat), 1)))[:, None], (FINE, FINE))
-        crops = crops.reshape(len(rows), -1, FINE, FINE)
+        flat = crops.reshape(-1, *size)  # every crop is now a whole image of the copy's size
+        whole = torch.tensor([0.0, 0.0, size[1], size[0]]).expand(len(flat), 4)
+        crops = _render(flat, torch.arange(len(flat)), whole, (FINE, FINE)).reshape(len(rows), -1, FINE, FINE)
     whole = crops[:, :1].clamp(0, 255) / 255
     variants = torch.cat([crops, *(255 * whole**gamma for gamma in GAMMAS)], dim=1)
     return _normalise(variants.flatten(2))

@@ -80,4 +80,3 @@ def test_the_failed_step_is_named_by_the_steps_it_stops(tmp_path):
     with pytest.raises(ChildProcessError, match=rf"^stage evaluate not started because stage evaluate failed .*{log}$"):
         runner.ensure(evaluate("later"))
     assert not (run_dir / "evaluates" / "later").exists()
-
