@@ -11,7 +11,7 @@ RUN_DIR and shared by every cell that needs it::
     teacher(frozen)         train.teacher --mode frozen (no labels)             task-agnostic cells
     store(teacher, transfer)  reinforce.build: logits (task teacher); embedding,patch (frozen teacher,
                               so one store per transfer set serves both task-agnostic methods at every shots)
-    distilled(store, targets) train.distill (a subprocess: DeepSpeed sets up a process group);
+    distilled(store, targets) train.distill (DeepSpeed: the step's process sets up its process group);
                               task-oriented-online: train.distill --online --teacher T (no cached targets)
     finetune(cell)            train.finetune --lr GRID --steps GRID --folds K (labeled-only: the labeled_only section)
     evaluate(model)           train.evaluate on the test split: the finetuned students and the teachers
@@ -21,10 +21,11 @@ cosine schedules, the setting chosen by k-fold cross-validation over the labeled
 predictions) or on ``val_data``, the final model trained on all labeled images; never on the test split.
 ``seeds: [0, 1, 2]`` (``--seeds``) runs every seed's labeled draw end to end and reports each row as
 mean ± std with paired differences (``train.report``); stages that see no labels (the frozen VFM and its
-stores) are made once for all seeds. ``threads`` pins the thread count of every stage (in-process and child
-processes), so a run gives the same numbers on a machine with more cores; ``jobs`` (``--jobs``) runs that many
-independent steps side by side (cells and seeds overlap; each step a process, its output in ``RUN/logs/``) with
-the same numbers as one after the other: small students train faster on one thread each than on two together.
+stores) are made once for all seeds. Each step is a process of its own, forked from one that has imported the
+stages (``train.step_process``). ``threads`` pins the thread count of every step, so a run gives the same numbers
+on a machine with more cores; ``jobs`` (``--jobs``) runs that many independent steps side by side (cells and
+seeds overlap; each step's output in ``RUN/logs/``) with the same numbers as one after the other: small
+students train faster on one thread each than on two together.
 An artifact is done when ``OUT/.pipeline-done.json`` exists, a cell when ``RUN/cells/KEY.json`` does: a rerun
 skips both, and ``RUN/steps.jsonl`` logs every step as ran or skipped. Writes ``RUN/results.json`` (every row,
 with each stage's wall time and the total),
@@ -54,23 +55,18 @@ import contextlib
 import dataclasses
 import functools
 import hashlib
-import importlib
 import itertools
 import json
 import os
 import shlex
 import shutil
-import subprocess
 import sys
 import threading
 import time
-import traceback
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
-
-import torch
 
 from reinforce.teachers import read_teacher_card
 from stores.cli_errors import HelpFormatter, cli_errors, debug_flag
@@ -82,12 +78,12 @@ from train.flops import FlopsCounter
 from train.methods import METHODS, METRICS, TASKS
 from train.protocol import comma_ints
 from train.recipe import DEFAULT_RECIPE, DEFAULT_THREADS, Recipe, flags, load_recipe
+from train.step_process import run_step
 
 __all__ = ["Cell", "Planner", "Runner", "Step", "grid_cells", "main", "run_grid"]
 
 DONE = ".pipeline-done.json"
 STAGES = ("teacher", "build", "distill", "finetune")
-IN_PROCESS = {"train.teacher", "train.finetune", "train.evaluate", "reinforce.build"}  # saves ~5 s of start each
 
 
 @dataclasses.dataclass(frozen=True)
@@ -229,9 +225,10 @@ class Planner:
 
 
 class Runner:
-    """Makes each step's artifact once, then marks it done: in process (``train.distill``: a subprocess) when
-    ``jobs`` is 1; with ``jobs`` > 1, up to ``jobs`` steps at a time, each a subprocess whose output goes to
-    ``RUN/logs/``. Cells and seeds call ``ensure`` from several threads: a step asked for twice runs once."""
+    """Makes each step's artifact once, then marks it done. Every step is a process of its own, forked from one
+    that has imported the stages (``train.step_process``): one after the other when ``jobs`` is 1, its output
+    this process's; with ``jobs`` > 1, up to ``jobs`` steps at a time, each one's output in ``RUN/logs/``. Cells
+    and seeds call ``ensure`` from several threads: a step asked for twice runs once."""
 
     def __init__(self, run_dir: Path, recipe: Recipe | None = None):
         self.run_dir, self.recipe = run_dir, recipe
@@ -274,7 +271,7 @@ class Runner:
             print(f"\n== {step.stage} {step.out.name}" + (f" (output: {log})" if log else "")
                   + f"\n$ {step.command_line()}", flush=True)
             started = time.perf_counter()
-            code = _execute(step, self.threads, log)
+            code = run_step(step.module, list(step.argv), self.threads, log)
         if code:
             failure = (f"stage {step.stage} failed (exit status {code}): {step.command_line()}"
                        + (f"; its output: {log}" if log else ""))
@@ -313,28 +310,6 @@ def step_lock(out: Path, poll: float = 2.0) -> Iterator[None]:
         yield
     finally:
         lock.release()
-
-
-def _execute(step: Step, threads: int, log: Path | None = None) -> int:
-    """Exit status of the step's command line, run through its module's ``main(argv)`` when in process; a child
-    process (``train.distill``, or every step when ``log`` is given: its stdout and stderr go there) runs with
-    ``threads`` intra-op threads, as the in-process stages do."""
-    if step.module not in IN_PROCESS or log is not None:
-        env = {**os.environ, "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu"),
-               **dict.fromkeys(("OMP_NUM_THREADS", "MKL_NUM_THREADS"), str(threads))}
-        command = [sys.executable, "-m", step.module, *step.argv]
-        if log is None:
-            return subprocess.run(command, env=env).returncode
-        log.parent.mkdir(parents=True, exist_ok=True)
-        with open(log, "w") as output:
-            return subprocess.run(command, env=env, stdout=output, stderr=subprocess.STDOUT).returncode
-    try:
-        return importlib.import_module(step.module).main(list(step.argv))  # every CLI's main returns its status
-    except SystemExit as error:  # argparse and cli_errors exit 2 with a one-line message
-        return error.code if isinstance(error.code, int) else 1
-    except Exception:  # what a subprocess would show: the traceback, then exit status 1
-        traceback.print_exc()
-        return 1
 
 
 def read_json(path: Path) -> dict[str, Any]:
@@ -511,7 +486,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="override the recipe's threads: torch threads of every stage (default 2)")
     parser.add_argument("--jobs", type=int, default=None,
                         help="override the recipe's jobs: steps run side by side, each a process with --threads "
-                             "threads (default 1: one after the other, in this process); the numbers do not "
+                             "threads (default 1: one after the other); the numbers do not "
                              "depend on it")
     args = debug_flag(parser).parse_args(argv)
     for name in ("threads", "jobs"):
@@ -522,7 +497,6 @@ def main(argv: list[str] | None = None) -> int:
         recipe = load_recipe(args.recipe)
         recipe = dataclasses.replace(recipe, seeds=tuple(args.seeds or recipe.seeds),
                                      threads=args.threads or recipe.threads, jobs=args.jobs or recipe.jobs)
-        torch.set_num_threads(recipe.threads)  # in-process stages; child processes get it in their environment
         if args.plan:
             print_plan(recipe, Path(args.run_dir))
             return 0
