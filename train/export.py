@@ -170,7 +170,8 @@ def main(argv: list[str] | None = None) -> int:
     with cli_errors(parser.prog, args.debug):
         report = export(args.model, args.data, out=args.out, int8=args.int8, calibration=args.calibration)
     print(json.dumps(report, indent=1))
-    fp32, allowed = report["fp32"], args.atol + args.rtol * report["fp32"]["max_abs_logit"]
+    fp32 = report["fp32"]
+    allowed = args.atol + args.rtol * fp32["max_abs_logit"]
     failures = [f"fp32 max abs diff {fp32['max_abs_diff']:.2e} > {args.atol:g} + {args.rtol:g} x max |logit| "
                 f"{fp32['max_abs_logit']:.3g}"] if fp32["max_abs_diff"] > allowed else []
     if args.int8 and report["int8"]["top1_agreement"] < args.min_int8_agreement:
