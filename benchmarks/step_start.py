@@ -22,6 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from train.recipe import STEP_MODULES
 from train.step_process import run_step
 
 
@@ -39,8 +40,9 @@ def fresh_process(module: str, argv: list[str], threads: int) -> int:
 
 
 def forked(module: str, argv: list[str], threads: int) -> int:
+    """The pipeline's way: forked from the stage server, which imports every step's module."""
     with tempfile.TemporaryDirectory() as logs:
-        return run_step(module, argv, threads, Path(logs) / "step.log")
+        return run_step(module, argv, threads, Path(logs) / "step.log", preload=STEP_MODULES.values())
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -77,7 +77,7 @@ from train import card, report
 from train.flops import FlopsCounter
 from train.methods import METHODS, METRICS, TASKS
 from train.protocol import comma_ints
-from train.recipe import DEFAULT_RECIPE, DEFAULT_THREADS, Recipe, flags, load_recipe
+from train.recipe import DEFAULT_RECIPE, DEFAULT_THREADS, STEP_MODULES, Recipe, flags, load_recipe
 from train.step_process import run_step
 
 __all__ = ["Cell", "Planner", "Runner", "Step", "grid_cells", "main", "run_grid"]
@@ -140,8 +140,9 @@ class Planner:
         self.agnostic_targets = ",".join(METHODS[m].target for m in METHODS
                                          if m in methods and m.startswith("task-agnostic"))
 
-    def step(self, stage: str, module: str, label: str, argv: list[str]) -> Step:
+    def step(self, stage: str, label: str, argv: list[str]) -> Step:
         """A step whose directory ``RUN/<stage>s/<label>-<hash of module + argv>`` names its inputs."""
+        module = STEP_MODULES[stage]
         text = json.dumps([module, argv]).replace(str(self.run_dir), "$RUN")
         out = self.run_dir / f"{stage}s" / f"{label}-{hashlib.sha256(text.encode()).hexdigest()[:10]}"
         where = ["--name", out.name, "--out-dir", str(out.parent)] if stage == "teacher" else ["--out", str(out)]
@@ -153,14 +154,14 @@ class Planner:
         r = self.recipe
         if mode == "frozen":  # no labels: one teacher for every shots level, only its identity flags matter
             section = {k: v for k, v in r.teacher.items() if k in ("backbone", "library", "weights", "size")}
-            return self.step("teacher", "train.teacher", "frozen", ["--mode", "frozen", *flags(section)])
+            return self.step("teacher", "frozen", ["--mode", "frozen", *flags(section)])
         argv = ["--data", r.data, "--shots", str(shots), "--seed", str(self.seed), "--mode", mode,
                 *self.selection(), *flags(r.teacher)]
         if self.task == "segmentation":
             argv += ["--task", "segmentation"]
         elif "labeled-only" in r.grid.method:  # the grid's labeled-only row is the baseline, same folds
             argv += ["--baseline-student", "none"]
-        return self.step("teacher", "train.teacher", f"{mode}-s{shots}", argv)
+        return self.step("teacher", f"{mode}-s{shots}", argv)
 
     def student(self) -> list[str]:
         """The random-init student's flags: its architecture and, when the recipe gives one, its size."""
@@ -179,7 +180,7 @@ class Planner:
         shared = frozen and "{seed}" not in spec
         argv = ["--teacher", str(teacher.out), "--transfer-set", spec.replace("{seed}", str(self.seed)),
                 "--targets", targets, "--seed", str(0 if shared else self.seed), *flags(self.recipe.build)]
-        return self.step("build", "reinforce.build", f"{transfer}-{teacher.out.name.rsplit('-', 1)[0]}", argv)
+        return self.step("build", f"{transfer}-{teacher.out.name.rsplit('-', 1)[0]}", argv)
 
     def distilled(self, store: Step, targets: str, online_teacher: Step | None = None) -> Step:
         argv = ["--store", str(store.out), *self.student(), "--targets", targets, "--seed", str(self.seed),
@@ -188,7 +189,7 @@ class Planner:
         if online_teacher is not None:
             argv += ["--online", "--teacher", str(online_teacher.out)]
             label += "-online"
-        return self.step("distill", "train.distill", label, argv)
+        return self.step("distill", label, argv)
 
     def plan(self, cell: Cell) -> tuple[list[Step], Step]:
         """``cell``'s upstream steps (teacher, store, distilled student; none for labeled-only) and its finetune."""
@@ -215,13 +216,13 @@ class Planner:
         section = r.finetune if init else {**r.finetune, **r.labeled_only}
         start = ["--init", str(init.out)] if init else self.student()
         label = init.out.name.rsplit("-", 1)[0] if init else "labeled-only"
-        return self.step("finetune", "train.finetune", f"{label}-s{cell.shots}",
+        return self.step("finetune", f"{label}-s{cell.shots}",
                          [*start, "--data", r.data, "--shots", str(cell.shots), "--seed", str(self.seed),
                           *self.selection(), *flags(section)])
 
     def evaluation(self, model: Step) -> Step:
         argv = ["--model", str(model.out), "--data", self.recipe.test]
-        return self.step("evaluate", "train.evaluate", model.out.name.rsplit("-", 1)[0], argv)
+        return self.step("evaluate", model.out.name.rsplit("-", 1)[0], argv)
 
 
 class Runner:
@@ -271,7 +272,7 @@ class Runner:
             print(f"\n== {step.stage} {step.out.name}" + (f" (output: {log})" if log else "")
                   + f"\n$ {step.command_line()}", flush=True)
             started = time.perf_counter()
-            code = run_step(step.module, list(step.argv), self.threads, log)
+            code = run_step(step.module, list(step.argv), self.threads, log, preload=STEP_MODULES.values())
         if code:
             failure = (f"stage {step.stage} failed (exit status {code}): {step.command_line()}"
                        + (f"; its output: {log}" if log else ""))

@@ -32,15 +32,19 @@ from reinforce.sources import open_source
 from stores.errors import InputError
 from train.methods import METHODS, TEACHER_MODES
 
-__all__ = ["DEFAULT_RECIPE", "RECIPES", "STAGE_MODULES", "Grid", "Recipe", "flags", "load_recipe", "read_recipe"]
+__all__ = ["DEFAULT_RECIPE", "RECIPES", "STAGE_MODULES", "STEP_MODULES", "Grid", "Recipe", "flags", "load_recipe",
+           "read_recipe"]
 
 RECIPES = Path(__file__).parent / "recipes"
 DEFAULT_RECIPE = RECIPES / "fashion_mnist.yaml"
 MAX_RECIPE_BYTES = 1 << 20
 DEFAULT_THREADS = 2  # what a 2-core machine runs best at; pinned so a bigger machine computes the same numbers
-# section -> the command line its flags are for
-STAGE_MODULES = {"teacher": "train.teacher", "build": "reinforce.build", "distill": "train.distill",
-                 "finetune": "train.finetune", "labeled_only": "train.finetune"}
+# pipeline step -> the command line it runs
+STEP_MODULES = {"teacher": "train.teacher", "build": "reinforce.build", "distill": "train.distill",
+                "finetune": "train.finetune", "evaluate": "train.evaluate"}
+# recipe section -> the command line its flags are for (evaluation takes none; labeled-only is a finetune)
+STAGE_MODULES = {**{step: module for step, module in STEP_MODULES.items() if step != "evaluate"},
+                 "labeled_only": STEP_MODULES["finetune"]}
 RETIRED = {"seed": "seeds: [N, ...]", "val_fraction": "folds: K (cross-validation) or val_data: SPEC"}
 SELECTION = {"folds", "val_data", "seed", "val_fraction", "eval_every", "patience", "cooldown"}  # per protocol
 RESERVED = {  # flags the pipeline sets itself; a recipe section may not

@@ -22,22 +22,24 @@ import importlib
 import multiprocessing
 import os
 import sys
+from collections.abc import Iterable
 from multiprocessing import reduction
 from pathlib import Path
 
-__all__ = ["STAGE_MODULES", "run_step"]
+__all__ = ["run_step"]
 
-STAGE_MODULES = ("train.teacher", "reinforce.build", "train.distill", "train.finetune", "train.evaluate")
 M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD = -1, -2, -3  # glibc's mallopt parameters (malloc.h)
 STEP_MALLOC = {M_TOP_PAD: 256 << 20, M_MMAP_THRESHOLD: 32 << 20, M_TRIM_THRESHOLD: 1 << 30}
 
 
-def run_step(module: str, argv: list[str], threads: int, log: Path | None = None) -> int:
+def run_step(module: str, argv: list[str], threads: int, log: Path | None = None,
+             preload: Iterable[str] = ()) -> int:
     """Exit status of ``python -m module *argv`` run in a forked process with ``threads`` intra-op threads,
-    its output appended to this process's stdout and stderr, or written to ``log``."""
+    its output appended to this process's stdout and stderr, or written to ``log``. The server imports
+    ``module`` and ``preload`` (the other steps' modules) when it starts, at this process's first step."""
     os.environ.setdefault("DS_ACCELERATOR", "cpu")  # read when the server imports DeepSpeed
     context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(list(STAGE_MODULES))  # takes effect when the server starts, on the first step
+    context.set_forkserver_preload(sorted({module, *preload}))  # used once: when the server starts
     env = {**os.environ, **dict.fromkeys(("OMP_NUM_THREADS", "MKL_NUM_THREADS"), str(threads))}
     sys.stdout.flush()
     sys.stderr.flush()
