@@ -38,7 +38,10 @@ def train_and_score(out: Path, kernels: dict[str, str], args: argparse.Namespace
     scores = out.with_suffix(".json")
     for module, argv in (("train.finetune", finetune),
                          ("train.evaluate", ["--model", str(out), "--data", args.test, "--out", str(scores)])):
-        subprocess.run([sys.executable, "-m", module, *argv], env=env, check=True, stdout=subprocess.DEVNULL)
+        step = subprocess.run([sys.executable, "-m", module, *argv], env=env, capture_output=True, text=True)
+        if step.returncode:
+            raise SystemExit(f"{module} failed (exit status {step.returncode}) with {kernels or 'default kernels'}:"
+                             f"\n{step.stderr[-2000:]}")
     return json.loads(scores.read_text())["top1"]
 
 
