@@ -91,9 +91,12 @@ class Step:
     """One artifact: ``python -m module *argv`` writes the directory ``out``."""
 
     stage: str  # teacher | build | distill | finetune | evaluate
-    module: str
     argv: tuple[str, ...]
     out: Path
+
+    @property
+    def module(self) -> str:
+        return STEP_MODULES[self.stage]
 
     def command_line(self) -> str:
         """As a user would type it (``train.distill`` under DeepSpeed's CPU accelerator)."""
@@ -142,13 +145,12 @@ class Planner:
 
     def step(self, stage: str, label: str, argv: list[str]) -> Step:
         """A step whose directory ``RUN/<stage>s/<label>-<hash of module + argv>`` names its inputs."""
-        module = STEP_MODULES[stage]
-        text = json.dumps([module, argv]).replace(str(self.run_dir), "$RUN")
+        text = json.dumps([STEP_MODULES[stage], argv]).replace(str(self.run_dir), "$RUN")
         out = self.run_dir / f"{stage}s" / f"{label}-{hashlib.sha256(text.encode()).hexdigest()[:10]}"
         where = ["--name", out.name, "--out-dir", str(out.parent)] if stage == "teacher" else ["--out", str(out)]
         if stage == "evaluate":
             where = ["--out", str(out / "test.json")]
-        return Step(stage, module, (*argv, *where), out)
+        return Step(stage, (*argv, *where), out)
 
     def teacher(self, shots: int | None, mode: str) -> Step:
         r = self.recipe

@@ -70,7 +70,7 @@ def test_the_failed_step_is_named_by_the_steps_it_stops(tmp_path):
 
     def evaluate(name: str) -> Step:
         argv = ("--model", str(tmp_path / "no-such-model"), "--data", "fashion-mnist:test?limit=8")
-        return Step("evaluate", "train.evaluate", argv, run_dir / "evaluates" / name)
+        return Step("evaluate", argv, run_dir / "evaluates" / name)
 
     log = run_dir / "logs" / "evaluates" / "bad.log"
     with pytest.raises(ChildProcessError, match=rf"^stage evaluate failed \(exit status 2\): python -m train.evaluate "

@@ -226,7 +226,7 @@ def test_distill_loads_no_checkpoint_it_did_not_write(lite0_teacher, tmp_path):
     assert run("train.distill", *args).returncode == 0
     assert json.loads((out / "checkpoints" / "run.json").read_text())["store_id"] == open_store(store).manifest.store_id
     epochs = args.index("--epochs") + 1
-    step = pipeline.Step("distill", "train.distill", (*args[:epochs], "2", *args[epochs + 1:]), out)
+    step = pipeline.Step("distill", (*args[:epochs], "2", *args[epochs + 1:]), out)
     record = pipeline.Runner(tmp_path).ensure(step)
     assert record["command"].endswith("--resume")
     history = json.loads((out / "student.json").read_text())["history"][-1]
