@@ -245,7 +245,9 @@ def distill(config: DistillConfig) -> dict[str, Any]:
     identity = {"store_id": replay.store.manifest.store_id, "student": config.student, "size": replay.size,
                 "world": world, "losses": losses, "views": replay.views, "online": config.online}
     resuming = check_resume(config, identity)
-    if rank == 0:  # before the first checkpoint: what --resume checks before it loads one
+    # before the first checkpoint: what --resume checks before it loads one. A resumed run's record is already this
+    # identity (checked) and is not written again: the other ranks are reading it in check_resume right now
+    if rank == 0 and not resuming:
         (Path(config.out) / CHECKPOINTS).mkdir(exist_ok=True)
         (Path(config.out) / CHECKPOINTS / RUN_RECORD).write_text(json.dumps(identity, indent=1, sort_keys=True))
     loader = make_loader(replay, config, rank, world)
