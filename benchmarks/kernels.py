@@ -7,7 +7,7 @@ environment variables that choose which SIMD kernels ATen, oneDNN and MKL run, e
 prints the test top-1 of each: the spread one machine shows with nothing but the kernels changed.
 
 Example:
-    python benchmarks/kernels.py --out runs/kernels      # ~1.5 min per setting on a 2-core machine
+    python benchmarks/kernels.py --out runs/kernels      # ~45 s per setting on a 2-core machine
 """
 
 from __future__ import annotations
