@@ -106,7 +106,6 @@ def labeled_classes(source: Source) -> tuple[str, ...]:
 
 
 @torch.inference_mode()
-@torch.inference_mode()
 def predict_logits(model: nn.Module, source: Source, size: int,
                    batch_size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
     """The logits of every deterministic eval view of ``source`` (``[N, C] float32``) and its label (``[N] int64``)."""

@@ -31,7 +31,7 @@ import torch
 from stores.cli_errors import HelpFormatter, cli_errors, config_flags, debug_flag
 from train.data import LabeledViews, SegmentationViews, open_labeled
 from train.models import Student, StudentCard, create_student, load_student, save_student
-from train.optim import BestOnValidation, TrainSchedule, fit, split_labeled
+from train.optim import BestOnValidation, TrainSchedule, fit, fit_together, split_labeled
 from train.protocol import Protocol, Setting, comma_floats, comma_ints, parse_grid, select
 
 __all__ = ["FinetuneConfig", "finetune", "main"]
@@ -75,7 +75,8 @@ def finetune(config: FinetuneConfig) -> StudentCard:
         model, stage = _early_stopped(config, start, source, size, settings)
     else:
         protocol = Protocol(config.folds, config.val_data, config.seed)
-        chosen, record, model = select(settings, source, lambda s, part: _train(start, s, part, config, size),
+        chosen, record, model = select(settings, source,
+                                       lambda candidates, part: _train(start, candidates, part, config, size),
                                        size=size, protocol=protocol)
         losses = []
         if model is None:  # cross-validated: the final model trains on all labeled images
@@ -101,12 +102,14 @@ def _views(source, size: int, seed: int):
                                                                                     seed=seed)
 
 
-def _train(start: Student, setting: Setting, part, config: FinetuneConfig, size: int) -> Student:
-    """A copy of the starting student trained on ``part`` with ``setting``'s fixed cosine schedule."""
-    model = copy.deepcopy(start)
-    if setting.steps:
-        fit(model, _views(part, size, config.seed), _schedule(setting, config), workers=config.workers)
-    return model.eval()
+def _train(start: Student, settings: list[Setting], part, config: FinetuneConfig, size: int) -> list[Student]:
+    """A copy of the starting student per setting, trained on ``part`` with its fixed cosine schedule; all of
+    them on one stream of views (``fit_together``: the same weights as one at a time, the views rendered once)."""
+    models = [copy.deepcopy(start) for _ in settings]
+    runs = [(model, _schedule(setting, config)) for model, setting in zip(models, settings) if setting.steps]
+    if runs:
+        fit_together(runs, _views(part, size, config.seed), workers=config.workers)
+    return [model.eval() for model in models]
 
 
 def _final_loss(losses: list[float]) -> float | None:

@@ -24,7 +24,7 @@ import copy
 import dataclasses
 import itertools
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -37,8 +37,8 @@ from reinforce.progress import progress_bar
 from reinforce.sources import Source
 from train.data import evaluate_model, headline_metric
 
-__all__ = ["BestOnValidation", "LearningRate", "TrainSchedule", "fit", "make_optimizer", "set_train_mode",
-           "split_labeled"]
+__all__ = ["BestOnValidation", "LearningRate", "TrainSchedule", "fit", "fit_together", "make_optimizer",
+           "set_train_mode", "split_labeled"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -143,36 +143,74 @@ def fit(model: nn.Module, dataset: Dataset, schedule: TrainSchedule, *, freeze_b
     meanwhile; the batches are the same for any number. Progress (``desc``) goes to stderr: a ViT
     finetune on a small CPU runs for minutes.
     """
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer, scheduler, rate = make_optimizer(trainable, schedule)
-    set_train_mode(model, freeze_bn)
-    losses = []
+    return fit_together([(model, schedule)], dataset, freeze_bn=freeze_bn, on_step=on_step, workers=workers,
+                        desc=desc)[0]
+
+
+@dataclasses.dataclass
+class _Run:
+    """One model's optimisation inside ``fit_together``."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: LambdaLR
+    rate: LearningRate
+    losses: list[float] = dataclasses.field(default_factory=list)
+    stopped: bool = False
+
+    def step(self, inputs: torch.Tensor, labels: torch.Tensor) -> None:
+        loss = nn.functional.cross_entropy(self.model(inputs), labels)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        self.scheduler.step()
+        self.losses.append(float(loss.detach()))
+
+
+def fit_together(runs: Sequence[tuple[nn.Module, TrainSchedule]], dataset: Dataset, *, freeze_bn: bool = False,
+                 on_step: Callable[[int], bool] | None = None, workers: int = 0,
+                 desc: str = "train") -> list[list[float]]:
+    """``fit`` for several (model, schedule) runs on one stream of batches; returns each run's losses.
+
+    Why: the candidates of a selection differ only in learning rate and length, and with the same seed and
+    batch size they train on the same views in the same order anyway; rendering those views once, not once per
+    candidate, saves the loader's share of every step after the first candidate's (each model's weights are
+    exactly what training it alone gives). A run stops at its own length; ``on_step`` needs a single run.
+    """
+    first = runs[0][1]
+    if any((schedule.seed, schedule.batch_size) != (first.seed, first.batch_size) for _, schedule in runs):
+        raise ValueError("runs trained together share one batch stream: give them the same seed and batch size")
+    if on_step is not None and len(runs) > 1:
+        raise ValueError("on_step (early stopping) watches one model: train the runs one at a time")
+    states = [_Run(model, *make_optimizer([p for p in model.parameters() if p.requires_grad], schedule))
+              for model, schedule in runs]
+    for state in states:
+        set_train_mode(state.model, freeze_bn)
     threads = torch.get_num_threads()
     torch.set_num_threads(max(1, threads - workers))  # the workers' cores: no oversubscription on small CPUs
-    bar = progress_bar(total=schedule.steps, desc=desc, unit="step")
+    longest = max(schedule.steps for _, schedule in runs)
+    bar = progress_bar(total=longest, desc=desc, unit="step")
     try:
-        batches = _batches(dataset, schedule.batch_size, schedule.seed, workers)
-        for inputs, labels in itertools.islice(batches, schedule.steps):
+        batches = _batches(dataset, first.batch_size, first.seed, workers)
+        for inputs, labels in itertools.islice(batches, longest):
             if inputs.dim() == 4:
                 inputs = inputs.contiguous(memory_format=torch.channels_last)
-            loss = nn.functional.cross_entropy(model(inputs), labels)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            losses.append(float(loss.detach()))
+            for state in (s for s in states if not s.stopped):
+                state.step(inputs, labels)
+                steps = len(state.losses)
+                if on_step is not None:
+                    state.stopped = on_step(steps) and not state.rate.plateau(steps)
+                    set_train_mode(state.model, freeze_bn)
+                state.stopped = state.stopped or steps >= state.rate.end
             bar.update()
-            if on_step is not None:
-                if on_step(len(losses)) and not rate.plateau(len(losses)):
-                    break
-                set_train_mode(model, freeze_bn)
-            if len(losses) >= rate.end:
+            if all(state.stopped for state in states):
                 break
     finally:
         bar.close()
         torch.set_num_threads(threads)
-    model.eval()
-    return losses
+    for state in states:
+        state.model.eval()
+    return [state.losses for state in states]
 
 
 def split_labeled(source: Source, fraction: float, seed: int = 0) -> tuple[Source, Source | None]:

@@ -105,11 +105,13 @@ def kfold_indices(source: Source, folds: int, seed: int) -> list[np.ndarray]:
     return [np.flatnonzero(assignment == k) for k in range(folds)]
 
 
-def select(settings: Sequence[C], source: Source, train: Callable[[C, Source], nn.Module], *, size: int,
-           protocol: Protocol) -> tuple[C, dict[str, Any], nn.Module | None]:
+def select(settings: Sequence[C], source: Source, train: Callable[[Sequence[C], Source], list[nn.Module]], *,
+           size: int, protocol: Protocol) -> tuple[C, dict[str, Any], nn.Module | None]:
     """The best setting by the protocol's pooled score, the record a card stores, and (``val_data`` only) the
     model already trained on all labeled images with it; with one setting and no scoring asked, no training.
-    A candidate with a ``size`` attribute is scored at that view size, others at ``size``."""
+    ``train(settings, part)`` returns one model per setting, trained on ``part``: all of a part's candidates at
+    once, so a trainer can render their shared views once (``train.optim.fit_together``). A candidate with a
+    ``size`` attribute is scored at that view size, others at ``size``."""
     metric = headline_metric(source)
     if not protocol.val_data and not protocol.folds:
         if len(settings) > 1:
@@ -119,13 +121,13 @@ def select(settings: Sequence[C], source: Source, train: Callable[[C, Source], n
                              "chosen": settings[0].name}, None
     if protocol.val_data:
         val = open_source(protocol.val_data)
-        models = {s: train(s, source) for s in settings}
+        models = dict(zip(settings, train(settings, source), strict=True))
         scores = {s: PooledMetrics.for_source(val).update(m, val, getattr(s, "size", size)).compute()
                   for s, m in models.items()}
         scored, images = len(val), None
     else:
         folds = kfold_indices(source, protocol.folds, protocol.seed)
-        scores = {s: _cross_validate(s, source, folds, train, getattr(s, "size", size)) for s in settings}
+        scores = _cross_validate(settings, source, folds, train, size)
         scored, images, models = len(source), [len(f) for f in folds], {}
     chosen = max(settings, key=lambda s: scores[s][metric])  # max keeps the first of equal scores
     record = {"protocol": protocol.describe(), "folds": 0 if protocol.val_data else protocol.folds,
@@ -135,12 +137,15 @@ def select(settings: Sequence[C], source: Source, train: Callable[[C, Source], n
     return chosen, record, models.get(chosen)
 
 
-def _cross_validate(setting: C, source: Source, folds: list[np.ndarray], train: Callable[[C, Source], nn.Module],
-                    size: int) -> dict[str, float]:
-    """Train on all folds but one, predict the held-out one, for every fold; metrics of the pooled predictions."""
-    pooled = PooledMetrics.for_source(source)
+def _cross_validate(settings: Sequence[C], source: Source, folds: list[np.ndarray],
+                    train: Callable[[Sequence[C], Source], list[nn.Module]], size: int) -> dict[C, dict[str, float]]:
+    """Train every setting on all folds but one, predict the held-out one, for every fold; each setting's metrics
+    of its pooled predictions."""
+    pooled = {s: PooledMetrics.for_source(source) for s in settings}
     for k, held_out in enumerate(folds):
         rest = np.setdiff1d(np.arange(len(source)), held_out)
-        model = train(setting, source.subset(rest, f"{source.spec}#cv{k}-train"))
-        pooled.update(model, source.subset(held_out, f"{source.spec}#cv{k}"), size)
-    return pooled.compute()
+        models = train(settings, source.subset(rest, f"{source.spec}#cv{k}-train"))
+        scored = source.subset(held_out, f"{source.spec}#cv{k}")
+        for setting, model in zip(settings, models, strict=True):
+            pooled[setting].update(model, scored, getattr(setting, "size", size))
+    return {s: metrics.compute() for s, metrics in pooled.items()}

@@ -121,7 +121,7 @@ def adapt_teacher(config: TeacherConfig) -> TeacherCard:
     settings = [TeacherSetting(m, s, lr, config.steps if m == "ft" else config.lp_steps)
                 for m in modes for s in sizes for lr in (config.lr if m == "ft" else config.lp_lr)]
     chosen, record, model = select(
-        settings, source, lambda setting, part: _train(setting, config, backbone, stats, part),
+        settings, source, lambda candidates, part: [_train(c, config, backbone, stats, part) for c in candidates],
         size=sizes[0], protocol=Protocol(config.folds, config.val_data, config.seed))
     started = time.perf_counter()
     if model is None:
@@ -199,8 +199,8 @@ def _adapt_segmentation(config: TeacherConfig) -> TeacherCard:
             desc=f"segmentation {setting.name} {part.spec}")
         return model.eval()
 
-    chosen, record, model = select(settings, labeled, train, size=size,
-                                   protocol=Protocol(config.folds, config.val_data, config.seed))
+    chosen, record, model = select(settings, labeled, lambda candidates, part: [train(c, part) for c in candidates],
+                                   size=size, protocol=Protocol(config.folds, config.val_data, config.seed))
     started = time.perf_counter()
     model = model if model is not None else train(chosen, labeled)
     adaptation = {"task": "segmentation", "mode": config.mode, "weights": weights_file.name, "data": labeled.spec,

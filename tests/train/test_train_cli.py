@@ -347,6 +347,21 @@ def test_kfold_uses_every_labeled_image_once_and_the_final_model_trains_on_all()
     assert len(stage["scores"]) == 3  # 0 steps is one candidate whatever the lr
 
 
+def test_candidates_trained_together_equal_each_trained_alone():
+    """Candidates train side by side on one stream of views (``fit_together``); the saved model must be, bit for
+    bit, the chosen setting trained alone, whatever its lr or length among the others."""
+    common = ["--student", "mobilenetv3_small_050", "--size", "32", "--data", "fashion-mnist:train", "--shots", "3",
+              "--batch-size", "8", "--val-data", "fashion-mnist:test?limit=60"]
+    together = tune(*common, "--lr", "0.001,0.01", "--steps", "5,9", "--out", "together").history[-1]
+    assert len(together["scores"]) == 4
+    chosen = together["chosen"]
+    alone = tune(*common, "--lr", str(together["lr"]), "--steps", str(together["steps_run"]), "--out",
+                 "alone").history[-1]
+    assert alone["scores"] == {chosen: together["scores"][chosen]}
+    first, second = load_file("together/model.safetensors"), load_file("alone/model.safetensors")
+    assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
+
+
 def test_several_candidates_without_a_way_to_choose_is_one_line(capsys):
     err = _one_line_error(capsys, finetune.main, ["--student", "mobilenetv3_small_050", "--size", "32", "--data",
                                                   "fashion-mnist:train", "--shots", "2", "--lr", "0.001,0.003",
