@@ -39,6 +39,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from reinforce.augment import CropFlip, create_policy, policy_from_record
+from reinforce.memory import keep_freed_memory
 from reinforce.progress import progress_bar
 from reinforce.sources import Source, open_source
 from reinforce.teachers import TeacherModel, create_teacher
@@ -507,6 +508,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[BuildConfig, bool]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    keep_freed_memory()
     log_to_stderr()
     config, debug = parse_args(argv)
     with cli_errors("reinforce.build", debug):

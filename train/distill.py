@@ -45,6 +45,7 @@ import torch
 import webdataset as wds
 from torch.utils.data import BatchSampler, DataLoader, DistributedSampler
 
+from reinforce.memory import keep_freed_memory
 from reinforce.progress import progress_bar
 from reinforce.replay import Replay, ReplayDataset, StreamReplay, open_replay
 from reinforce.teachers import TeacherModel, create_teacher
@@ -368,6 +369,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[DistillConfig, bool]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    keep_freed_memory()
     log_to_stderr()
     config, debug = parse_args(argv)
     with cli_errors("train.distill", debug):

@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from reinforce.memory import keep_freed_memory
 from reinforce.sources import open_source
 from reinforce.teachers.dense import SegmentationTeacher
 from stores.cli_errors import HelpFormatter, cli_errors, debug_flag
@@ -56,6 +57,7 @@ def evaluate(model_name: str, data: str, batch_size: int = 256, predictions: str
 
 
 def main(argv: list[str] | None = None) -> int:
+    keep_freed_memory()
     parser = argparse.ArgumentParser(prog="train.evaluate", description=__doc__.split("\n\n")[0],
                                      formatter_class=HelpFormatter)
     parser.add_argument("--model", required=True, help="student directory or teacher zoo name/path")

@@ -28,6 +28,7 @@ import time
 
 import torch
 
+from reinforce.memory import keep_freed_memory
 from stores.cli_errors import HelpFormatter, cli_errors, config_flags, debug_flag
 from train.data import LabeledViews, SegmentationViews, open_labeled
 from train.models import Student, StudentCard, create_student, load_student, save_student
@@ -182,6 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    keep_freed_memory()
     parser = build_parser()
     args = vars(parser.parse_args(argv))
     with cli_errors(parser.prog, args.pop("debug")):

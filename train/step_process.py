@@ -8,7 +8,7 @@ memory (returned when it ends), and the same numbers. The server runs no tensor 
 copied into a child (it holds one thread after the imports). The child takes the caller's working directory and
 environment at the time of the step, and its stdout and stderr (or a log file), passed as file descriptors;
 what a library reads from the environment when imported, it read when the server started (the first step).
-Its DataLoader workers fork from it, as in ``python -m``, and it keeps freed memory for reuse (``STEP_MALLOC``).
+Its DataLoader workers fork from it, as in ``python -m``.
 
 Example:
     >>> run_step("train.evaluate", ["--model", "runs/m", "--data", "fashion-mnist:test"], threads=1)
@@ -17,7 +17,6 @@ Example:
 
 from __future__ import annotations
 
-import ctypes
 import importlib
 import multiprocessing
 import os
@@ -27,10 +26,6 @@ from multiprocessing import reduction
 from pathlib import Path
 
 __all__ = ["run_step"]
-
-M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD = -1, -2, -3  # glibc's mallopt parameters (malloc.h)
-STEP_MALLOC = {M_TOP_PAD: 256 << 20, M_MMAP_THRESHOLD: 32 << 20, M_TRIM_THRESHOLD: 1 << 30}
-
 
 def run_step(module: str, argv: list[str], threads: int, log: Path | None = None,
              preload: Iterable[str] = ()) -> int:
@@ -90,16 +85,5 @@ def _step_main(module: str, argv: list[str], threads: int, cwd: str, env: dict[s
     os.environ.clear()
     os.environ.update(env)
     torch.set_num_threads(threads)
-    _keep_freed_memory()
     sys.argv = [module, *argv]
     sys.exit(importlib.import_module(module).main(argv))
-
-
-def _keep_freed_memory() -> None:
-    """By default glibc returns a freed batch's memory to the kernel (a block over 128 KiB is its own mapping, and
-    the heap's top is trimmed), so the next batch faults every page in again: in a build, 3.2 M page faults and
-    half of its CPU time. The step keeps up to 1 GiB of freed memory for reuse instead (``STEP_MALLOC``): a
-    1,000-image build 12.5 -> 8.1 s, values unchanged. Other C libraries have no ``mallopt``: nothing changes."""
-    mallopt = getattr(ctypes.CDLL(None), "mallopt", None)
-    for parameter, value in STEP_MALLOC.items() if mallopt else ():
-        mallopt(parameter, value)

@@ -35,6 +35,7 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
+from reinforce.memory import keep_freed_memory
 from reinforce.progress import progress_bar
 from reinforce.sources import Source
 from reinforce.teachers import (
@@ -334,6 +335,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    keep_freed_memory()
     parser = build_parser()
     args = vars(parser.parse_args(argv))
     with cli_errors(parser.prog, args.pop("debug")):
