@@ -166,6 +166,9 @@ class _Run:
         self.scheduler.step()
         self.losses.append(float(loss.detach()))
 
+    def done(self) -> bool:
+        return self.stopped or len(self.losses) >= self.rate.end
+
 
 def fit_together(runs: Sequence[tuple[nn.Module, TrainSchedule]], dataset: Dataset, *, freeze_bn: bool = False,
                  on_step: Callable[[int], bool] | None = None, workers: int = 0,
@@ -195,15 +198,14 @@ def fit_together(runs: Sequence[tuple[nn.Module, TrainSchedule]], dataset: Datas
         for inputs, labels in itertools.islice(batches, longest):
             if inputs.dim() == 4:
                 inputs = inputs.contiguous(memory_format=torch.channels_last)
-            for state in (s for s in states if not s.stopped):
+            for state in (s for s in states if not s.done()):
                 state.step(inputs, labels)
-                steps = len(state.losses)
                 if on_step is not None:
+                    steps = len(state.losses)
                     state.stopped = on_step(steps) and not state.rate.plateau(steps)
                     set_train_mode(state.model, freeze_bn)
-                state.stopped = state.stopped or steps >= state.rate.end
             bar.update()
-            if all(state.stopped for state in states):
+            if all(state.done() for state in states):
                 break
     finally:
         bar.close()

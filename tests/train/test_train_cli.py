@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import subprocess
@@ -17,9 +18,9 @@ from reinforce.sources import open_source
 from reinforce.teachers import create_teacher, read_teacher_card
 from stores.manifest import TeacherCard
 from train import evaluate, finetune, teacher
-from train.data import evaluate_model, open_labeled
+from train.data import LabeledViews, evaluate_model, open_labeled
 from train.models import StudentCard, create_student, load_student, read_student_card, save_student
-from train.optim import split_labeled
+from train.optim import TrainSchedule, fit, fit_together, split_labeled
 from train.protocol import kfold_indices
 
 HELD_OUT = "fashion-mnist:test?limit=300"
@@ -371,3 +372,19 @@ def test_several_candidates_without_a_way_to_choose_is_one_line(capsys):
                                                   "fashion-mnist:train", "--shots", "2", "--folds", "3", "--out",
                                                   "x"], "train.finetune")
     assert "3-fold cross-validation needs" in err and "2 for some class" in err
+
+
+def test_runs_trained_together_stop_at_their_own_length():
+    """``fit_together``: each run takes exactly its own number of steps (0 leaves the model as it was), and a
+    shorter run's weights equal ``fit`` alone for its length."""
+    source, names = open_labeled("fashion-mnist:train", 3, 0)
+    views = LabeledViews(source, 32, train=True, seed=0)
+    torch.manual_seed(0)
+    start, _ = create_student("mobilenetv3_small_050", class_names=names, input_size=32, task="classification")
+    models = [copy.deepcopy(start) for _ in range(3)]
+    losses = fit_together([(m, TrainSchedule(n, 3e-3, 8)) for m, n in zip(models, (0, 3, 5))], views)
+    assert [len(run) for run in losses] == [0, 3, 5]
+    assert all(torch.equal(a, b) for a, b in zip(models[0].state_dict().values(), start.state_dict().values()))
+    alone = copy.deepcopy(start)
+    assert fit(alone, views, TrainSchedule(3, 3e-3, 8)) == losses[1]
+    assert all(torch.equal(a, b) for a, b in zip(alone.state_dict().values(), models[1].state_dict().values()))
