@@ -27,6 +27,7 @@ from pathlib import Path
 
 __all__ = ["run_step"]
 
+
 def run_step(module: str, argv: list[str], threads: int, log: Path | None = None,
              preload: Iterable[str] = ()) -> int:
     """Exit status of ``python -m module *argv`` run in a forked process with ``threads`` intra-op threads,
