@@ -2,7 +2,9 @@
 
 Every model here takes uint8 views, so a dataset yields uint8 ``[3, S, S]`` tensors and the
 models normalise on their own. Training views come from the same ``RandAugCropFlip`` policy the
-build uses, keyed by (seed, epoch, index), so a run is reproducible whatever the batch order.
+build uses, keyed by (seed, epoch, the image's key), so a run is reproducible whatever the batch order,
+and an image shows the same view at an epoch in whichever part it is: the folds of a cross-validation
+and the final fit on all images render it once (``RenderedViews``).
 
 Example:
     >>> source = open_source("fashion-mnist:test?limit=2000")
@@ -11,8 +13,12 @@ Example:
 
 from __future__ import annotations
 
+import hashlib
 import sys
+from collections import OrderedDict
+from collections.abc import Callable, Hashable
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -28,6 +34,41 @@ __all__ = ["IN_MEMORY_LIMIT", "LabeledViews", "PooledMetrics", "SegmentationView
 
 IN_MEMORY_LIMIT = 60_000  # images decoded once and kept (Fashion-MNIST train: ~140 MB as uint8)
 EPOCH_STRIDE = 1_000_003  # seed offset per epoch: epochs draw disjoint Philox keys
+RENDERED_VIEWS_BYTES = 256 << 20  # training views kept per process (250 images x 120 epochs at 32 px: 92 MB)
+
+
+class RenderedViews:
+    """Training views this process has rendered, by (image URI, seed, epoch, size, policy), least recently used
+    dropped past ``RENDERED_VIEWS_BYTES``: a view is a function of those alone, and the fits of a selection (every
+    fold, every candidate, the final fit on all images) show each image at the same epochs, so most of their
+    views are already rendered. Forked loader workers each keep their own."""
+
+    def __init__(self, limit: int = RENDERED_VIEWS_BYTES):
+        self.limit, self.bytes, self.views = limit, 0, OrderedDict()
+
+    def get(self, key: Hashable, render: Callable[[], Any]) -> Any:
+        if key in self.views:
+            self.views.move_to_end(key)
+            return self.views[key]
+        view = render()
+        self.views[key] = view
+        self.bytes += _nbytes(view)
+        while self.bytes > self.limit and len(self.views) > 1:
+            self.bytes -= _nbytes(self.views.popitem(last=False)[1])
+        return view
+
+
+def _nbytes(view: torch.Tensor | tuple[torch.Tensor, ...]) -> int:
+    return sum(t.nbytes for t in view) if isinstance(view, tuple) else view.nbytes
+
+
+RENDERED = RenderedViews()
+
+
+def view_id(key: str) -> int:
+    """The image's place in the augmentation's Philox key: a 63-bit hash of its source key, so its views do not
+    depend on where in a subset (a fold, a labeled draw) it sits."""
+    return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "little") >> 1
 
 
 class LabeledViews(Dataset):
@@ -39,6 +80,7 @@ class LabeledViews(Dataset):
         self.source, self.size, self.train, self.seed = source, size, train, seed
         self.policy = policy or RandAugCropFlip(size=size)
         self.labels = None if source.labels is None else torch.as_tensor(source.labels, dtype=torch.long)
+        self.view_ids = [view_id(str(key)) for key in source.keys]
         self.in_memory = len(source) <= IN_MEMORY_LIMIT
         self.images = [source.load(i) for i in range(len(source))] if self.in_memory else None
         self.epoch = 0
@@ -59,11 +101,20 @@ class LabeledViews(Dataset):
         return self.images[index] if self.images is not None else self.source.load(index)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        image = self.image(index)
         if not self.train:
-            return eval_view(image, self.size), self.labels[index]
-        theta = self.policy.sample(self.seed + self.epoch * EPOCH_STRIDE, index, 0, image.shape[-2], image.shape[-1])
-        return self.policy.apply(image, theta, self.size), self.labels[index]
+            return eval_view(self.image(index), self.size), self.labels[index]
+        return RENDERED.get(self.rendered_key(index), lambda: self.render(index)), self.labels[index]
+
+    def rendered_key(self, index: int) -> tuple:
+        return type(self), str(self.source.uris[index]), self.seed, self.epoch, self.size, self.policy
+
+    def theta(self, index: int, height: int, width: int):
+        """This epoch's augmentation record of image ``index``."""
+        return self.policy.sample(self.seed + self.epoch * EPOCH_STRIDE, self.view_ids[index], 0, height, width)
+
+    def render(self, index: int) -> torch.Tensor:
+        image = self.image(index)
+        return self.policy.apply(image, self.theta(index, image.shape[-2], image.shape[-1]), self.size)
 
 
 def open_labeled(data: str, shots: int | None, seed: int) -> tuple[Source, tuple[str, ...]]:
@@ -198,11 +249,13 @@ class SegmentationViews(LabeledViews):
         return self.masks[index] if self.masks is not None else self.source.load_mask(index)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        image, mask = self.image(index), self.mask(index)
         if self.train:
-            theta = self.policy.sample(self.seed + self.epoch * EPOCH_STRIDE, index, 0, *mask.shape)
-            view, mask = self.policy.apply_with_mask(image, mask, theta, self.size)
+            view, mask = RENDERED.get(self.rendered_key(index), lambda: self.render(index))
         else:
-            view, mask = eval_view(image, self.size), eval_mask(mask, self.size)
+            view, mask = eval_view(self.image(index), self.size), eval_mask(self.mask(index), self.size)
         labels = mask.long()
         return view, labels.masked_fill_(labels == IGNORE_INDEX, -100)
+
+    def render(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        mask = self.mask(index)
+        return self.policy.apply_with_mask(self.image(index), mask, self.theta(index, *mask.shape), self.size)

