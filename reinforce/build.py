@@ -14,12 +14,16 @@ Before any teacher compute the build looks for a published store with the same c
 id) at ``--out`` and, given ``--catalog ROOT``, anywhere directly under ROOT, and returns it instead.
 ``--extend STORE --add-views M`` makes a new store holding STORE's K views byte for byte plus views
 K..K+M-1 drawn from the same θ stream; the new manifest records the parent as its lineage.
+``--head-on STORE`` makes a linear probe's logits store without a backbone pass: the teacher's head applied to
+the stored embeddings of STORE, a store of the frozen VFM the probe was trained on (checked by the backbone's
+weights); the new store has STORE's views, θ and samples, and records STORE as its lineage.
 
 Example:
     python -m reinforce.build --teacher ft_lite0 --transfer-set "fashion-mnist:train?shots=10&part=unlabeled" \
         --views 4 --topk 5 --batch-size 256 --out runs/fmnist-ft_lite0
     torchrun --nnodes 2 --nproc_per_node 8 ... -m reinforce.build ... --out s3://bucket/stores/fmnist-ft_lite0
     python -m reinforce.build --extend runs/fmnist-ft_lite0 --add-views 4 --out runs/fmnist-ft_lite0-k8
+    python -m reinforce.build --teacher lp_lite0 --head-on runs/fmnist-frozen_lite0 --transfer-set ... --out ...
 """
 
 from __future__ import annotations
@@ -42,7 +46,7 @@ from reinforce.augment import CropFlip, create_policy, policy_from_record
 from reinforce.memory import keep_freed_memory
 from reinforce.progress import progress_bar
 from reinforce.sources import Source, open_source
-from reinforce.teachers import TeacherModel, create_teacher
+from reinforce.teachers import TeacherModel, backbone_sha256, create_teacher
 from stores.catalog import find_store
 from stores.cli_errors import HelpFormatter, cli_errors, debug_flag
 from stores.cli_logging import log_to_stderr
@@ -114,6 +118,7 @@ class BuildConfig:
     catalog: str | None = None  # a folder/URL of published stores: an identical one there is returned, not rebuilt
     extend: str | None = None  # parent store for add_views
     add_views: int = 0
+    head_on: str | None = None  # a frozen-VFM store with embeddings: logits = the teacher's head on them, no backbone
     resume: bool = False  # take over the lock of an interrupted build made on another host
 
 
@@ -229,6 +234,7 @@ def build(config: BuildConfig, teacher: tuple[TeacherModel, TeacherCard] | None 
     cuda = torch.cuda.is_available() and config.device in (None, "cuda")
     device = torch.device(f"cuda:{local_rank}" if cuda else (config.device or "cpu"))
     parent = open_store(config.extend) if config.extend else None
+    embeddings = open_store(config.head_on) if config.head_on else None
     model, card = teacher or create_teacher(config.teacher or parent.manifest.content.teacher.name, device)
     model = model.to(device, memory_format=torch.channels_last).eval()
     if parent is None:
@@ -238,6 +244,8 @@ def build(config: BuildConfig, teacher: tuple[TeacherModel, TeacherCard] | None 
         policy = create_policy(config.policy, size=card.input_size, **config.policy_args)
         codecs = make_codecs(model, card, config)
         content = store_content(card, source, policy, codecs, config)
+        if embeddings is not None:
+            content = _head_content(embeddings, model, content, config)
     else:
         source, policy, codecs, content = _extension(parent, card, config)
     found = _published_store(Location(config.out), content, config.catalog, config.format)
@@ -260,7 +268,10 @@ def build(config: BuildConfig, teacher: tuple[TeacherModel, TeacherCard] | None 
         dataset = ViewDataset(source, policy, content.views - first_view, content.seed, first_view)
         units = writer.pending_units(rank, world)
         log.info("rank %d of %d: %d of %d units to write", rank, world, len(units), writer.num_units)
-        _run_teacher(model, device, writer, units, dataset, codecs, config, parent)
+        if embeddings is None:
+            _run_teacher(model, device, writer, units, dataset, codecs, config, parent)
+        else:
+            _run_head(model, device, writer, units, embeddings, codecs)
         _barrier(world)
         if rank == 0:
             manifest = writer.finalize(library_version())
@@ -301,6 +312,33 @@ def _extension(parent: ReinforcedStore, card: TeacherCard,
     extended = dataclasses.replace(content, views=content.views + config.add_views,
                                    lineage={"parent": parent.manifest.store_id, "parent_views": content.views})
     return source, policy, codecs, extended
+
+
+def _head_content(embeddings: ReinforcedStore, model: TeacherModel, content: StoreContent,
+                  config: BuildConfig) -> StoreContent:
+    """``--head-on STORE``: this build's content once STORE is checked to hold exactly what the teacher's backbone
+    would compute here (same backbone weights and input, same transfer set, policy, views and seed)."""
+    frozen = embeddings.manifest.content
+    problems = []
+    if "embedding" not in frozen.targets:
+        problems.append(f"it stores no embedding (targets: {', '.join(frozen.targets)})")
+    if frozen.teacher.num_classes or frozen.teacher.weights_sha256 != backbone_sha256(model):
+        problems.append(f"its teacher {frozen.teacher.name!r} is not this teacher's frozen backbone (weights differ)")
+    if config.format != "zarr" or set(config.targets) != {"logits"}:
+        problems.append("--head-on makes a zarr store of logits only")
+    mine = {"teacher": {k: v for k, v in content.teacher.to_dict().items() if k in _BACKBONE_INPUT},
+            "transfer_set": content.transfer_set.to_dict(), "policy": content.policy.to_dict(),
+            "views": content.views, "seed": content.seed}
+    theirs = {**{k: v for k, v in frozen.to_dict().items() if k in mine},
+              "teacher": {k: v for k, v in frozen.teacher.to_dict().items() if k in _BACKBONE_INPUT}}
+    if mine != theirs:
+        problems.append(f"it was built with other settings ({describe_mismatch(theirs, mine)})")
+    if problems:
+        raise ValueError(f"--head-on {embeddings.path}: " + "; ".join(problems))
+    return dataclasses.replace(content, lineage={"parent": embeddings.manifest.store_id, "head_on": "embedding"})
+
+
+_BACKBONE_INPUT = ("library", "backbone", "input_size", "mean", "std")  # what, besides weights, sets the embedding
 
 
 def _published_store(out: Location, content: StoreContent, catalog: str | None,
@@ -347,7 +385,8 @@ def _run_teacher(model: TeacherModel, device: torch.device, writer: StoreWriter,
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             outputs = model.forward_targets(views, tuple(codecs))
         failed = np.array([bool(e) for e in batch["error"]])
-        buffer.add(batch, _encode(outputs, codecs, failed, _view_keys(batch["index"].numpy(), dataset)))
+        keys = _view_keys(batch["index"].numpy(), dataset.seed, dataset.first_view, dataset.views)
+        buffer.add(batch, _encode(outputs, codecs, failed, keys))
         skipped += int(failed.sum())
         progress.update(len(failed) * dataset.views)
         progress.set_postfix(skipped=skipped)
@@ -357,12 +396,34 @@ def _run_teacher(model: TeacherModel, device: torch.device, writer: StoreWriter,
     progress.close()
 
 
-def _view_keys(samples: np.ndarray, dataset: ViewDataset) -> np.ndarray:
+@torch.inference_mode()
+def _run_head(model: TeacherModel, device: torch.device, writer: StoreWriter, units: list[int],
+              embeddings: ReinforcedStore, codecs: dict[str, Codec]) -> None:
+    """``--head-on``: each unit's logits = the teacher's head on the embeddings stored for its views, with their θ
+    and sample rows as stored; committed unit by unit like a teacher pass."""
+    samples, views, seed = embeddings.samples, embeddings.manifest.views, embeddings.manifest.content.seed
+    progress = progress_bar(total=sum(len(writer.unit_range(u)) for u in units) * views, unit="view", desc="head")
+    for unit in units:
+        span = writer.unit_range(unit)
+        stored = embeddings.read_range(span.start, span.stop)
+        payload = {name.split("/", 1)[1]: array.reshape(len(span) * views, *array.shape[2:])
+                   for name, array in stored.items() if name.startswith("embedding/")}
+        logits = model.head(embeddings.decode("embedding", payload, device))
+        rows = samples.slice(span.start, len(span)).to_dicts()
+        failed = np.array([row["status"] == "skipped" for row in rows])
+        arrays, fidelity = _encode({"logits": logits}, codecs, failed, _view_keys(np.asarray(span), seed, 0, views))
+        fidelity = {target: fidelity_stats(metrics) for target, metrics in fidelity.items()}
+        writer.write_unit(unit, {**arrays, THETA: stored[THETA]}, rows, fidelity)
+        progress.update(len(span) * views)
+    progress.close()
+
+
+def _view_keys(samples: np.ndarray, seed: int, first_view: int, views: int) -> np.ndarray:
     """``[samples * views, 3]`` int64 (seed, sample, view) of a batch's views, in the teacher's order: what a codec
     that draws keys its generator with (as θ is keyed)."""
-    views = np.arange(dataset.first_view, dataset.first_view + dataset.views)
-    return np.stack([np.full(len(samples) * len(views), dataset.seed), np.repeat(samples, len(views)),
-                     np.tile(views, len(samples))], axis=1).astype(np.int64)
+    view_range = np.arange(first_view, first_view + views)
+    return np.stack([np.full(len(samples) * views, seed), np.repeat(samples, views),
+                     np.tile(view_range, len(samples))], axis=1).astype(np.int64)
 
 
 def _encode(outputs: dict[str, torch.Tensor], codecs: dict[str, Codec], failed: np.ndarray,
@@ -452,6 +513,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--extend", default=None, metavar="STORE",
                         help="new store = STORE's views byte for byte + --add-views more (its teacher, policy, codecs)")
     parser.add_argument("--add-views", type=int, default=0, metavar="M", help="with --extend: views K..K+M-1")
+    parser.add_argument("--head-on", default=None, metavar="STORE",
+                        help="no backbone pass: logits = the teacher's head (a linear probe) on the embeddings STORE "
+                             "holds, a store of the frozen VFM it probes with the same transfer set, policy, views "
+                             "and seed (checked); the new store has STORE's views and θ")
     parser.add_argument("--resume", action="store_true",
                         help="take over the lock of an interrupted build of --out made on another host (one "
                              "whose process is gone from this host is taken over without it)")

@@ -18,17 +18,18 @@ Example:
 
 from __future__ import annotations
 
+import hashlib
 import os
 import stat
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save, save_file
 
 from stores.errors import InputError
 
-__all__ = ["load_tensors", "save_tensors"]
+__all__ = ["load_tensors", "save_tensors", "tensors_sha256"]
 
 
 def load_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
@@ -48,6 +49,12 @@ def save_tensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike) -> P
     save_file({name: tensor.detach().contiguous().cpu() for name, tensor in tensors.items()}, str(path))
     os.chmod(path, mode)
     return path
+
+
+def tensors_sha256(tensors: dict[str, torch.Tensor]) -> str:
+    """sha256 of the file ``save_tensors`` would write for ``tensors`` (safetensors bytes are canonical: equal
+    tensors under equal names give equal bytes), without writing it."""
+    return hashlib.sha256(save({name: t.detach().contiguous().cpu() for name, t in tensors.items()})).hexdigest()
 
 
 def _umask() -> int:

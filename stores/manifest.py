@@ -168,7 +168,8 @@ class StoreContent:
     seed: int
     targets: dict[str, TargetRecord]
     # where earlier views came from: {"parent": store id, "parent_views": K} for a store extended by
-    # ``reinforce.build --add-views``; its views 0..K-1 are the parent's bytes, not a fresh teacher pass
+    # ``reinforce.build --add-views``, its views 0..K-1 the parent's bytes, not a fresh teacher pass;
+    # {"parent": store id, "head_on": "embedding"}: logits of a linear head on the parent's stored embeddings
     lineage: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     @property
@@ -265,9 +266,12 @@ def _versions(data: Any) -> dict[str, str]:
 
 
 def _lineage(data: Any, where: str) -> dict[str, Any]:
-    if not isinstance(data, dict) or (data and set(data) != {"parent", "parent_views"}):
-        raise ManifestError(f"{where}: expected parent and parent_views, got {data!r}")
-    return {"parent": str(data["parent"]), "parent_views": int(data["parent_views"])} if data else {}
+    if not isinstance(data, dict) or (data and set(data) not in ({"parent", "parent_views"}, {"parent", "head_on"})):
+        raise ManifestError(f"{where}: expected parent with parent_views or head_on, got {data!r}")
+    if "head_on" in data and data["head_on"] != "embedding":
+        raise ManifestError(f"{where}: head_on must be 'embedding', got {data['head_on']!r}")
+    return {"parent": str(data["parent"]), **({"parent_views": int(data["parent_views"])} if "parent_views" in data
+                                              else {"head_on": "embedding"})} if data else {}
 
 
 def _fields_of_layout(layout: Any) -> dict[str, Any]:

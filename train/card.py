@@ -117,7 +117,9 @@ def _store_card(directory: Path) -> list[str]:
             ("policy", f"`{content.policy.name}` v{content.policy.version} {content.policy.args}"),
             ("views", f"{content.views} per image, seed {content.seed}"),
             ("targets", ", ".join(f"{n} ({t.kind}, `{t.codec['name']}`)" for n, t in content.targets.items())),
-            ("parent", content.lineage and f"`{content.lineage['parent']}` ({content.lineage['parent_views']} views)"),
+            ("parent", content.lineage and f"`{content.lineage['parent']}` " + (
+                f"({content.lineage['parent_views']} views)" if "parent_views" in content.lineage
+                else "(its embeddings, under this teacher's head)")),
             *_made_by(directory), ("versions", _versions({"versions": manifest.versions}))]
     return ["## Lineage", *_table(rows)]
 

@@ -10,7 +10,8 @@ RUN_DIR and shared by every cell that needs it::
     teacher(shots, mode)    train.teacher --mode lp|ft|auto --val-fraction F    task-oriented cells
     teacher(frozen)         train.teacher --mode frozen (no labels)             task-agnostic cells
     store(teacher, transfer)  reinforce.build: logits (task teacher); embedding,patch (frozen teacher,
-                              so one store per transfer set serves both task-agnostic methods at every shots)
+                              so one store per transfer set serves both task-agnostic methods at every shots);
+                              an lp teacher's logits: its head on the frozen store's embeddings (--head-on)
     distilled(store, targets) train.distill (DeepSpeed: the step's process sets up its process group);
                               task-oriented-online: train.distill --online --teacher T (no cached targets)
     finetune(cell)            train.finetune --lr GRID --steps GRID --folds K (labeled-only: the labeled_only section)
@@ -140,8 +141,13 @@ class Planner:
         self.task_target, self.metric = TASKS[self.task]
         self.second_metric = METRICS[self.metric][1]
         methods = recipe.grid.method
-        self.agnostic_targets = ",".join(METHODS[m].target for m in METHODS
-                                         if m in methods and m.startswith("task-agnostic"))
+        agnostic = {METHODS[m].target for m in methods if m.startswith("task-agnostic")}
+        # a linear probe's logits are its head on the frozen VFM's embeddings: its stores apply the head to the
+        # frozen store's (reinforce.build --head-on), no second backbone pass over the transfer set
+        self.lp_from_frozen = (self.task_target == "logits" and "lp" in recipe.grid.teacher_mode
+                               and recipe.build.get("format", "zarr") == "zarr")
+        self.frozen_targets = ",".join(t for t in ("embedding", "patch")
+                                       if t in agnostic or (t == "embedding" and self.lp_from_frozen))
 
     def step(self, stage: str, label: str, argv: list[str]) -> Step:
         """A step whose directory ``RUN/<stage>s/<label>-<hash of module + argv>`` names its inputs."""
@@ -175,13 +181,17 @@ class Planner:
         r = self.recipe
         return ["--folds", str(r.folds)] + (["--val-data", r.val_data] if r.val_data else [])
 
-    def store(self, teacher: Step, transfer: str, targets: str, frozen: bool = False) -> Step:
+    def store(self, teacher: Step, transfer: str, targets: str, frozen: bool = False,
+              head_on: Step | None = None) -> Step:
         """A store of ``teacher``'s targets; a frozen teacher's store over a transfer set that does not depend on the
-        seed sees no labels at all, so every seed shares it (built with seed 0)."""
+        seed sees no labels at all, so every seed shares it (built with seed 0). With ``head_on`` (a frozen store):
+        ``teacher``'s head on its embeddings, so its views (and seed) are that store's."""
         spec = self.recipe.transfer_sets[transfer]
-        shared = frozen and "{seed}" not in spec
+        shared = (frozen or head_on is not None) and "{seed}" not in spec
         argv = ["--teacher", str(teacher.out), "--transfer-set", spec.replace("{seed}", str(self.seed)),
                 "--targets", targets, "--seed", str(0 if shared else self.seed), *flags(self.recipe.build)]
+        if head_on is not None:
+            argv += ["--head-on", str(head_on.out)]
         return self.step("build", f"{transfer}-{teacher.out.name.rsplit('-', 1)[0]}", argv)
 
     def distilled(self, store: Step, targets: str, online_teacher: Step | None = None) -> Step:
@@ -194,16 +204,26 @@ class Planner:
         return self.step("distill", label, argv)
 
     def plan(self, cell: Cell) -> tuple[list[Step], Step]:
-        """``cell``'s upstream steps (teacher, store, distilled student; none for labeled-only) and its finetune."""
+        """``cell``'s upstream steps (none for labeled-only; else ending teacher, store, distilled student; an lp
+        teacher's store is preceded by the frozen teacher and store it is derived from) and its finetune."""
         target = METHODS[cell.method].target
         if target is None:
             return [], self.finetune(cell, None)
-        teacher = self.teacher(None if cell.teacher_mode == "frozen" else cell.shots, cell.teacher_mode)
         frozen = cell.teacher_mode == "frozen"
-        store = self.store(teacher, cell.transfer, self.agnostic_targets if frozen else self.task_target, frozen)
+        frozen_steps = []
+        if frozen or (cell.teacher_mode == "lp" and self.lp_from_frozen):
+            frozen_teacher = self.teacher(None, "frozen")
+            frozen_steps = [frozen_teacher, self.store(frozen_teacher, cell.transfer, self.frozen_targets, True)]
+        if frozen:
+            teacher, store = frozen_steps
+        else:
+            teacher = self.teacher(cell.shots, cell.teacher_mode)
+            store = self.store(teacher, cell.transfer, self.task_target, head_on=frozen_steps[-1] if frozen_steps
+                               else None)
         distilled = self.distilled(store, target if frozen else self.task_target,
                                    teacher if METHODS[cell.method].online else None)
-        return [teacher, store, distilled], self.finetune(cell, distilled)
+        steps = list(dict.fromkeys([*frozen_steps, teacher, store, distilled]))  # made in this order
+        return steps, self.finetune(cell, distilled)
 
     def cell_hash(self, cell: Cell) -> str:
         """Identifies everything a cell runs: its steps' directories (themselves hashes of their inputs)."""
@@ -345,7 +365,7 @@ def run_cell(cell: Cell, planner: Planner, runner: Runner, flops: FlopsCounter) 
            **report.calibration_columns(metrics), **selection_columns(tuned, metric),
            **{k: round(v, 1) for k, v in seconds.items()},
            "model": str(finetune.out)}
-    teacher, store = (upstream[0].out, upstream[1].out) if upstream else (None, None)
+    teacher, store = (upstream[-3].out, upstream[-2].out) if upstream else (None, None)
     write_card(finetune.out, evaluation)
     return {**row, **flops.cell(teacher, store, finetune.out)}
 

@@ -38,6 +38,7 @@ from reinforce.teachers.checkpoints import (
 )
 from reinforce.teachers.model import TARGET_KINDS, TeacherModel, normalize_views
 from reinforce.teachers.zoo import (
+    backbone_sha256,
     create_teacher,
     embedded_imagenet_teacher,
     pretrained_teacher,
@@ -48,7 +49,7 @@ from reinforce.teachers.zoo import (
 )
 
 __all__ = [
-    "CHECKPOINT_LAYOUTS", "TARGET_KINDS", "TeacherModel", "create_backbone", "create_teacher",
+    "CHECKPOINT_LAYOUTS", "TARGET_KINDS", "TeacherModel", "backbone_sha256", "create_backbone", "create_teacher",
     "dense", "embedded_imagenet_teacher", "embedded_weights", "list_backbone_libraries", "load_backbone_weights",
     "load_hub_weights", "native_size", "normalize_views", "open_clip_backbone", "pretrained_teacher",
     "read_checkpoint", "read_teacher_card", "register_backbone_library", "resolve_teacher", "save_teacher",

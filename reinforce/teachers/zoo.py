@@ -20,11 +20,11 @@ from reinforce.teachers.backbones import create_backbone
 from reinforce.teachers.checkpoints import embedded_weights, load_backbone_weights
 from reinforce.teachers.dense import DENSE_LIBRARY, SegmentationTeacher
 from reinforce.teachers.model import TeacherModel
-from reinforce.tensor_files import load_tensors, save_tensors
+from reinforce.tensor_files import load_tensors, save_tensors, tensors_sha256
 from stores.location import Location
 from stores.manifest import TeacherCard
 
-__all__ = ["create_teacher", "embedded_imagenet_teacher", "pretrained_teacher", "read_teacher_card",
+__all__ = ["backbone_sha256", "create_teacher", "embedded_imagenet_teacher", "pretrained_teacher", "read_teacher_card",
            "resolve_teacher", "save_teacher", "teacher_zoo"]
 
 
@@ -62,6 +62,12 @@ def _layout_tensors(model: TeacherModel, library: str) -> dict[str, dict[str, to
 
 def _weight_files(card: TeacherCard) -> tuple[str, ...]:
     return ("model.safetensors",) + (("head.safetensors",) if card.library != "timm" and card.num_classes else ())
+
+
+def backbone_sha256(model: TeacherModel) -> str:
+    """The ``weights_sha256`` of a headless teacher (``train.teacher --mode frozen``) with ``model``'s backbone: equal
+    to it exactly when the two backbones' weights are, as a linear probe's are to the VFM it probes."""
+    return tensors_sha256(model.backbone.library_state_dict())
 
 
 def _weights_digest(directory: Path, card: TeacherCard) -> str:

@@ -173,9 +173,13 @@ def test_results_json_has_every_row_with_its_stage_times(task_run):
     assert distill["online"]["online"] is True and distill["cached"]["online"] is False
     assert distill["online"]["store_id"] == distill["cached"]["store_id"]  # same teacher, transfer set, policy
     assert distill["online"]["steps"] == distill["cached"]["steps"]
-    (store_dir,) = (task_run / "builds").iterdir()
-    store = json.loads((store_dir / "manifest.json").read_text())
-    assert "seed=1&" in store["content"]["transfer_set"]["spec"]  # --seeds reached the transfer set too
+    stores = [json.loads((d / "manifest.json").read_text()) for d in (task_run / "builds").iterdir()]
+    by_mode = {store["content"]["teacher"]["adaptation"]["mode"]: store for store in stores}
+    assert len(stores) == 2 and set(by_mode) == {"frozen", "lp"}  # the lp store: its head on the frozen embeddings
+    assert by_mode["lp"]["content"]["lineage"] == {"parent": by_mode["frozen"]["store_id"], "head_on": "embedding"}
+    assert distill["cached"]["store_id"] == by_mode["lp"]["store_id"]
+    for store in stores:  # --seeds reached the transfer set too
+        assert "seed=1&" in store["content"]["transfer_set"]["spec"] and store["content"]["seed"] == 1
 
 
 def _planted(diffs: list[float], base: float = 0.5) -> pl.DataFrame:
@@ -219,6 +223,16 @@ def test_recipes_plan_their_grids():
     assert Counter(stage for stage, _ in steps[0]) == {"teacher": 7, "build": 14, "distill": 16, "finetune": 27}
     shared = steps[0] & steps[1] & steps[2]  # what sees no labels: the frozen teacher and its two stores
     assert Counter(stage for stage, _ in shared) == {"teacher": 1, "build": 2}
+    planner = pipeline.Planner(recipe, Path("runs/x"), 1)
+    for cell in cells:  # an lp teacher's store is its head on the frozen store of the same transfer set
+        if cell.teacher_mode in ("lp", "ft"):
+            upstream = planner.plan(cell)[0]
+            store = upstream[-2]
+            head_on = [Path(store.argv[store.argv.index("--head-on") + 1])] if "--head-on" in store.argv else []
+            agnostic = pipeline.Cell(cell.shots, cell.transfer, "task-agnostic-embedding", "frozen")
+            frozen_store = planner.plan(agnostic)[0][1].out
+            assert head_on == [s.out for s in upstream[:-3] if s.stage == "build"] == (
+                [frozen_store] if cell.teacher_mode == "lp" else [])
     default = load_recipe(DEFAULT_RECIPE)
     assert default.grid.method == ("labeled-only", "task-oriented") and default.folds == 3
     assert default.reference_teachers == ("lp", "ft")
