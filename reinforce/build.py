@@ -320,7 +320,9 @@ def _head_content(embeddings: ReinforcedStore, model: TeacherModel, content: Sto
     would compute here (same backbone weights and input, same transfer set, policy, views and seed)."""
     frozen = embeddings.manifest.content
     problems = []
-    if "embedding" not in frozen.targets:
+    if embeddings.manifest.format != "zarr":
+        problems.append(f"it is a {embeddings.manifest.format} store (--head-on reads zarr stores)")
+    elif "embedding" not in frozen.targets:
         problems.append(f"it stores no embedding (targets: {', '.join(frozen.targets)})")
     if frozen.teacher.num_classes or frozen.teacher.weights_sha256 != backbone_sha256(model):
         problems.append(f"its teacher {frozen.teacher.name!r} is not this teacher's frozen backbone (weights differ)")
@@ -567,6 +569,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[BuildConfig, bool]:
         parser.error("--teacher and --transfer-set are required (unless --extend STORE)")
     if args["add_views"] and not args["extend"]:
         parser.error("--add-views needs --extend STORE")
+    if args["head_on"] and args["extend"]:
+        parser.error("--head-on makes a new store from a frozen store; --extend adds views to one: not both")
     args["targets"] = tuple(t.strip() for t in args["targets"].split(",") if t.strip())
     args["policy_args"] = dict(args.pop("policy_arg"))
     return BuildConfig(**args), debug
