@@ -168,8 +168,11 @@ def test_finetune_keeps_the_best_validation_weights_and_stops_early():
     stage = card.history[-1]
     curve = dict(stage["val_curve"])
     assert stage["train_images"] == 40 and stage["val_images"] == 10
-    # 10 val images: at most 10 strict improvements after the first evaluation, then patience 1 stops the run
-    assert stage["steps_run"] == max(curve) <= 12 < stage["steps"]
+    # patience 1, a tie counting as progress: the run goes on while no evaluation falls below the best so far and
+    # stops at the first one that does
+    scores = list(curve.values())
+    assert all(score >= max(scores[:i]) for i, score in enumerate(scores[:-1]) if i)
+    assert scores[-1] < max(scores[:-1]) and stage["steps_run"] == max(curve) < stage["steps"]
     assert stage["val_top1"] == max(curve.values()) == curve[stage["best_step"]]
     model, _ = load_student("tuned")  # the saved weights are the best-validation ones, not the last
     val_part = split_labeled(open_labeled("fashion-mnist:train", 5, 0)[0], 0.2, seed=0)[1]
@@ -338,7 +341,8 @@ def test_kfold_uses_every_labeled_image_once_and_the_final_model_trains_on_all()
     best = max(stage["scores"], key=stage["scores"].get)  # the first of equal scores
     assert stage["chosen"] == best and stage["val_top1"] == stage["scores"][best]
     assert stage["lr"] == float(best.split(",")[0][3:]) and stage["steps_run"] == 4
-    assert all(round(v * 30, 6) == round(v * 30) for v in stage["scores"].values())  # counts of 30 predictions
+    # counts of 30 predictions, recorded to 4 decimals
+    assert all(abs(v * 30 - round(v * 30)) <= 30 * 0.5e-4 for v in stage["scores"].values())
     # a separate validation split instead: every candidate trains on all labeled images, scored there
     card = tune("--student", "mobilenetv3_small_050", "--size", "32", "--data", "fashion-mnist:train", "--shots",
                 "3", "--lr", "0.001,0.003", "--steps", "0,4", "--batch-size", "8", "--val-data",
