@@ -407,9 +407,9 @@ def _run_head(model: TeacherModel, device: torch.device, writer: StoreWriter, un
     progress = progress_bar(total=sum(len(writer.unit_range(u)) for u in units) * views, unit="view", desc="head")
     for unit in units:
         span = writer.unit_range(unit)
-        stored = embeddings.read_range(span.start, span.stop)
+        stored = embeddings.read_range(span.start, span.stop, targets=("embedding",))  # not its patch maps
         payload = {name.split("/", 1)[1]: array.reshape(len(span) * views, *array.shape[2:])
-                   for name, array in stored.items() if name.startswith("embedding/")}
+                   for name, array in stored.items() if name != THETA}
         logits = model.head(embeddings.decode("embedding", payload, device))
         rows = samples.slice(span.start, len(span)).to_dicts()
         failed = np.array([row["status"] == "skipped" for row in rows])

@@ -464,14 +464,20 @@ class ReinforcedStore:
                              for name, spec in arrays.items()}
         return batch
 
-    def read_range(self, start: int, stop: int) -> dict[str, np.ndarray]:
-        """Every array (``"theta"``, ``"<target>/<array>"``) for samples ``start..stop-1``, all views, as stored
-        (read through ``chunk``, so with its checks)."""
+    def read_range(self, start: int, stop: int,
+                   targets: list[str] | tuple[str, ...] | None = None) -> dict[str, np.ndarray]:
+        """The arrays (``"theta"``, ``"<target>/<array>"`` of ``targets``, default all) for samples
+        ``start..stop-1``, all views, as stored (read through ``chunk``, so with its checks); arrays of other
+        targets are never opened."""
         size = self.manifest.layout["chunk_samples"]
         first, last = start // size, max(start, stop - 1) // size
+        names = list(array_paths(self.manifest.content))
+        if targets is not None:
+            kept = {self._known(target) for target in targets}
+            names = [name for name in names if name == THETA or name.split("/", 1)[0] in kept]
         return {name: np.concatenate([self.chunk(name, c) for c in range(first, last + 1)])[start - first * size:
                                                                                              stop - first * size]
-                for name in array_paths(self.manifest.content)}
+                for name in names}
 
     def decode(self, target: str, payload: dict[str, Any], device: str | torch.device | None = None) -> torch.Tensor:
         """One target's payload (numpy or torch arrays) -> float32 tensor on ``device``, by the store's codec."""

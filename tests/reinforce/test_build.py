@@ -170,6 +170,11 @@ def test_read_opens_only_the_asked_targets(fmnist_store, tmp_path):
     expected = open_store(fmnist_store[0]).read(samples, views, targets=["embedding"])
     for name, values in expected["embedding"].items():
         np.testing.assert_array_equal(batch["embedding"][name], values)
+    stored = store.read_range(0, 24, targets=["embedding"])  # reinforce.build --head-on reads so
+    assert sorted(stored) == ["embedding/scale", "embedding/values", "theta"]
+    for name, values in open_store(fmnist_store[0]).read_range(0, 24).items():
+        if name in stored:
+            np.testing.assert_array_equal(stored[name], values)
     replay = open_replay(store_path, targets=["embedding"])
     assert sorted(replay.__getitems__(list(range(8)))["targets"]) == ["embedding"]
     with pytest.raises(StoreCorruptError, match=re.escape(str(store_path / ARRAYS_DIR / "logits") + "/")):

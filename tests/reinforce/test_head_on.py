@@ -43,9 +43,9 @@ def frozen_store(zoo, tmp_path_factory) -> Path:
 
 def _logits(store: Path) -> torch.Tensor:
     reader = open_store(store)
-    stored = reader.read_range(0, reader.manifest.num_samples)
-    payload = {name.split("/", 1)[1]: array.reshape(-1, *array.shape[2:])
-               for name, array in stored.items() if name.startswith("logits/")}
+    stored = reader.read_range(0, reader.manifest.num_samples, targets=("logits",))
+    payload = {name.split("/", 1)[1]: array.reshape(-1, *array.shape[2:]) for name, array in stored.items()
+               if name != THETA}
     return reader.decode("logits", payload)
 
 
